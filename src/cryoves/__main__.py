@@ -1,0 +1,3 @@
+from cryoves.cli import main
+import sys
+sys.exit(main())
