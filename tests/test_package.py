@@ -1,0 +1,51 @@
+"""The core is headless: it imports and runs without napari, Qt or TensorFlow loaded."""
+
+import json
+import subprocess
+import sys
+
+CORE_MODULES = ["cryoves", "cryoves.table", "cryoves.evaluate", "cryoves.io", "cryoves.simulate",
+                "cryoves.threshold", "cryoves.refine", "cryoves.outliers", "cryoves.pipeline",
+                "cryoves.model", "cryoves.predict", "cryoves.cli"]
+
+
+def test_core_imports_without_napari_qt_or_tensorflow():
+    code = f"""
+import importlib, json, sys
+class Block:
+    # make napari and every Qt binding unimportable in this process
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('napari', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'qtpy', 'magicgui', 'vispy'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+done = []
+for m in {CORE_MODULES!r}:
+    try:
+        importlib.import_module(m)
+        done.append(m)
+    except ModuleNotFoundError as e:
+        if e.name != m:
+            raise
+heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('tensorflow', 'keras', 'napari', 'PyQt5', 'qtpy'))
+print(json.dumps({{"done": done, "heavy": heavy}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "cryoves" in res["done"] and "cryoves.table" in res["done"]
+    assert res["heavy"] == [], f"importing the core pulled in {res['heavy'][:5]}"
+
+
+def test_shipped_files_are_found():
+    from cryoves import _resources
+
+    manifest = _resources.manifest_path()
+    assert manifest.is_file() and "cryoves" in manifest.read_text()
+    assert _resources.sample_data_dir().is_dir()
+    assert _resources.weights_dir().is_dir()
+
+
+def test_cli_help_is_instant_and_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "cryoves", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "COMMAND" in out.stdout
