@@ -96,7 +96,7 @@ def _resample(vol: np.ndarray, factor: float, order: int) -> np.ndarray:
 
 
 def volume_pair(tomogram: np.ndarray, labels: np.ndarray, voxel_size: float, model_voxel_size: float,
-                normalization: dict, source: str = "") -> TrainingVolume:
+                normalization: dict, source: str = "", invert: bool = False) -> TrainingVolume:
     """Prepare a (tomogram, labels) pair for training on a model of ``model_voxel_size`` nm.
 
     ``labels`` may be a label volume or a binary mask (non-zero = vesicle, filled spheres).
@@ -112,13 +112,13 @@ def volume_pair(tomogram: np.ndarray, labels: np.ndarray, voxel_size: float, mod
     factor = voxel_size / model_voxel_size
     image = _resample(tomogram.astype(np.float32), factor, order=1)
     mask = _resample((labels != 0).astype(np.float32), factor, order=1) > 0.5
-    image = normalize(image, normalization)
+    image = normalize(image, normalization, invert=invert)
     return TrainingVolume(image.astype(np.float32), mask.astype(np.uint8), source)
 
 
 def simulated_training_data(n_volumes: int, model_voxel_size: float, normalization: dict, *,
                             shape_nm: Sequence[float] = (160, 300, 300), seed: int = 1000,
-                            voxel_size_range: tuple[float, float] = (1.0, 2.4),
+                            voxel_size_range: tuple[float, float] = (1.0, 2.4), invert: bool = False,
                             progress: ProgressCallback = None) -> list[TrainingVolume]:
     """Simulate ``n_volumes`` domain-randomised tomograms and prepare them for training.
 
@@ -134,10 +134,10 @@ def simulated_training_data(n_volumes: int, model_voxel_size: float, normalizati
         report(progress, "simulate", i, n_volumes)
         vs = float(rng.uniform(*voxel_size_range))
         shape = tuple(int(round(s / vs / 4) * 4) for s in shape_nm)
-        params = random_params(rng, voxel_size=vs)
+        params = random_params(rng, voxel_size_range=(vs, vs))
         sim = simulate_tomogram(shape=shape, voxel_size=vs, seed=int(rng.integers(2**31)), params=params)
         out.append(volume_pair(sim.tomogram, sim.labels, vs, model_voxel_size, normalization,
-                               source=f"simulated seed={seed} #{i} voxel={vs:.2f}nm"))
+                               source=f"simulated seed={seed} #{i} voxel={vs:.2f}nm", invert=invert))
     report(progress, "simulate", n_volumes, n_volumes)
     return out
 
@@ -258,14 +258,14 @@ def train_model(train_volumes: Sequence[TrainingVolume], val_volumes: Sequence[T
     history : TrainingHistory
     """
     from cryoves._tf import import_keras
-    from cryoves.model import UNetModel
+    from cryoves.model import new_model
 
     keras = import_keras()
     params = params or TrainingParams()
     rng = np.random.default_rng(params.seed)
     keras.utils.set_random_seed(params.seed)
     if model is None:
-        model = UNetModel.new()
+        model = new_model(name="cryoves", seed=params.seed)
     net = model.keras_model
     sampler = PatchSampler(train_volumes, params, rng)
     val_sampler = PatchSampler(val_volumes or train_volumes, params, np.random.default_rng(params.seed + 1))
@@ -310,14 +310,14 @@ def train_model(train_volumes: Sequence[TrainingVolume], val_volumes: Sequence[T
 def _save(model, out_stem, history, params, card_updates, t0):
     history.seconds = time.perf_counter() - t0
     card = model.card
-    updates = dict(card_updates or {})
-    updates.setdefault("metrics", {})
-    updates["metrics"] = {**updates["metrics"], "val_dice": history.best_val_dice,
-                          "best_epoch": history.best_epoch}
-    updates["training"] = {**updates.get("training", {}), **asdict(params),
-                           "seconds": round(history.seconds, 1)}
-    for k, v in updates.items():
-        setattr(card, k, v) if hasattr(card, k) else card.extra.__setitem__(k, v)
+    for k, v in (card_updates or {}).items():
+        if not hasattr(card, k):
+            raise ValueError(f"the model card has no field {k!r}")
+        setattr(card, k, v)
+    card.metrics = {**card.metrics, "val_dice": round(history.best_val_dice, 4),
+                    "best_epoch": history.best_epoch + 1, "epochs_run": len(history.val_dice)}
+    card.notes = ("trained by cryoves.train: " + json.dumps({**asdict(params), "seconds": round(history.seconds)})
+                  + ("; " + card.notes if card.notes and not card.notes.startswith("trained by") else ""))
     model.save(out_stem)
     path = Path(str(out_stem) + "_history.json")
     tmp = path.with_suffix(".json.tmp")

@@ -44,7 +44,7 @@ def add_parser(sub):
     return p
 
 
-def _load_pairs(specs, voxel_override, model_voxel, normalization):
+def _load_pairs(specs, voxel_override, model_voxel, normalization, invert):
     import numpy as np
 
     from cryoves import render_labels
@@ -65,12 +65,12 @@ def _load_pairs(specs, voxel_override, model_voxel, normalization):
             if labels.shape != tomo.shape:
                 raise CliError(f"{lab_path} has shape {labels.shape}, its tomogram {tomo.shape}")
         out.append(volume_pair(np.asarray(tomo), np.asarray(labels), vs, model_voxel, normalization,
-                               source=Path(tomo_path).name))
+                               source=Path(tomo_path).name, invert=invert))
     return out
 
 
 def run(args) -> int:
-    from cryoves.model import UNetModel, load_model
+    from cryoves.model import load_model, new_model
     from cryoves.train import TrainingParams, simulated_training_data, train_model
 
     out = Path(args.out)
@@ -92,7 +92,7 @@ def run(args) -> int:
         if args.model_voxel_size and abs(args.model_voxel_size - model.card.voxel_size_nm) > 1e-6:
             model.card.voxel_size_nm = args.model_voxel_size
     else:
-        model = UNetModel.new(voxel_size_nm=args.model_voxel_size or 2.2)
+        model = new_model(name=out.name, voxel_size_nm=args.model_voxel_size or 2.2, seed=args.seed)
     mvs = model.card.voxel_size_nm
     norm = model.card.normalization
 
@@ -107,18 +107,20 @@ def run(args) -> int:
         bar.n = done
         bar.refresh()
 
-    train_vols = _load_pairs(args.data, args.voxel_size, mvs, norm)
-    val_vols = _load_pairs(args.val_data, args.voxel_size, mvs, norm)
+    inv = bool(model.card.invert)
+    train_vols = _load_pairs(args.data, args.voxel_size, mvs, norm, inv)
+    val_vols = _load_pairs(args.val_data, args.voxel_size, mvs, norm, inv)
     if args.simulated:
-        train_vols += simulated_training_data(args.simulated, mvs, norm, seed=1000 + args.seed, progress=progress)
+        train_vols += simulated_training_data(args.simulated, mvs, norm, seed=1000 + args.seed, invert=inv,
+                                              progress=progress)
     if args.val_simulated:
-        val_vols += simulated_training_data(args.val_simulated, mvs, norm, seed=9000 + args.seed,
+        val_vols += simulated_training_data(args.val_simulated, mvs, norm, seed=9000 + args.seed, invert=inv,
                                             progress=lambda s, d, t: progress("simulate-val", d, t))
     sources = [v.source for v in train_vols]
     card_updates = {"training_data": (f"{len(train_vols)} volumes: " + "; ".join(sources[:5])
                                       + (" ..." if len(sources) > 5 else ""))}
     if args.init_weights:
-        card_updates["fine_tuned_from"] = str(args.init_weights)
+        card_updates["source"] = f"fine-tuned from {args.init_weights} ({model.card.source})"
     model, history = train_model(train_vols, val_vols or None, model=model, params=params, out_stem=out,
                                  card_updates=card_updates, progress=progress)
     for bar in bars.values():

@@ -1,0 +1,803 @@
+"""The 3-D U-Net of CryoVesNet, its model card, and loading/saving of weights.
+
+The network (:func:`build_unet`) is the CARE/CSBDeep U-Net that CryoVesNet uses: depth 2,
+two 3x3x3 convolutions per level with 16/32/64 filters, batch normalisation and ReLU,
+max-pooling by 2, nearest upsampling with skip concatenation, and a final 1x1x1
+convolution with a sigmoid (about 250k parameters). It is fully convolutional: its input
+shape is ``(None, None, None, 1)``, so any tile whose sides are multiples of
+``2 ** n_depth`` can be predicted.
+
+Weights are stored in our format as two files side by side::
+
+    NAME.weights.h5   Keras 3 weights (``keras.Model.save_weights``)
+    NAME.json         the model card (:class:`ModelCard`): architecture, training voxel size,
+                      normalisation, contrast, provenance, metrics
+
+The reference CryoVesNet weights (a Keras 2.9 full model saved as HDF5) are read by
+:func:`load_reference_weights`, which rebuilds the identical architecture and copies every
+weight layer by layer; :func:`load_model` recognises such a file by itself.
+
+TensorFlow/Keras are imported lazily through :mod:`cryoves._tf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import datetime as _dt
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+__all__ = [
+    "ModelCard",
+    "UNetModel",
+    "build_unet",
+    "load_model",
+    "load_reference_weights",
+    "default_weights_path",
+    "receptive_field",
+    "new_model",
+    "REFERENCE_LICENSE",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Licence of the reference CryoVesNet weights (they are never shipped with cryoves).
+REFERENCE_LICENSE = "GPL-3.0"
+
+_ARCH_DEFAULTS = {
+    "n_depth": 2,
+    "n_filter_base": 16,
+    "kernel_size": 3,
+    "n_conv_per_depth": 2,
+    "batch_norm": True,
+    "dropout": 0.0,
+    "last_activation": "sigmoid",
+}
+_NORM_METHODS = ("percentile", "zscore")
+_WEIGHTS_SUFFIX = ".weights.h5"
+
+
+# --------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------
+@dataclass
+class ModelCard:
+    """Everything needed to use a set of U-Net weights correctly.
+
+    Parameters
+    ----------
+    name : str
+        Short name of the model (e.g. ``"cryoves-sim-v1"``).
+    architecture : dict
+        Keyword arguments of :func:`build_unet` (``n_depth``, ``n_filter_base``,
+        ``kernel_size``, ``n_conv_per_depth``, ``batch_norm``, ``dropout``,
+        ``last_activation``). Missing keys take the defaults of :func:`build_unet`.
+    voxel_size_nm : float
+        Voxel size (nm) of the training data. Tomograms are resampled to it before
+        prediction.
+    normalization : dict
+        How a tomogram is normalised before it enters the network. Either
+        ``{"method": "percentile", "p_low": 1.0, "p_high": 99.8}`` (CSBDeep style,
+        ``(x - P_low) / (P_high - P_low)``; the percentiles are floats) or
+        ``{"method": "zscore"}`` (``(x - mean) / std`` over the whole volume, as the
+        reference CryoVesNet code does).
+    invert : bool
+        True if the training data had inverted contrast (membranes bright); the tomogram
+        is then negated before normalisation. cryoves tomograms have dark membranes.
+    training_data : str
+        Description of the training data.
+    metrics : dict
+        Validation metrics (e.g. ``{"dice": 0.83}``).
+    created : str
+        ISO 8601 creation date (UTC).
+    cryoves_version : str
+        Version of cryoves that wrote the card.
+    source : str
+        Provenance (who trained it, from what).
+    license : str
+        Licence of the weights.
+    notes : str
+        Free text (e.g. preprocessing details).
+    """
+
+    name: str
+    architecture: dict
+    voxel_size_nm: float
+    normalization: dict
+    invert: bool = False
+    training_data: str = ""
+    metrics: dict = field(default_factory=dict)
+    created: str = ""
+    cryoves_version: str = ""
+    source: str = ""
+    license: str = ""
+    notes: str = ""
+
+    _REQUIRED = ("name", "architecture", "voxel_size_nm", "normalization")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check the card; raise :class:`ValueError` naming what is wrong.
+
+        Also normalises the fields in place: architecture defaults are filled in,
+        percentiles and the voxel size become floats.
+        """
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("model card: 'name' must be a non-empty string")
+        if not isinstance(self.architecture, dict):
+            raise ValueError("model card: 'architecture' must be a dict of build_unet() arguments")
+        unknown = set(self.architecture) - set(_ARCH_DEFAULTS)
+        if unknown:
+            raise ValueError(
+                f"model card: unknown architecture keys {sorted(unknown)}; "
+                f"allowed: {sorted(_ARCH_DEFAULTS)}")
+        arch = dict(_ARCH_DEFAULTS)
+        arch.update(self.architecture)
+        arch["n_depth"] = int(arch["n_depth"])
+        arch["n_filter_base"] = int(arch["n_filter_base"])
+        arch["kernel_size"] = int(arch["kernel_size"])
+        arch["n_conv_per_depth"] = int(arch["n_conv_per_depth"])
+        arch["batch_norm"] = bool(arch["batch_norm"])
+        arch["dropout"] = float(arch["dropout"])
+        if arch["n_depth"] < 1 or arch["n_filter_base"] < 1 or arch["n_conv_per_depth"] < 1:
+            raise ValueError(f"model card: invalid architecture {arch}")
+        if arch["kernel_size"] < 1 or arch["kernel_size"] % 2 == 0:
+            raise ValueError("model card: 'kernel_size' must be a positive odd integer")
+        self.architecture = arch
+        try:
+            self.voxel_size_nm = float(self.voxel_size_nm)
+        except (TypeError, ValueError):
+            raise ValueError("model card: 'voxel_size_nm' must be a number (nm)") from None
+        if not np.isfinite(self.voxel_size_nm) or self.voxel_size_nm <= 0:
+            raise ValueError(
+                f"model card: 'voxel_size_nm' must be > 0 nm, got {self.voxel_size_nm}")
+        norm = self.normalization
+        if not isinstance(norm, dict) or "method" not in norm:
+            raise ValueError(
+                "model card: 'normalization' must be a dict with a 'method' "
+                f"({' or '.join(_NORM_METHODS)})")
+        if norm["method"] not in _NORM_METHODS:
+            raise ValueError(
+                f"model card: unknown normalization method {norm['method']!r}; "
+                f"use one of {_NORM_METHODS}")
+        norm = dict(norm)
+        if norm["method"] == "percentile":
+            for key in ("p_low", "p_high"):
+                if key not in norm:
+                    raise ValueError(f"model card: percentile normalization needs {key!r}")
+                norm[key] = float(norm[key])  # never int: 99.8 must stay 99.8
+            if not 0.0 <= norm["p_low"] < norm["p_high"] <= 100.0:
+                raise ValueError(
+                    "model card: need 0 <= p_low < p_high <= 100, got "
+                    f"{norm['p_low']}, {norm['p_high']}")
+        self.normalization = norm
+        self.invert = bool(self.invert)
+        if not isinstance(self.metrics, dict):
+            raise ValueError("model card: 'metrics' must be a dict")
+
+    # ------------------------------------------------------------------ (de)serialise
+    def to_dict(self) -> dict:
+        """The card as a JSON-compatible dict."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        """The card as a JSON string (indented, stable key order)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelCard":
+        """Build a card from a dict; raise :class:`ValueError` for missing/invalid keys."""
+        if not isinstance(data, dict):
+            raise ValueError("model card must be a JSON object")
+        missing = [k for k in cls._REQUIRED if k not in data]
+        if missing:
+            raise ValueError(
+                f"model card is missing required key(s) {missing}; a card needs "
+                f"{list(cls._REQUIRED)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        kwargs = {k: v for k, v in data.items() if k in names}
+        card = cls(**kwargs)
+        if unknown:  # keep forward compatibility: unknown keys are ignored, but noted
+            card.notes = (card.notes + " " if card.notes else "") + (
+                f"(ignored unknown card keys: {unknown})")
+        return card
+
+    @classmethod
+    def from_json(cls, text_or_path: Union[str, PathLike]) -> "ModelCard":
+        """Parse a card from a JSON string or a path to a ``.json`` file."""
+        text = text_or_path
+        if isinstance(text_or_path, os.PathLike) or (
+                isinstance(text_or_path, str) and not text_or_path.lstrip().startswith("{")):
+            path = Path(text_or_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"model card {str(path)!r} not found")
+            text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"model card is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+
+def _today() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _version() -> str:
+    from cryoves import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------------------
+# Architecture
+# --------------------------------------------------------------------------------------
+def build_unet(n_depth: int = 2, n_filter_base: int = 16, kernel_size: int = 3,
+               batch_norm: bool = True, dropout: float = 0.0,
+               last_activation: str = "sigmoid", n_conv_per_depth: int = 2):
+    """Build the CryoVesNet 3-D U-Net from CSBDeep blocks (Keras 3).
+
+    Parameters
+    ----------
+    n_depth : int
+        Number of down-sampling levels (2: 16/32/64 filters).
+    n_filter_base : int
+        Filters at the top level; doubled at every level.
+    kernel_size : int
+        Side of the cubic convolution kernels (odd).
+    batch_norm : bool
+        Batch normalisation after every 3x3x3 convolution (before the ReLU).
+    dropout : float
+        Dropout rate after every convolution block (only active in training; the
+        reference weights were trained with 0.2).
+    last_activation : str
+        Activation of the final 1x1x1 convolution (``"sigmoid"`` for a probability).
+    n_conv_per_depth : int
+        Convolutions per level.
+
+    Returns
+    -------
+    keras.Model
+        Input ``(None, None, None, 1)``: tiles of any size divisible by ``2**n_depth``.
+    """
+    from cryoves._tf import import_keras
+
+    import_keras()  # safe TensorFlow import before csbdeep imports it
+    from csbdeep.internals.nets import custom_unet
+
+    k = int(kernel_size)
+    return custom_unet((None, None, None, 1), last_activation, n_depth=int(n_depth),
+                       n_filter_base=int(n_filter_base), kernel_size=(k, k, k),
+                       n_conv_per_depth=int(n_conv_per_depth), activation="relu",
+                       batch_norm=bool(batch_norm), dropout=float(dropout),
+                       pool_size=(2, 2, 2), n_channel_out=1)
+
+
+def receptive_field(n_depth: int = 2, kernel_size: int = 3, n_conv_per_depth: int = 2):
+    """Exact receptive field of :func:`build_unet` along one axis.
+
+    Propagates index intervals backwards through every convolution, pooling, upsampling
+    and skip connection, for each alignment of the output voxel on the pooling grid.
+
+    Parameters
+    ----------
+    n_depth, kernel_size, n_conv_per_depth : int
+        Architecture (as :func:`build_unet`).
+
+    Returns
+    -------
+    width : int
+        Number of input voxels (along one axis) that can influence one output voxel.
+    radius : int
+        The largest distance from an output voxel to an input voxel that influences it;
+        a tile halo of at least ``radius`` voxels makes tiled prediction exact (when tiles
+        start on the ``2**n_depth`` pooling grid). For the default net: width 44, radius 23.
+    """
+    r = int(kernel_size) // 2
+    c = int(n_conv_per_depth) * r
+
+    def enc(level, lo, hi):  # encoder output (skip) range at `level` -> input range
+        lo, hi = lo - c, hi + c
+        return (lo, hi) if level == 0 else enc(level - 1, 2 * lo, 2 * hi + 1)
+
+    def bottom(lo, hi):  # bottleneck output range -> input range
+        return enc(n_depth - 1, 2 * (lo - c), 2 * (hi + c) + 1)
+
+    def dec(level, lo, hi):  # decoder output range at `level` -> input range
+        lo, hi = lo - c, hi + c
+        a = enc(level, lo, hi)
+        b = bottom(lo // 2, hi // 2) if level + 1 == n_depth else dec(level + 1, lo // 2, hi // 2)
+        return min(a[0], b[0]), max(a[1], b[1])
+
+    width = radius = 0
+    for x in range(2 ** int(n_depth)):
+        lo, hi = dec(0, x, x)
+        width = max(width, hi - lo + 1)
+        radius = max(radius, x - lo, hi - x)
+    return width, radius
+
+
+# --------------------------------------------------------------------------------------
+# The model object
+# --------------------------------------------------------------------------------------
+class UNetModel:
+    """A Keras U-Net together with its :class:`ModelCard`.
+
+    Parameters
+    ----------
+    keras_model : keras.Model
+        The network (as built by :func:`build_unet` with ``card.architecture``).
+    card : ModelCard
+        How to use it (voxel size, normalisation, contrast).
+    path : str or Path, optional
+        Where it was loaded from (informational).
+
+    Attributes
+    ----------
+    keras_model, card, path
+    """
+
+    def __init__(self, keras_model, card: ModelCard, path: Optional[PathLike] = None):
+        if not isinstance(card, ModelCard):
+            raise TypeError("card must be a cryoves.model.ModelCard")
+        self.keras_model = keras_model
+        self.card = card
+        self.path = None if path is None else Path(path)
+        self._inference = None
+
+    def __repr__(self) -> str:
+        return (f"UNetModel(name={self.card.name!r}, voxel_size_nm={self.card.voxel_size_nm}, "
+                f"normalization={self.card.normalization}, params={self.count_params()})")
+
+    @property
+    def voxel_size_nm(self) -> float:
+        """Voxel size (nm) the network was trained at."""
+        return self.card.voxel_size_nm
+
+    @property
+    def divisor(self) -> int:
+        """Tile sides must be multiples of this (``2 ** n_depth``)."""
+        return 2 ** int(self.card.architecture["n_depth"])
+
+    @property
+    def receptive_field(self):
+        """``(width, radius)`` of the receptive field in voxels (see :func:`receptive_field`)."""
+        a = self.card.architecture
+        return receptive_field(a["n_depth"], a["kernel_size"], a["n_conv_per_depth"])
+
+    def count_params(self) -> int:
+        """Number of weights of the network."""
+        return int(self.keras_model.count_params())
+
+    # ------------------------------------------------------------------ inference
+    def inference_model(self):
+        """The network with batch normalisation folded into the convolutions.
+
+        For prediction only: every ``Conv3D -> BatchNormalization -> ReLU`` becomes one
+        ``Conv3D`` with ReLU (``w' = w * g / sqrt(v + eps)``,
+        ``b' = (b - m) * g / sqrt(v + eps) + beta``), dropout is dropped. It computes the
+        same function as :attr:`keras_model` in inference mode (to float rounding) with
+        about half the memory and fewer passes over it. Cached, and rebuilt automatically
+        when the weights of :attr:`keras_model` change (e.g. after training): the cache is
+        keyed by a hash of all weights (~1 ms).
+        """
+        key = self._weights_fingerprint()
+        if self._inference is None or self._inference[0] != key:
+            self._inference = (key, _fold_batchnorm(self.keras_model, self.card.architecture))
+        return self._inference[1]
+
+    def invalidate_inference_model(self) -> None:
+        """Forget the cached :meth:`inference_model` (it is also rebuilt automatically)."""
+        self._inference = None
+
+    def _weights_fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        for w in self.keras_model.get_weights():
+            h.update(np.ascontiguousarray(w).tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ saving
+    def save(self, path_stem: PathLike) -> Path:
+        """Write ``STEM.weights.h5`` and ``STEM.json`` atomically.
+
+        Each file is written to a temporary name in the same folder and moved into place
+        with :func:`os.replace`, so a crash never leaves a half-written file.
+
+        Parameters
+        ----------
+        path_stem : str or Path
+            Path without suffix (``weights/cryoves-sim``); a trailing ``.weights.h5`` or
+            ``.json`` is stripped.
+
+        Returns
+        -------
+        Path
+            The ``.weights.h5`` file written.
+        """
+        stem = _stem(Path(path_stem))
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        weights_path = stem.parent / (stem.name + _WEIGHTS_SUFFIX)
+        card_path = stem.parent / (stem.name + ".json")
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem.name}.", suffix=_WEIGHTS_SUFFIX,
+                                   dir=stem.parent)
+        os.close(fd)
+        try:
+            os.remove(tmp)  # keras refuses to overwrite silently in some versions
+            self.keras_model.save_weights(tmp)
+            os.replace(tmp, weights_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        _atomic_write_text(card_path, self.card.to_json())
+        self.path = weights_path
+        return weights_path
+
+
+def _stem(p: Path) -> Path:
+    name = p.name
+    for suffix in (_WEIGHTS_SUFFIX, ".json", ".h5"):
+        if name.endswith(suffix):
+            return p.parent / name[: -len(suffix)]
+    return p
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _layers_of(model, class_name: str):
+    return [layer for layer in model.layers if type(layer).__name__ == class_name]
+
+
+def _fold_batchnorm(keras_model, architecture: dict):
+    """Build the BN-folded, dropout-free twin of ``keras_model`` (see ``inference_model``)."""
+    arch = dict(architecture)
+    if not arch.get("batch_norm", True):
+        folded = build_unet(**{**arch, "batch_norm": False, "dropout": 0.0})
+        folded.set_weights(keras_model.get_weights())
+        return folded
+    folded = build_unet(**{**arch, "batch_norm": False, "dropout": 0.0})
+    src_convs = _layers_of(keras_model, "Conv3D")
+    src_bns = _layers_of(keras_model, "BatchNormalization")
+    dst_convs = _layers_of(folded, "Conv3D")
+    if len(src_convs) != len(dst_convs) or len(src_bns) != len(src_convs) - 1:
+        raise RuntimeError("unexpected U-Net structure: cannot fold batch normalisation")
+    for i, (src, dst) in enumerate(zip(src_convs, dst_convs)):
+        w, b = (np.asarray(a, dtype=np.float64) for a in src.get_weights())
+        if i < len(src_bns):  # every conv but the final 1x1x1 one is followed by BN
+            bn = src_bns[i]
+            gamma, beta, mean, var = (np.asarray(a, dtype=np.float64) for a in bn.get_weights())
+            scale = gamma / np.sqrt(var + float(bn.epsilon))
+            w = w * scale
+            b = (b - mean) * scale + beta
+        dst.set_weights([w.astype(np.float32), b.astype(np.float32)])
+    return folded
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+def default_weights_path() -> Path:
+    """The default shipped weights: the first ``*.weights.h5`` with a card in ``weights_dir()``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If no trained default ships with this installation.
+    """
+    from cryoves._resources import weights_dir
+
+    try:
+        folder = weights_dir()
+    except FileNotFoundError:
+        folder = None
+    if folder is not None:
+        found = _weights_with_card(folder)
+        if found:
+            return found[0]
+    raise FileNotFoundError(
+        "no default U-Net weights ship with this installation of cryoves yet "
+        f"(looked for NAME.weights.h5 + NAME.json in {folder}). Pass weights explicitly: "
+        "load_model('path/to/NAME.weights.h5') for cryoves weights, or the reference "
+        "CryoVesNet weights file: load_model('path/to/cryovesnet/weights/weights.h5').")
+
+
+def _weights_with_card(folder: Path):
+    out = []
+    for p in sorted(Path(folder).glob("*" + _WEIGHTS_SUFFIX)):
+        if (p.parent / (p.name[: -len(_WEIGHTS_SUFFIX)] + ".json")).is_file():
+            out.append(p)
+    return out
+
+
+def _is_reference_file(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            return "model_config" in fh.attrs and "model_weights" in fh
+    except OSError:
+        return False
+
+
+def load_model(path: Optional[PathLike] = None) -> UNetModel:
+    """Load a U-Net with its model card.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        ``None``: the default weights shipped with cryoves (:func:`default_weights_path`).
+        A ``NAME.weights.h5`` file written by :meth:`UNetModel.save` (its ``NAME.json`` card
+        must lie next to it), a folder holding one, or a reference CryoVesNet weights file
+        (Keras 2 full model in HDF5, recognised by its ``model_config`` attribute; see
+        :func:`load_reference_weights`).
+
+    Returns
+    -------
+    UNetModel
+
+    Raises
+    ------
+    FileNotFoundError
+        If the path or the card next to it does not exist, or no default weights ship.
+    ValueError
+        If the file is neither cryoves weights nor a reference CryoVesNet model, or the
+        card is invalid.
+    """
+    if path is None:
+        path = default_weights_path()
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = _weights_with_card(path)
+        if found:
+            path = found[0]
+        else:
+            refs = [p for p in sorted(path.glob("*.h5")) if _is_reference_file(p)]
+            if not refs:
+                raise FileNotFoundError(
+                    f"no NAME.weights.h5 with a NAME.json card, and no reference CryoVesNet "
+                    f"weights.h5, in folder {str(path)!r}")
+            path = refs[0]
+    if not path.is_file():
+        if path.suffix == ".json" and Path(str(path)[:-5] + _WEIGHTS_SUFFIX).is_file():
+            path = Path(str(path)[:-5] + _WEIGHTS_SUFFIX)
+        else:
+            raise FileNotFoundError(f"weights file {str(path)!r} not found")
+    if path.suffix == ".json":
+        path = path.parent / (path.name[:-5] + _WEIGHTS_SUFFIX)
+    if path.name.endswith(_WEIGHTS_SUFFIX):
+        card_path = path.parent / (path.name[: -len(_WEIGHTS_SUFFIX)] + ".json")
+        if not card_path.is_file():
+            if _is_reference_file(path):
+                return load_reference_weights(path)
+            raise FileNotFoundError(
+                f"model card {str(card_path)!r} not found next to {path.name}; cryoves weights "
+                "need their NAME.json card (architecture, voxel size, normalisation)")
+        card = ModelCard.from_json(card_path)
+        keras_model = build_unet(**card.architecture)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                keras_model.load_weights(str(path))
+            except Exception as err:  # keras raises ValueError/KeyError on mismatch
+                raise ValueError(
+                    f"weights in {str(path)!r} do not fit the architecture in its card "
+                    f"{card.architecture}: {err}") from err
+        skipped = [str(w.message) for w in caught
+                   if "skipping" in str(w.message).lower() or "retain" in str(w.message).lower()]
+        if skipped:  # keras would leave some layers randomly initialised: refuse
+            raise ValueError(
+                f"weights in {str(path)!r} do not fit the architecture in its card "
+                f"{card.architecture}: {skipped[0]}")
+        for w in caught:
+            if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return UNetModel(keras_model, card, path)
+    if _is_reference_file(path):
+        return load_reference_weights(path)
+    raise ValueError(
+        f"{str(path)!r} is neither cryoves weights (NAME.weights.h5 + NAME.json) nor a "
+        "reference CryoVesNet Keras model (HDF5 with a model_config attribute)")
+
+
+def _reference_architecture(config: dict) -> dict:
+    """Read build_unet() arguments from a Keras 2 model_config of a CryoVesNet U-Net."""
+    layers = config["config"]["layers"]
+    convs = [lyr["config"] for lyr in layers if lyr["class_name"] == "Conv3D"]
+    if not convs:
+        raise ValueError("reference model has no Conv3D layer: not a 3-D CryoVesNet U-Net")
+    n_pool = sum(1 for lyr in layers if lyr["class_name"] == "MaxPooling3D")
+    n_bn = sum(1 for lyr in layers if lyr["class_name"] == "BatchNormalization")
+    drop = [lyr["config"]["rate"] for lyr in layers if lyr["class_name"] == "Dropout"]
+    down0 = [c for c in convs if c["name"].startswith("down_level_0_")]
+    n_conv = len(down0) if down0 else 2
+    ks = convs[0]["kernel_size"]
+    last = convs[-1]
+    last_activation = last.get("activation", "linear")
+    if last_activation == "linear":  # csbdeep style: separate Activation layer
+        acts = [lyr for lyr in layers if lyr["class_name"] == "Activation"]
+        last_activation = acts[-1]["config"]["activation"] if acts else "linear"
+    return {
+        "n_depth": n_pool,
+        "n_filter_base": int(convs[0]["filters"]),
+        "kernel_size": int(ks[0]),
+        "n_conv_per_depth": n_conv,
+        "batch_norm": n_bn > 0,
+        "dropout": float(drop[0]) if drop else 0.0,
+        "last_activation": last_activation,
+    }
+
+
+def _read_reference_layers(fh):
+    """Ordered list of (layer_name, class_name, {weight_suffix: array}) for weighted layers."""
+    config = json.loads(_as_str(fh.attrs["model_config"]))
+    mw = fh["model_weights"]
+    out = []
+    for lyr in config["config"]["layers"]:
+        name = lyr["config"]["name"]
+        if name not in mw:
+            continue
+        group = mw[name]
+        weight_names = [_as_str(w) for w in group.attrs.get("weight_names", [])]
+        if not weight_names:
+            continue
+        arrays = {}
+        for wn in weight_names:
+            key = wn.split("/")[-1].split(":")[0]
+            arrays[key] = np.asarray(group[wn])
+        out.append((name, lyr["class_name"], arrays))
+    return config, out
+
+
+def _as_str(v) -> str:
+    return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def load_reference_weights(path: PathLike) -> UNetModel:
+    """Load the reference CryoVesNet weights (Keras 2.9 full model saved as HDF5).
+
+    The reference file (``cryovesnet/weights/weights.h5`` in the CryoVesNet repository,
+    GPL-3.0) holds a CSBDeep U-Net: depth 2, 2 convolutions per level, 16/32/64 filters,
+    3x3x3 kernels, batch norm + ReLU + dropout 0.2 after every convolution, final 1x1x1
+    convolution with a sigmoid, trained on 32^3 patches. The same architecture is built
+    with :func:`build_unet` (``dropout=0.2``; dropout is inactive at inference) and every
+    convolution and batch-norm layer's weights are copied in graph order, matched by
+    layer type and array shape (not by name). The file is only read, never copied.
+
+    The returned card says how the reference code prepares a tomogram: rescale to
+    2.2 nm voxels, then a global z-score ``(x - mean) / std`` over the whole volume, no
+    contrast inversion (membranes dark).
+
+    Parameters
+    ----------
+    path : str or Path
+        The reference ``weights.h5``.
+
+    Returns
+    -------
+    UNetModel
+    """
+    import h5py
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"reference weights {str(path)!r} not found")
+    with h5py.File(path, "r") as fh:
+        if "model_config" not in fh.attrs or "model_weights" not in fh:
+            raise ValueError(
+                f"{str(path)!r} is not a Keras 2 full-model HDF5 file (no model_config / "
+                "model_weights); cryoves weights are loaded with load_model()")
+        keras_version = _as_str(fh.attrs.get("keras_version", "unknown"))
+        config, ref_layers = _read_reference_layers(fh)
+    arch = _reference_architecture(config)
+    keras_model = build_unet(**arch)
+
+    ref_conv = [a for _, cls, a in ref_layers if cls == "Conv3D"]
+    ref_bn = [a for _, cls, a in ref_layers if cls == "BatchNormalization"]
+    our_conv = _layers_of(keras_model, "Conv3D")
+    our_bn = _layers_of(keras_model, "BatchNormalization")
+    if len(ref_conv) != len(our_conv) or len(ref_bn) != len(our_bn):
+        raise ValueError(
+            f"reference model has {len(ref_conv)} Conv3D / {len(ref_bn)} BatchNormalization "
+            f"layers, the rebuilt U-Net {len(our_conv)} / {len(our_bn)}: unsupported variant")
+    for i, (src, dst) in enumerate(zip(ref_conv, our_conv)):
+        _set_checked(dst, [src["kernel"], src["bias"]], f"Conv3D #{i}")
+    for i, (src, dst) in enumerate(zip(ref_bn, our_bn)):
+        _set_checked(dst, [src["gamma"], src["beta"], src["moving_mean"],
+                           src["moving_variance"]], f"BatchNormalization #{i}")
+
+    card = ModelCard(
+        name="cryovesnet-reference",
+        architecture=arch,
+        voxel_size_nm=2.2,
+        normalization={"method": "zscore"},
+        invert=False,
+        training_data=(
+            "CryoVesNet reference training set: cryo-electron tomograms of synaptosomes "
+            "(rat), manually segmented vesicles, rescaled to 2.2 nm voxels; 32^3 patches "
+            "with > 1000 vesicle voxels; weighted binary cross-entropy (foreground 10)"),
+        metrics={},
+        created=_today(),
+        cryoves_version=_version(),
+        source=f"CryoVesNet reference weights, GPL-3.0 (Keras {keras_version} model {path.name})",
+        license=REFERENCE_LICENSE,
+        notes=(
+            "Reference preprocessing: tomogram rescaled to 2.2 nm voxels "
+            "(skimage.transform.rescale, then cast to int16 - which blanks float tomograms "
+            "with small values; cryoves keeps floats), optional Gaussian sigma 1, then global "
+            "z-score (x - mean) / std over the whole tomogram (training batches were z-scored "
+            "per batch). Membranes dark (no inversion). Reference inference: 64^3 tiles, "
+            "central 24^3 kept, optional flip/rotation TTA."),
+    )
+    return UNetModel(keras_model, card, path)
+
+
+def _set_checked(layer, arrays, what: str) -> None:
+    current = layer.get_weights()
+    if len(current) != len(arrays):
+        raise ValueError(f"{what}: expected {len(current)} arrays, reference has {len(arrays)}")
+    for cur, new in zip(current, arrays):
+        if tuple(cur.shape) != tuple(new.shape):
+            raise ValueError(
+                f"{what} ({layer.name}): shape {tuple(new.shape)} in the reference file, "
+                f"{tuple(cur.shape)} in the rebuilt U-Net")
+    layer.set_weights([np.asarray(a, dtype=np.float32) for a in arrays])
+
+
+def new_model(name: str = "untrained", voxel_size_nm: float = 2.2,
+              normalization: Optional[dict] = None, invert: bool = False,
+              seed: Optional[int] = None, **architecture: Any) -> UNetModel:
+    """A freshly initialised (untrained) :class:`UNetModel` with a card.
+
+    Used to start training and, with a small architecture, in tests.
+
+    Parameters
+    ----------
+    name : str
+        Model name for the card.
+    voxel_size_nm : float
+        Voxel size the model will be trained at.
+    normalization : dict, optional
+        Card normalisation; default percentile 1 / 99.8.
+    invert : bool
+        Contrast inversion flag for the card.
+    seed : int, optional
+        Seed for the weight initialisation (``keras.utils.set_random_seed``).
+    **architecture
+        :func:`build_unet` arguments.
+
+    Returns
+    -------
+    UNetModel
+    """
+    from cryoves._tf import import_keras
+
+    if normalization is None:
+        normalization = {"method": "percentile", "p_low": 1.0, "p_high": 99.8}
+    card = ModelCard(name=name, architecture=dict(architecture), voxel_size_nm=voxel_size_nm,
+                     normalization=normalization, invert=invert, created=_today(),
+                     cryoves_version=_version(), source="untrained (random initialisation)")
+    if seed is not None:
+        import_keras().utils.set_random_seed(int(seed))
+    return UNetModel(build_unet(**card.architecture), card)

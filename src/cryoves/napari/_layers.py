@@ -1,0 +1,344 @@
+"""Layer conventions shared by the reader, the writers, the sample data and the widgets.
+
+Every layer cryoves creates carries
+
+* ``scale`` = voxel size in nm on every axis and ``units = "nm"``, so napari's scale bar,
+  the cursor position and measurements are in nm while the data stay on the voxel grid;
+* ``metadata["voxel_size_nm"]`` (float), ``metadata["cryoves_role"]`` (what the layer is)
+  and ``metadata["cryoves_tomogram"]`` (the name of the tomogram layer it derives from).
+
+Layer names follow one convention so that widgets chain (each widget pre-selects the
+layers the previous stage wrote)::
+
+    <tomo>                      Image   role "tomogram"
+    <tomo> probability          Image   role "probability"
+    <tomo> labels (global)      Labels  role "labels_global"
+    <tomo> labels (adaptive)    Labels  role "labels_adaptive"
+    <tomo> vesicles             Points  role "vesicles"   (the VesicleTable, as features)
+    <tomo> vesicle labels       Labels  role "vesicle_labels" (rendered from the table)
+
+The canonical result is the :class:`~cryoves.VesicleTable`. In napari it lives in a Points
+layer: ``data`` = centres (z, y, x) in voxels, ``size`` = 2 x radius (voxels, i.e. the
+sphere's diameter), ``features`` = every table column (plus ``*_nm`` columns for display),
+``shown`` = status is ``accepted``, and ``metadata["cryoves_table"]`` = the table itself.
+:func:`table_from_points` turns a (possibly edited) Points layer back into a table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cryoves.table import COLUMNS, VesicleTable, render_labels
+
+__all__ = [
+    "VOXEL_KEY", "TABLE_KEY", "ROLE_KEY", "TOMO_KEY", "SHAPE_KEY", "SUFFIX",
+    "layer_name", "base_name", "voxel_size_of", "layer_meta", "image_kwargs",
+    "labels_kwargs", "points_layer_data", "table_from_points", "vesicle_layers_data",
+    "add_or_update", "set_thick_slicing",
+]
+
+VOXEL_KEY = "voxel_size_nm"
+TABLE_KEY = "cryoves_table"
+ROLE_KEY = "cryoves_role"
+TOMO_KEY = "cryoves_tomogram"
+SHAPE_KEY = "cryoves_shape"
+
+#: role -> layer-name suffix (appended to the tomogram layer's name).
+SUFFIX = {
+    "tomogram": "",
+    "probability": " probability",
+    "labels_global": " labels (global)",
+    "labels_adaptive": " labels (adaptive)",
+    "vesicles": " vesicles",
+    "vesicle_labels": " vesicle labels",
+    "truth_labels": " truth labels",
+    "truth_vesicles": " truth vesicles",
+}
+
+#: Colours of the vesicle points by status (border) -- readable on a grey tomogram.
+STATUS_COLORS = {"accepted": "#ffd700", "removed": "#ff3030"}
+
+
+def layer_name(tomogram: str, role: str) -> str:
+    """Name of the layer of ``role`` derived from the tomogram layer named ``tomogram``."""
+    return f"{tomogram}{SUFFIX[role]}"
+
+
+def base_name(layer) -> str:
+    """The tomogram name a layer derives from (metadata first, then the naming convention)."""
+    meta = getattr(layer, "metadata", {}) or {}
+    if meta.get(TOMO_KEY):
+        return str(meta[TOMO_KEY])
+    name = layer.name if hasattr(layer, "name") else str(layer)
+    for suffix in sorted(SUFFIX.values(), key=len, reverse=True):
+        if suffix and name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def voxel_size_of(layer) -> float | None:
+    """Voxel size (nm) of a layer: ``metadata["voxel_size_nm"]``, else an isotropic scale != 1.
+
+    Returns ``None`` when unknown (no metadata and unit scale).
+    """
+    meta = getattr(layer, "metadata", {}) or {}
+    vs = meta.get(VOXEL_KEY)
+    if vs is not None and np.isfinite(float(vs)) and float(vs) > 0:
+        return float(vs)
+    scale = np.asarray(getattr(layer, "scale", [1.0]), dtype=float)
+    if len(scale) and np.allclose(scale, scale[-1]) and not np.isclose(scale[-1], 1.0) and scale[-1] > 0:
+        return float(scale[-1])
+    return None
+
+
+def layer_meta(voxel_size: float | None, role: str, tomogram: str, **extra) -> dict[str, Any]:
+    """Metadata dictionary for a cryoves layer."""
+    meta = {VOXEL_KEY: None if voxel_size is None else float(voxel_size), ROLE_KEY: role,
+            TOMO_KEY: tomogram}
+    meta.update(extra)
+    return meta
+
+
+def _spatial(voxel_size: float | None, ndim: int = 3) -> dict[str, Any]:
+    vs = 1.0 if voxel_size is None else float(voxel_size)
+    out: dict[str, Any] = {"scale": (vs,) * ndim}
+    if voxel_size is not None:
+        out["units"] = ("nm",) * ndim
+    return out
+
+
+def contrast_limits(data: np.ndarray, max_samples: int = 2_000_000) -> tuple[float, float]:
+    """Robust display range (0.5 / 99.5 percentiles) from a strided subsample of ``data``.
+
+    Reads only a few planes of a memory-mapped volume, so opening a large file stays fast.
+    """
+    data = np.asarray(data) if not hasattr(data, "shape") else data
+    nz = data.shape[0]
+    planes = np.unique(np.linspace(0, nz - 1, num=min(nz, 9)).astype(int))
+    per_plane = max(1, max_samples // max(1, len(planes)))
+    samples = []
+    for z in planes:
+        plane = np.asarray(data[z]).ravel()
+        step = max(1, plane.size // per_plane)
+        samples.append(plane[::step].astype(np.float32, copy=False))
+    s = np.concatenate(samples)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return (0.0, 1.0)
+    lo, hi = np.percentile(s, [0.5, 99.5])
+    if not hi > lo:
+        lo, hi = float(s.min()), float(s.max()) if s.max() > s.min() else float(s.min()) + 1.0
+    return float(lo), float(hi)
+
+
+def image_kwargs(voxel_size: float | None, name: str, role: str = "tomogram",
+                 tomogram: str | None = None, data: np.ndarray | None = None, **extra) -> dict:
+    """``add_image`` keyword arguments for a cryoves image layer."""
+    # projection "none": a thick slice (set for the vesicle spheres) must not average the tomogram
+    kw: dict[str, Any] = {"name": name, "metadata": layer_meta(voxel_size, role, tomogram or name),
+                          "projection_mode": "none"}
+    kw.update(_spatial(voxel_size))
+    if role == "probability":
+        kw.update(colormap="inferno", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0))
+    else:
+        kw.update(colormap="gray")
+        if data is not None:
+            kw["contrast_limits"] = contrast_limits(data)
+    kw.update(extra)
+    return kw
+
+
+def labels_kwargs(voxel_size: float | None, name: str, role: str, tomogram: str, meta: dict | None = None,
+                  **extra) -> dict:
+    """``add_labels`` keyword arguments for a cryoves labels layer (``meta`` adds metadata)."""
+    kw: dict[str, Any] = {"name": name, "metadata": layer_meta(voxel_size, role, tomogram, **(meta or {})),
+                          "opacity": 0.45}
+    kw.update(_spatial(voxel_size))
+    kw.update(extra)
+    return kw
+
+
+def _features(table: VesicleTable):
+    import pandas as pd
+
+    cols = {name: table[name] for name in COLUMNS}
+    df = pd.DataFrame(cols)
+    for name in ("stage", "status", "note"):
+        df[name] = df[name].astype(str)
+    if table.voxel_size is not None:
+        df["radius_nm"] = table.nm("radius")
+        df["thickness_nm"] = table.nm("thickness")
+    else:
+        df["radius_nm"] = np.nan
+        df["thickness_nm"] = np.nan
+    return df
+
+
+def points_layer_data(table: VesicleTable, tomogram: str, shape, *, name: str | None = None,
+                      role: str = "vesicles") -> tuple:
+    """A napari Points layer-data tuple ``(data, kwargs, "points")`` holding ``table``.
+
+    Parameters
+    ----------
+    table : VesicleTable
+        The vesicles (voxels of the tomogram's grid).
+    tomogram : str
+        Name of the tomogram layer (for the layer name and metadata).
+    shape : tuple of int
+        Shape (Z, Y, X) of the tomogram, kept in metadata so labels can be rendered.
+    name : str, optional
+        Layer name (default ``"<tomogram> vesicles"``).
+    role : str
+        ``"vesicles"`` or ``"truth_vesicles"``.
+    """
+    vs = table.voxel_size
+    status = np.asarray(table["status"], dtype=str)
+    kw: dict[str, Any] = {
+        "name": name or layer_name(tomogram, role),
+        "size": np.maximum(2.0 * np.nan_to_num(table.radii, nan=1.0), 1.0),
+        "features": _features(table),
+        "shown": status == "accepted",
+        "face_color": "transparent",
+        "border_color": [STATUS_COLORS.get(s, "#ffffff") for s in status] if len(table) else "#ffd700",
+        "border_width": 0.08,
+        "border_width_is_relative": True,
+        "projection_mode": "rescale_spherical",
+        "metadata": layer_meta(vs, role, tomogram, **{TABLE_KEY: table.copy(),
+                                                       SHAPE_KEY: tuple(int(s) for s in shape)}),
+        "ndim": 3,
+    }
+    if role == "truth_vesicles":
+        kw["border_color"] = "#00e5ff"
+    kw.update(_spatial(vs))
+    data = table.centers if len(table) else np.empty((0, 3))
+    return (data, kw, "points")
+
+
+def table_from_points(layer_or_data, features=None, size=None, metadata=None) -> VesicleTable:
+    """Rebuild the :class:`~cryoves.VesicleTable` from a (possibly edited) Points layer.
+
+    Positions come from the layer's data (so moved points are honoured), every other column
+    from its features; the radius from ``features["radius"]`` (``size / 2`` where missing).
+
+    Parameters
+    ----------
+    layer_or_data : napari.layers.Points or ndarray
+        The layer, or its ``data`` array (then pass ``features``, ``size``, ``metadata``,
+        as a napari writer receives them).
+    """
+    import pandas as pd
+
+    if hasattr(layer_or_data, "features"):
+        layer = layer_or_data
+        data, features, size, metadata = layer.data, layer.features, layer.size, layer.metadata
+        vs = voxel_size_of(layer)
+    else:
+        data = layer_or_data
+        metadata = metadata or {}
+        vs = metadata.get(VOXEL_KEY)
+    data = np.asarray(data, dtype=float).reshape(-1, 3)
+    n = len(data)
+    features = features if features is not None else pd.DataFrame(index=range(n))
+    if not isinstance(features, pd.DataFrame):
+        features = pd.DataFrame(features)
+    cols: dict[str, Any] = {"z": data[:, 0], "y": data[:, 1], "x": data[:, 2]}
+    size = np.broadcast_to(np.asarray(size if size is not None else 2.0, dtype=float), (n,))
+    radius = np.asarray(features["radius"], dtype=float) if "radius" in features and len(features) == n \
+        else np.full(n, np.nan)
+    cols["radius"] = np.where(np.isfinite(radius), radius, size / 2.0)
+    for name in ("id", "thickness", "density", "pvalue", "stage", "status", "note"):
+        if name in features and len(features) == n:
+            values = features[name].to_numpy()
+            if name == "id":
+                values = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=float)
+                if not np.all(np.isfinite(values)) or len(np.unique(values)) != n:
+                    continue  # ids lost or duplicated by editing: renumber below
+                values = values.astype(np.int64)
+            elif name == "status":
+                values = np.array(["removed" if str(v) == "removed" else "accepted" for v in values], dtype=object)
+            elif COLUMNS[name] is object:
+                values = np.array(["" if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v)
+                                   for v in values], dtype=object)
+            cols[name] = values
+    return VesicleTable(cols, voxel_size=vs)
+
+
+def vesicle_layers_data(table: VesicleTable, tomogram: str, shape) -> list[tuple]:
+    """Points layer (the table) and Labels layer (rendered from the table) as layer-data tuples."""
+    pts = points_layer_data(table, tomogram, shape)
+    labels = render_labels(table, shape)
+    lab = (labels, labels_kwargs(table.voxel_size, layer_name(tomogram, "vesicle_labels"),
+                                 "vesicle_labels", tomogram), "labels")
+    return [lab, pts]
+
+
+def add_or_update(viewer, layer_data: tuple):
+    """Add a layer from a layer-data tuple, or update the existing layer of the same name and type.
+
+    Updating (rather than removing and re-adding) keeps the user's display settings and
+    the layer's place in the layer list, so rerunning a stage replaces its output.
+    """
+    data, kwargs, ltype = layer_data
+    name = kwargs["name"]
+    existing = viewer.layers[name] if name in viewer.layers else None
+    if existing is not None and type(existing).__name__.lower() == ltype:
+        if ltype == "points":
+            with existing.events.blocker_all():
+                existing.data = data
+            existing.features = kwargs["features"]
+            existing.size = kwargs["size"]
+            existing.shown = kwargs["shown"]
+            existing.border_color = kwargs["border_color"]
+            existing.face_color = kwargs["face_color"]
+            existing.refresh()
+        else:
+            existing.data = data
+            if ltype == "image" and "contrast_limits" in kwargs:
+                existing.contrast_limits = kwargs["contrast_limits"]
+        existing.metadata.update(kwargs.get("metadata", {}))
+        existing.scale = kwargs.get("scale", existing.scale)
+        return existing
+    if existing is not None:
+        viewer.layers.remove(existing)
+    kwargs = dict(kwargs)
+    if ltype == "points":
+        ndim = kwargs.pop("ndim", 3)
+        return viewer.add_points(data, ndim=ndim, **kwargs)
+    return getattr(viewer, f"add_{ltype}")(data, **kwargs)
+
+
+def set_thick_slicing(viewer, points_layer) -> None:
+    """Let the spheres of a Points layer show as discs in every slice they cross.
+
+    The vesicles layer uses ``projection_mode="rescale_spherical"``; napari then draws a
+    point as the disc where its sphere meets the slice, for points within the slice
+    margins. This sets the margins of the non-displayed axes to the largest radius (in
+    world units) if they are smaller. Labels layers ignore the margins; image layers whose
+    projection mode is napari's default ``"mean"`` are switched to ``"none"`` so that the
+    tomogram is still shown one plane at a time (not averaged over the thick slice).
+    """
+    if len(points_layer.data) == 0:
+        return
+    size = np.asarray(points_layer.size, dtype=float)
+    scale = np.asarray(points_layer.scale, dtype=float)
+    reach = float(np.nanmax(size)) / 2.0 * float(np.max(scale)) + float(np.max(scale))
+    dims = viewer.dims
+    nd = dims.ndim
+    left = list(dims.margin_left) if len(dims.margin_left) == nd else [0.0] * nd
+    right = list(dims.margin_right) if len(dims.margin_right) == nd else [0.0] * nd
+    changed = False
+    for ax in range(nd):
+        if left[ax] < reach or right[ax] < reach:
+            left[ax] = max(left[ax], reach)
+            right[ax] = max(right[ax], reach)
+            changed = True
+    if changed:
+        from napari.layers import Image
+
+        for layer in viewer.layers:
+            if isinstance(layer, Image) and str(layer.projection_mode) == "mean":
+                layer.projection_mode = "none"
+        dims.margin_left = tuple(left)
+        dims.margin_right = tuple(right)

@@ -1,0 +1,540 @@
+"""The whole CryoVesNet method composed: tomogram -> vesicle table and label volumes.
+
+:func:`segment` runs, in order, each stage from its own module (every stage can also be
+called alone):
+
+========== ======================================================= ==========================
+stage      function                                                 output kept
+========== ======================================================= ==========================
+predict    :func:`cryoves.predict.predict_probability`              ``probability``
+global     :func:`cryoves.threshold.global_threshold`               ``threshold``, labels
+adaptive   :func:`cryoves.threshold.adaptive_threshold`             labels
+refine     :func:`cryoves.refine.refine_spheres`                    table (``stage_tables``)
+outliers   :func:`cryoves.outliers.filter_outliers`                 the final ``table``
+========== ======================================================= ==========================
+
+Every parameter of every stage is a field of :class:`SegmentParams` (lengths in nm; the
+few sampling parameters that are naturally voxel counts end in ``_vox``).
+
+Region mask
+-----------
+``mask`` (e.g. the presynaptic cytoplasm) restricts the search: the global threshold is
+chosen from membrane shells inside the mask only, segments whose centroid lies outside are
+dropped before refinement, and rows whose refined centre lies outside are marked
+``removed`` (note ``"centre outside region mask"``). Any non-zero voxel is inside.
+
+Identifiers
+-----------
+Table ids are the adaptive-stage segment labels, kept through refinement and outlier
+removal, so a row can be traced back to every per-stage label volume.
+
+Importing this module does not import TensorFlow (prediction imports it when it runs).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import numpy as np
+
+from cryoves import outliers as _outliers
+from cryoves import predict as _predict
+from cryoves import refine as _refine
+from cryoves import threshold as _threshold
+from cryoves._progress import ProgressCallback, report
+from cryoves.table import VesicleTable, render_labels
+
+__all__ = ["SegmentParams", "SegmentationResult", "segment", "STAGES"]
+
+#: Pipeline stages, in order (keys of ``timings`` and ``stage_labels``).
+STAGES = ("predict", "global", "adaptive", "refine", "outliers")
+
+
+def _default(fn, name):
+    """The default of argument ``name`` of stage function ``fn`` (one source of truth)."""
+    value = inspect.signature(fn).parameters[name].default
+    if value is inspect.Parameter.empty:
+        raise TypeError(f"{fn.__qualname__}() has no default for {name!r}")
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass
+class SegmentParams:
+    """Every parameter of :func:`segment`, stage by stage (lengths in nm).
+
+    Every default is read from the stage function's signature (one source of truth: the
+    stage modules document why each value was chosen, and where it departs from the paper).
+
+    Attributes
+    ----------
+    tta : bool
+        predict: average the 8 flips of every tile (8x slower).
+    tile_shape : tuple of 3 int or None
+        predict: tile shape on the model grid (default: chosen automatically).
+    halo : int or None
+        predict: voxels discarded at tile sides (default: the receptive-field radius).
+    batch_size : int or None
+        predict: tiles per network call (default: as many as fit ``max_tile_voxels``).
+    blend : int
+        predict: width (voxels) of the cosine ramp between tiles.
+    max_tile_voxels : int
+        predict: memory budget, voxels per network call.
+    thresholds : tuple of float or None
+        global: candidate thresholds (default 0.80, 0.81, ..., 1.00).
+    connectivity : int
+        global and adaptive: segment connectivity (1 = 6-connected, 3 = 26-connected).
+    adaptive : bool
+        Run the adaptive local threshold (else the global segments go straight to refinement).
+    min_radius_nm : float
+        adaptive: segments smaller than a sphere of this radius are grown, then dropped;
+        outliers: accepted vesicles with radius <= this are removed (paper/reference: 12 nm).
+    z_split, extent_split : float
+        adaptive: a segment is split when its volume z-score > ``z_split`` and its extent
+        < ``extent_split`` (paper 1 and 0.25).
+    extent_range : (float, float)
+        adaptive: segments with extent outside are dropped (paper 0.25-0.75).
+    grow_min : float
+        adaptive: lowest threshold a small segment may be grown to (paper 0.8).
+    split_step, split_fine_step : float
+        adaptive: coarse and final threshold steps for splitting (paper 0.01, 1e-4).
+    max_split_depth : int
+        adaptive: how often split parts may be split again.
+    refine_max_iter : int
+        refine: iterations per vesicle (paper 10).
+    box_margin_nm : float or None
+        refine: box half-edge minus radius (default: scales with the radius).
+    refine_min_radius_nm, refine_max_radius_nm : float
+        refine: membrane search window; fits outside are removed.
+    bin_width_vox : float
+        refine: radial-profile bin width (voxels).
+    sigma_vox : float
+        refine: smoothing of the profile derivatives (paper: 1 voxel).
+    radius_method : str
+        refine and outliers: outer-edge definition (``"max_slope"`` or ``"second_derivative"``).
+    capture : bool
+        refine: re-centre on the membrane before the iterations (see :mod:`cryoves.refine`).
+    outliers : bool
+        Run outlier detection and removal.
+    p_threshold : float
+        outliers: vesicles with Mahalanobis p < this are outliers (default: that of
+        :func:`cryoves.outliers.filter_outliers`, which explains why it is not the paper's 0.3;
+        pass 0.3 to reproduce the paper).
+    outlier_max_iter : int
+        outliers: re-fits per outlier with a growing box (paper 10).
+    grow_vox : int
+        outliers: box edge growth per re-fit (paper 2 voxels).
+    remove_overlaps : bool
+        outliers: resolve overlapping spheres (reference implementation).
+    robust : bool
+        outliers: robust mean/covariance (default: plain sample estimates, as the paper).
+    max_rounds : int
+        outliers: rounds of p-value recomputation.
+    features : tuple of str
+        outliers: feature columns for the Mahalanobis distance.
+    """
+
+    # predict
+    tta: bool = _default(_predict.predict_probability, "tta")
+    tile_shape: Optional[tuple] = _default(_predict.predict_probability, "tile_shape")
+    halo: Optional[int] = _default(_predict.predict_probability, "halo")
+    batch_size: Optional[int] = _default(_predict.predict_probability, "batch_size")
+    blend: int = _default(_predict.predict_probability, "blend")
+    max_tile_voxels: int = _default(_predict.predict_probability, "max_tile_voxels")
+    # global threshold
+    thresholds: Optional[tuple] = _default(_threshold.global_threshold, "thresholds")
+    connectivity: int = _default(_threshold.global_threshold, "connectivity")
+    # adaptive threshold
+    adaptive: bool = True
+    min_radius_nm: float = _default(_threshold.adaptive_threshold, "min_radius_nm")
+    z_split: float = _default(_threshold.adaptive_threshold, "z_split")
+    extent_split: float = _default(_threshold.adaptive_threshold, "extent_split")
+    extent_range: tuple = _default(_threshold.adaptive_threshold, "extent_range")
+    grow_min: float = _default(_threshold.adaptive_threshold, "grow_min")
+    split_step: float = _default(_threshold.adaptive_threshold, "step")
+    split_fine_step: float = _default(_threshold.adaptive_threshold, "fine_step")
+    max_split_depth: int = _default(_threshold.adaptive_threshold, "max_split_depth")
+    # refine
+    refine_max_iter: int = _default(_refine.refine_spheres, "max_iter")
+    box_margin_nm: Optional[float] = None
+    refine_min_radius_nm: float = _default(_refine.refine_spheres, "min_radius_nm")
+    refine_max_radius_nm: float = _default(_refine.refine_spheres, "max_radius_nm")
+    bin_width_vox: float = _default(_refine.refine_spheres, "bin_width_vox")
+    sigma_vox: float = _default(_refine.refine_spheres, "sigma_vox")
+    radius_method: str = _default(_refine.refine_spheres, "radius_method")
+    capture: bool = _default(_refine.refine_spheres, "capture")
+    # outliers
+    outliers: bool = True
+    p_threshold: float = _default(_outliers.filter_outliers, "p_threshold")
+    outlier_max_iter: int = _default(_outliers.filter_outliers, "max_iter")
+    grow_vox: int = _default(_outliers.filter_outliers, "grow_vox")
+    remove_overlaps: bool = _default(_outliers.filter_outliers, "remove_overlaps")
+    robust: bool = _default(_outliers.filter_outliers, "robust")
+    max_rounds: int = _default(_outliers.filter_outliers, "max_rounds")
+    features: tuple = _default(_outliers.filter_outliers, "features")
+
+    def __post_init__(self) -> None:
+        for name in ("tile_shape", "thresholds", "extent_range", "features"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                setattr(self, name, tuple(v))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ValueError` naming the first invalid parameter."""
+        def pos(name, allow_zero=False):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool) \
+                    or not np.isfinite(v) or (v < 0 if allow_zero else v <= 0):
+                raise ValueError(f"SegmentParams.{name} must be a {'non-negative' if allow_zero else 'positive'} "
+                                 f"number, got {v!r}")
+        for name in ("min_radius_nm", "refine_min_radius_nm", "refine_max_radius_nm", "bin_width_vox",
+                     "sigma_vox", "split_step", "split_fine_step", "max_tile_voxels", "refine_max_iter"):
+            pos(name)
+        for name in ("blend", "grow_vox", "outlier_max_iter", "max_split_depth", "max_rounds"):
+            pos(name, allow_zero=True)
+        if not 0.0 <= self.p_threshold <= 1.0:
+            raise ValueError(f"SegmentParams.p_threshold must be in [0, 1], got {self.p_threshold}")
+        if self.refine_min_radius_nm >= self.refine_max_radius_nm:
+            raise ValueError("SegmentParams.refine_min_radius_nm must be below refine_max_radius_nm")
+        lo, hi = self.extent_range
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"SegmentParams.extent_range must satisfy 0 <= lo < hi <= 1, got {self.extent_range}")
+        if self.connectivity not in (1, 2, 3):
+            raise ValueError(f"SegmentParams.connectivity must be 1, 2 or 3, got {self.connectivity}")
+        if self.thresholds is not None:
+            t = np.asarray(self.thresholds, dtype=float)
+            if t.size == 0 or not np.all((t >= 0) & (t <= 1)):
+                raise ValueError(f"SegmentParams.thresholds must be values in [0, 1], got {self.thresholds}")
+        if self.box_margin_nm is not None:
+            pos("box_margin_nm", allow_zero=True)
+        if self.radius_method not in ("max_slope", "second_derivative"):
+            raise ValueError(f"SegmentParams.radius_method must be 'max_slope' or 'second_derivative', "
+                             f"got {self.radius_method!r}")
+
+    def replace(self, **changes) -> "SegmentParams":
+        """A copy with some fields changed (validated)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown SegmentParams field(s) {sorted(unknown)}")
+        d = asdict(self)
+        d.update(changes)
+        return SegmentParams(**d)
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON-serialisable: tuples become lists)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SegmentParams":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown SegmentParams field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class SegmentationResult:
+    """Result of :func:`segment`.
+
+    Attributes
+    ----------
+    table : VesicleTable
+        Every vesicle that reached refinement, including removed rows (``status="removed"``
+        with a ``note``); the accepted rows are the result.
+    labels : ndarray of uint16
+        Accepted vesicles rendered as filled spheres (label = table id).
+    probability : ndarray of float32
+        The U-Net probability map on the tomogram's grid (or the one passed in).
+    stage_labels : dict of str to ndarray
+        ``"global"``, ``"adaptive"`` (segments, int32), ``"refine"``, ``"outliers"`` (spheres of
+        the accepted rows after that stage, uint16). Empty with ``keep_intermediates=False``.
+    stage_tables : dict of str to VesicleTable
+        The table after ``"refine"`` and after ``"outliers"``.
+    threshold : float
+        The global threshold chosen (NaN if the global stage found nothing to choose from).
+    timings : dict of str to float
+        Seconds per stage (``"predict"`` is 0 when a probability was given) and ``"total"``.
+    params : SegmentParams
+    voxel_size : float
+        nm.
+    """
+
+    table: VesicleTable
+    labels: np.ndarray
+    probability: np.ndarray
+    stage_labels: dict = field(default_factory=dict)
+    stage_tables: dict = field(default_factory=dict)
+    threshold: float = float("nan")
+    timings: dict = field(default_factory=dict)
+    params: SegmentParams = field(default_factory=SegmentParams)
+    voxel_size: float = float("nan")
+
+    @property
+    def n_accepted(self) -> int:
+        return int(np.sum(self.table["status"] == "accepted"))
+
+    @property
+    def n_removed(self) -> int:
+        return int(np.sum(self.table["status"] == "removed"))
+
+    def removed_by_stage(self) -> dict[str, int]:
+        """Number of removed rows per stage that removed them."""
+        rem = self.table["status"] == "removed"
+        stages, counts = np.unique(self.table["stage"][rem], return_counts=True)
+        return {str(s): int(c) for s, c in zip(stages, counts)}
+
+    def summary(self) -> str:
+        """A few lines for people: counts, threshold, time per stage."""
+        lines = [f"{self.n_accepted} vesicles accepted, {self.n_removed} removed"
+                 + (f" ({', '.join(f'{n} by {s}' for s, n in self.removed_by_stage().items())})"
+                    if self.n_removed else ""),
+                 f"global threshold {self.threshold:.2f}" if np.isfinite(self.threshold) else "no global threshold",
+                 "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())]
+        return "\n".join(lines)
+
+
+class _StageProgress:
+    """Forward a stage module's progress under the pipeline's stage name."""
+
+    def __init__(self, progress: ProgressCallback, name: str):
+        self.progress, self.name = progress, name
+        self.last_total = 1
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        self.last_total = max(int(total), 1)
+        report(self.progress, self.name, done, total)
+
+    def finish(self) -> None:
+        report(self.progress, self.name, self.last_total, self.last_total)
+
+
+def _check_mask(mask, shape) -> Optional[np.ndarray]:
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != tuple(shape):
+        raise ValueError(f"mask shape {mask.shape} differs from the tomogram's {tuple(shape)}; the region "
+                         f"mask must be on the tomogram's grid")
+    mask = mask != 0
+    if not mask.any():
+        raise ValueError("the region mask is empty (no non-zero voxel): nothing to search")
+    return mask
+
+
+def _check_probability(probability, shape) -> np.ndarray:
+    p = np.asarray(probability)
+    if p.shape != tuple(shape):
+        raise ValueError(f"probability shape {p.shape} differs from the tomogram's {tuple(shape)}")
+    if p.dtype.kind not in "fiub":
+        raise TypeError(f"probability must be real numbers, got {p.dtype}")
+    p = p.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(p)):
+        raise ValueError("probability contains NaN or infinite values")
+    if p.size and (p.min() < 0 or p.max() > 1):
+        raise ValueError(f"probability must lie in [0, 1], got [{p.min():g}, {p.max():g}]")
+    return p
+
+
+def _centres_inside(table: VesicleTable, mask: np.ndarray) -> np.ndarray:
+    if len(table) == 0:
+        return np.zeros(0, bool)
+    c = np.rint(table.centers)
+    ok = np.all(np.isfinite(c), axis=1)
+    idx = np.zeros((len(table), 3), dtype=np.intp)
+    idx[ok] = c[ok].astype(np.intp)
+    ok &= np.all((idx >= 0) & (idx < np.array(mask.shape)), axis=1)
+    inside = np.zeros(len(table), bool)
+    inside[ok] = mask[idx[ok, 0], idx[ok, 1], idx[ok, 2]]
+    return inside
+
+
+def _drop_segments_outside(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Zero the segments whose centroid (rounded to a voxel) lies outside ``mask``."""
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return labels
+    flat = labels.ravel()
+    nz = np.flatnonzero(flat)
+    lv = flat[nz].astype(np.intp)
+    cnt = np.bincount(lv, minlength=n + 1).astype(np.float64)
+    coords = np.unravel_index(nz, labels.shape)
+    cen = np.stack([np.bincount(lv, c, minlength=n + 1) for c in coords], axis=1) / np.maximum(cnt, 1)[:, None]
+    c = np.clip(np.rint(cen).astype(np.intp), 0, np.array(labels.shape) - 1)
+    keep = (cnt > 0) & mask[c[:, 0], c[:, 1], c[:, 2]]
+    keep[0] = True
+    if keep.all():
+        return labels
+    out = labels.copy()
+    out[~keep[labels]] = 0
+    return out
+
+
+def _remove_outside(table: VesicleTable, mask: np.ndarray, stage: str) -> VesicleTable:
+    out = table.copy()
+    drop = (out["status"] == "accepted") & ~_centres_inside(out, mask)
+    if drop.any():
+        status, note, stg = out["status"].copy(), out["note"].copy(), out["stage"].copy()
+        status[drop] = "removed"
+        note[drop] = "centre outside region mask"
+        stg[drop] = stage
+        out["status"], out["note"], out["stage"] = status, note, stg
+    return out
+
+
+def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | None = None, mask=None,
+            probability=None, keep_intermediates: bool = True,
+            progress: ProgressCallback = None) -> SegmentationResult:
+    """Find the synaptic vesicles of a tomogram and fit each as a sphere.
+
+    Parameters
+    ----------
+    tomogram : ndarray, shape (Z, Y, X)
+        The tomogram (membranes dark), e.g. from :func:`cryoves.io.read_tomogram`
+        (memory-mapped arrays are fine). Not modified.
+    voxel_size : float
+        Voxel size in nm.
+    model : UNetModel or str or Path, optional
+        The network (or a weights path for :func:`cryoves.model.load_model`); ``None``: the
+        default shipped weights. Unused when ``probability`` is given.
+    params : SegmentParams, optional
+        Every stage parameter (default: :class:`SegmentParams()`).
+    mask : ndarray, optional
+        Region mask on the tomogram's grid (non-zero = inside); restricts the search (see
+        module docstring).
+    probability : ndarray, optional
+        A probability map on the tomogram's grid; prediction is skipped.
+    keep_intermediates : bool
+        Keep the per-stage label volumes in ``stage_labels`` (memory: one volume each).
+    progress : callable, optional
+        ``progress(stage, done, total)`` with ``stage`` one of :data:`STAGES`. Raise
+        :class:`cryoves.Cancelled` from it to stop.
+
+    Returns
+    -------
+    SegmentationResult
+
+    Raises
+    ------
+    ValueError
+        Bad inputs (shape, voxel size, mask, probability).
+    FileNotFoundError
+        ``model=None`` and no default weights ship (pass weights explicitly).
+    cryoves.Cancelled
+        If the progress callback raises it.
+    """
+    from cryoves.outliers import filter_outliers
+    from cryoves.refine import intensity_normalization, refine_spheres
+    from cryoves.threshold import adaptive_threshold, global_threshold
+
+    params = SegmentParams() if params is None else params
+    if not isinstance(params, SegmentParams):
+        raise TypeError(f"params must be a SegmentParams, got {type(params).__name__}")
+    params.validate()
+    if not hasattr(tomogram, "shape") or not hasattr(tomogram, "dtype"):
+        tomogram = np.asarray(tomogram)
+    if tomogram.ndim != 3:
+        raise ValueError(f"tomogram must be a 3-D (Z, Y, X) array, got shape {tuple(tomogram.shape)}")
+    try:
+        vs = float(voxel_size)
+    except (TypeError, ValueError):
+        raise TypeError(f"voxel_size must be a number of nm, got {voxel_size!r}") from None
+    if not np.isfinite(vs) or vs <= 0:
+        raise ValueError(f"voxel_size must be a positive number of nm, got {voxel_size!r}")
+    shape = tuple(int(s) for s in tomogram.shape)
+    mask = _check_mask(mask, shape)
+    timings: dict[str, float] = {}
+    stage_labels: dict[str, np.ndarray] = {}
+    stage_tables: dict[str, VesicleTable] = {}
+    t_all = time.perf_counter()
+
+    # 1. predict ------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    if probability is None:
+        from cryoves.predict import predict_probability
+
+        sp = _StageProgress(progress, "predict")
+        probability = predict_probability(
+            tomogram, vs, model, tile_shape=params.tile_shape, halo=params.halo,
+            batch_size=params.batch_size, tta=params.tta, progress=sp, blend=params.blend,
+            max_tile_voxels=params.max_tile_voxels)
+        sp.finish()
+    else:
+        probability = _check_probability(probability, shape)
+        report(progress, "predict", 1, 1)
+    timings["predict"] = time.perf_counter() - t0
+
+    # 2. global threshold ---------------------------------------------------------------------
+    t0 = time.perf_counter()
+    sp = _StageProgress(progress, "global")
+    g = global_threshold(tomogram, probability, thresholds=params.thresholds, mask=mask,
+                         connectivity=params.connectivity, progress=sp)
+    sp.finish()
+    threshold = float(g.threshold)
+    labels = g.labels
+    if not np.any(np.isfinite(g.shell_means)):
+        threshold = float("nan")  # nothing above any candidate: no real choice was made
+    if keep_intermediates:
+        stage_labels["global"] = labels
+    timings["global"] = time.perf_counter() - t0
+
+    # 3. adaptive threshold -------------------------------------------------------------------
+    t0 = time.perf_counter()
+    sp = _StageProgress(progress, "adaptive")
+    if params.adaptive and labels.max() > 0:
+        labels = adaptive_threshold(
+            probability, labels, g.threshold, vs, min_radius_nm=params.min_radius_nm,
+            z_split=params.z_split, extent_split=params.extent_split, extent_range=params.extent_range,
+            grow_min=params.grow_min, step=params.split_step, fine_step=params.split_fine_step,
+            connectivity=params.connectivity, max_split_depth=params.max_split_depth, progress=sp)
+    if mask is not None:
+        labels = _drop_segments_outside(labels, mask)
+    sp.finish()
+    if keep_intermediates:
+        stage_labels["adaptive"] = labels
+    timings["adaptive"] = time.perf_counter() - t0
+
+    # 4. sphere refinement --------------------------------------------------------------------
+    t0 = time.perf_counter()
+    normalization = intensity_normalization(tomogram)
+    sp = _StageProgress(progress, "refine")
+    table = refine_spheres(
+        tomogram, labels, vs, max_iter=params.refine_max_iter,
+        box_margin_vox=None if params.box_margin_nm is None else params.box_margin_nm / vs,
+        min_radius_nm=params.refine_min_radius_nm, max_radius_nm=params.refine_max_radius_nm,
+        bin_width_vox=params.bin_width_vox, sigma_vox=params.sigma_vox, radius_method=params.radius_method,
+        capture=params.capture, normalization=normalization, progress=sp)
+    sp.finish()
+    del labels
+    if mask is not None:
+        table = _remove_outside(table, mask, "refine")
+    stage_tables["refine"] = table
+    if keep_intermediates:
+        stage_labels["refine"] = render_labels(table, shape)
+    timings["refine"] = time.perf_counter() - t0
+
+    # 5. outliers -----------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    sp = _StageProgress(progress, "outliers")
+    if params.outliers and len(table):
+        table = filter_outliers(
+            tomogram, table, vs, p_threshold=params.p_threshold, max_iter=params.outlier_max_iter,
+            grow_vox=params.grow_vox, remove_overlaps=params.remove_overlaps,
+            min_radius_nm=params.min_radius_nm, features=params.features, robust=params.robust,
+            max_rounds=params.max_rounds, normalization=normalization, radius_method=params.radius_method,
+            progress=sp)
+        if mask is not None:
+            table = _remove_outside(table, mask, "outliers")
+    sp.finish()
+    stage_tables["outliers"] = table
+    final = render_labels(table, shape)
+    if keep_intermediates:
+        stage_labels["outliers"] = final
+    timings["outliers"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_all
+
+    return SegmentationResult(table=table, labels=final, probability=probability, stage_labels=stage_labels,
+                              stage_tables=stage_tables, threshold=threshold, timings=timings,
+                              params=params, voxel_size=vs)

@@ -1,0 +1,530 @@
+"""Voxel-size-aware, tiled, blended U-Net prediction: tomogram -> probability map.
+
+:func:`predict_probability` does, in order:
+
+1. **Checks** the input (3-D, finite, positive voxel size).
+2. **Resamples** the tomogram to the voxel size the model was trained at
+   (``model.card.voxel_size_nm``). Shrinking is anti-aliased: a Gaussian low-pass with
+   ``sigma = (1/f - 1) / 2`` output voxels (as :func:`skimage.transform.rescale`) is
+   applied before linear interpolation. Interpolation uses ``grid_mode=True`` so voxel
+   *edges* of the two grids coincide: a structure keeps its physical position, and the
+   map resampled back lies exactly on the input grid. Voxel sizes within 1 % of the
+   model's are not resampled.
+3. **Normalises** as the model card says (percentiles or z-score, floats, statistics on a
+   regular subsample of at most ~2 M voxels; contrast inverted if ``card.invert``).
+4. **Predicts tiles.** The volume is padded (reflection) to a multiple of the pooling
+   factor ``2**n_depth`` and cut into a grid of equal tiles whose origins lie on the
+   pooling grid. Each tile discards a *halo* of ``halo`` voxels on sides that face
+   another tile (default: the exact receptive-field radius, 23 voxels for the default
+   net, so tiled prediction equals one whole-volume pass to float rounding) and is
+   blended with its neighbours by cosine ramps of ``blend`` voxels, normalised by the
+   (separable) sum of weights. Tiles are as large as ``max_tile_voxels`` allows and
+   chosen to minimise the voxels pushed through the net; at the volume border a tile
+   uses the network's own zero padding, as a whole-volume pass would, so the border costs
+   no halo. Prediction runs on the batch-norm-folded twin of the network
+   (:meth:`cryoves.model.UNetModel.inference_model`) with ``predict_on_batch``.
+5. **Resamples back** to exactly the input shape (linear) and clips to [0, 1].
+
+Test-time augmentation (``tta=True``) averages the 8 flips of every tile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import product
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from cryoves._progress import ProgressCallback, report
+
+__all__ = ["predict_probability", "plan_tiles", "TilePlan", "resample", "normalize",
+           "DEFAULT_MAX_TILE_VOXELS", "DEFAULT_BLEND"]
+
+#: Default memory budget: voxels per network call (tile voxels x batch). The folded
+#: default U-Net needs about 330 bytes per voxel on a CPU, so 9 M voxels ~ 3 GB.
+DEFAULT_MAX_TILE_VOXELS = 9_000_000
+#: Default width (voxels) of the cosine blending ramp between neighbouring tiles.
+DEFAULT_BLEND = 8
+_RESAMPLE_RTOL = 0.01
+_STATS_VOXELS = 2_000_000
+_FLIPS = [tuple(ax for ax, f in zip((0, 1, 2), bits) if f) for bits in product((0, 1), repeat=3)]
+
+
+# --------------------------------------------------------------------------------------
+# Tile planning
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles of one prediction go.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        Padded volume shape (multiples of ``divisor``).
+    tile_shape : tuple of int
+        Shape of every tile.
+    starts : tuple of tuple of int
+        Tile origins per axis (the tiles are their Cartesian product).
+    halo, blend, divisor : int
+        Discarded margin, blending ramp width, pooling factor.
+    """
+
+    shape: Tuple[int, int, int]
+    tile_shape: Tuple[int, int, int]
+    starts: Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]
+    halo: int
+    blend: int
+    divisor: int
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of tiles."""
+        return int(np.prod([len(s) for s in self.starts]))
+
+    @property
+    def voxels_computed(self) -> int:
+        """Voxels pushed through the network (once, without TTA)."""
+        return self.n_tiles * int(np.prod(self.tile_shape))
+
+    def overhead(self, n_voxels: Optional[int] = None) -> float:
+        """Voxels computed / voxels of the (unpadded) volume, default: the padded one."""
+        n = int(np.prod(self.shape)) if n_voxels is None else int(n_voxels)
+        return self.voxels_computed / n
+
+    def tiles(self):
+        """Iterate over tile origins ``(z, y, x)``."""
+        return product(*self.starts)
+
+    def axis_weights(self, axis: int, start: int) -> np.ndarray:
+        """1-D blending weight of a tile starting at ``start`` along ``axis``."""
+        return _axis_weight(self.tile_shape[axis], start, self.shape[axis], self.halo,
+                            self.blend)
+
+
+def _ceil_to(n: int, d: int) -> int:
+    return -(-int(n) // d) * d
+
+
+def _floor_to(n: int, d: int) -> int:
+    return (int(n) // d) * d
+
+
+def _axis_starts(length: int, tile: int, halo: int, blend: int, d: int):
+    """Evenly spread, pooling-aligned tile origins, or None if ``tile`` cannot work."""
+    if tile >= length:
+        return (0,)
+    step_max = _floor_to(tile - 2 * halo - blend, d)
+    if step_max <= 0:
+        return None
+    n = 1 + -(-(length - tile) // step_max)
+    span = length - tile
+    starts = [_floor_to(round(i * span / (n - 1), 6), d) for i in range(n - 1)] + [span]
+    return tuple(sorted(set(starts)))
+
+
+def _axis_weight(tile: int, start: int, length: int, halo: int, blend: int) -> np.ndarray:
+    w = np.ones(tile, dtype=np.float64)
+    if blend > 0:
+        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(blend) + 0.5) / blend)
+    else:
+        ramp = np.zeros(0)
+    if start > 0:
+        w[:halo] = 0.0
+        w[halo:halo + blend] = ramp[: max(0, min(blend, tile - halo))]
+    if start + tile < length:
+        if halo > 0:
+            w[tile - halo:] = 0.0
+        lo = tile - halo - blend
+        w[lo:tile - halo] *= ramp[::-1][: tile - halo - lo]
+    return w
+
+
+def plan_tiles(shape: Sequence[int], divisor: int = 4, halo: int = 23,
+               blend: int = DEFAULT_BLEND, tile_shape: Optional[Sequence[int]] = None,
+               max_tile_voxels: int = DEFAULT_MAX_TILE_VOXELS) -> TilePlan:
+    """Choose tiles for a volume.
+
+    Parameters
+    ----------
+    shape : sequence of 3 int
+        Volume shape on the model grid (it is padded up to multiples of ``divisor``).
+    divisor : int
+        Pooling factor ``2**n_depth``: tile sides and origins are multiples of it.
+    halo : int
+        Voxels discarded on every tile side that faces another tile.
+    blend : int
+        Width of the cosine ramp between neighbouring tiles' kept regions.
+    tile_shape : sequence of 3 int, optional
+        Fixed tile shape (rounded up to multiples of ``divisor``, capped at the volume).
+        Default: the tiling with the fewest voxels computed whose tiles hold at most
+        ``max_tile_voxels`` voxels.
+    max_tile_voxels : int
+        Memory budget per tile.
+
+    Returns
+    -------
+    TilePlan
+    """
+    d = int(divisor)
+    halo, blend = int(halo), int(blend)
+    if halo < 0 or blend < 0:
+        raise ValueError("halo and blend must be >= 0")
+    padded = tuple(_ceil_to(max(1, int(s)), d) for s in shape)
+    if tile_shape is not None:
+        if len(tile_shape) != 3:
+            raise ValueError(f"tile_shape must have 3 entries (Z, Y, X), got {tile_shape}")
+        tiles = tuple(min(_ceil_to(max(1, int(t)), d), p) for t, p in zip(tile_shape, padded))
+        starts = []
+        for ax in range(3):
+            s = _axis_starts(padded[ax], tiles[ax], halo, blend, d)
+            if s is None:
+                raise ValueError(
+                    f"tile_shape[{ax}]={tiles[ax]} is too small for halo {halo} and blend "
+                    f"{blend}: a tile must be larger than 2*halo + blend + {d} = "
+                    f"{2 * halo + blend + d} (or cover the whole axis, {padded[ax]})")
+            starts.append(s)
+        return TilePlan(padded, tiles, tuple(starts), halo, blend, d)
+
+    # Candidate (tile length, starts) per axis: for each tile count, the smallest tile.
+    min_tile = _ceil_to(2 * halo + blend + d, d)
+    candidates = []
+    for ax in range(3):
+        length = padded[ax]
+        by_count = {1: (length, (0,))}
+        for n in range(2, 65):
+            t = max(min_tile, _ceil_to(math.ceil((length + (n - 1) * (2 * halo + blend)) / n), d))
+            starts = None
+            while t < length:
+                starts = _axis_starts(length, t, halo, blend, d)
+                if starts is not None and len(starts) <= n:
+                    break
+                t += d
+            if t >= length or starts is None:
+                continue
+            k = len(starts)
+            if k not in by_count or t < by_count[k][0]:
+                by_count[k] = (t, starts)
+            if t <= min_tile:
+                break
+        candidates.append([by_count[k] for k in sorted(by_count)])
+    best = None
+    for (tz, sz), (ty, sy), (tx, sx) in product(*candidates):
+        vox = tz * ty * tx
+        if vox > max_tile_voxels:
+            continue
+        cost = vox * len(sz) * len(sy) * len(sx)
+        key = (cost, len(sz) * len(sy) * len(sx))
+        if best is None or key < best[0]:
+            best = (key, (tz, ty, tx), (sz, sy, sx))
+    if best is None:  # budget below the smallest possible tile: take the smallest
+        (tz, sz), (ty, sy), (tx, sx) = (c[-1] for c in candidates)
+        best = (None, (tz, ty, tx), (sz, sy, sx))
+    return TilePlan(padded, best[1], best[2], halo, blend, d)
+
+
+# --------------------------------------------------------------------------------------
+# Resampling and normalisation
+# --------------------------------------------------------------------------------------
+def resample(volume: np.ndarray, shape: Sequence[int], order: int = 1,
+             anti_alias: bool = True) -> np.ndarray:
+    """Resample a volume onto a grid of ``shape`` covering the same physical box.
+
+    Voxel edges of both grids coincide (``grid_mode=True``): voxel ``i`` of the output
+    is centred at input coordinate ``(i + 0.5) * n_in / n_out - 0.5``.
+
+    Parameters
+    ----------
+    volume : ndarray
+        Input, not modified.
+    shape : sequence of int
+        Output shape.
+    order : int
+        Spline order (1 = linear).
+    anti_alias : bool
+        Gaussian low-pass (``sigma = (n_in/n_out - 1) / 2`` input voxels) on axes that
+        shrink, to avoid aliasing.
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    vol = np.asarray(volume, dtype=np.float32)
+    shape = tuple(int(s) for s in shape)
+    if shape == vol.shape:
+        return vol.copy()
+    factors = tuple(o / i for o, i in zip(shape, vol.shape))
+    if anti_alias and any(f < 1 for f in factors):
+        sigma = [max(0.0, (1.0 / f - 1.0) / 2.0) for f in factors]
+        vol = ndimage.gaussian_filter(vol, sigma=sigma, mode="mirror")
+    out = ndimage.zoom(vol, factors, order=order, mode="nearest", grid_mode=True,
+                       prefilter=False)
+    if out.shape != shape:  # pragma: no cover - zoom rounds shape*factor, exact here
+        raise RuntimeError(f"resampling produced {out.shape}, expected {shape}")
+    return out.astype(np.float32, copy=False)
+
+
+def _subsample(vol: np.ndarray, n_max: int = _STATS_VOXELS) -> np.ndarray:
+    step = max(1, int(math.ceil((vol.size / n_max) ** (1.0 / 3.0))))
+    return np.asarray(vol[::step, ::step, ::step], dtype=np.float64).ravel()
+
+
+def normalize(volume: np.ndarray, normalization: dict, invert: bool = False) -> np.ndarray:
+    """Normalise a volume as a model card says; returns a new float32 array.
+
+    Parameters
+    ----------
+    volume : ndarray
+        Tomogram (not modified).
+    normalization : dict
+        ``{"method": "percentile", "p_low": float, "p_high": float}`` ->
+        ``(x - P_low) / (P_high - P_low)``; ``{"method": "zscore"}`` ->
+        ``(x - mean) / std``. Statistics come from a regular subsample of at most ~2 M
+        voxels.
+    invert : bool
+        Negate the contrast first.
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    vol = np.array(volume, dtype=np.float32, copy=True)
+    if invert:
+        np.negative(vol, out=vol)
+    sub = _subsample(vol)
+    method = normalization.get("method")
+    if method == "percentile":
+        lo, hi = np.percentile(sub, [float(normalization["p_low"]),
+                                     float(normalization["p_high"])])
+        offset, scale = lo, hi - lo
+    elif method == "zscore":
+        offset, scale = sub.mean(), sub.std()
+    else:
+        raise ValueError(f"unknown normalization method {method!r}")
+    if not np.isfinite(scale) or scale <= 0:
+        scale = 1.0  # constant volume: only shift it
+    vol -= np.float32(offset)
+    vol *= np.float32(1.0 / scale)
+    return vol
+
+
+# --------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------
+def _check_input(tomogram, voxel_size) -> Tuple[np.ndarray, float]:
+    if not hasattr(tomogram, "shape") or not hasattr(tomogram, "dtype"):
+        tomogram = np.asarray(tomogram)
+    if tomogram.ndim != 3:
+        raise ValueError(
+            f"tomogram must be a 3-D (Z, Y, X) array, got {tomogram.ndim}-D with shape "
+            f"{tuple(tomogram.shape)}; for a stack of 2-D images add nothing, for a "
+            "multi-channel volume pass one channel")
+    if min(tomogram.shape) < 1:
+        raise ValueError(f"tomogram is empty (shape {tuple(tomogram.shape)})")
+    kind = np.dtype(tomogram.dtype).kind
+    if kind not in "biuf":
+        raise TypeError(f"tomogram must hold real numbers, got dtype {tomogram.dtype}")
+    if isinstance(voxel_size, (bool, np.bool_)):
+        raise TypeError("voxel_size must be a number (nm)")
+    try:
+        vs = float(voxel_size)
+    except (TypeError, ValueError):
+        raise TypeError(f"voxel_size must be a number in nm, got {voxel_size!r}") from None
+    if not np.isfinite(vs) or vs <= 0:
+        raise ValueError(
+            f"voxel_size must be a positive number of nm, got {voxel_size!r} (a header "
+            "voxel size of 0 means it is unknown: pass the real one, e.g. voxel_size=1.4)")
+    if kind == "f":
+        n_nan = n_inf = 0
+        for z in range(tomogram.shape[0]):  # slice by slice: no volume-sized temporary
+            sl = np.asarray(tomogram[z])
+            bad = ~np.isfinite(sl)
+            if bad.any():
+                n_nan += int(np.isnan(sl[bad]).sum())
+                n_inf += int(bad.sum()) - int(np.isnan(sl[bad]).sum())
+        if n_nan or n_inf:
+            raise ValueError(
+                f"tomogram contains {n_nan} NaN and {n_inf} infinite value(s) out of "
+                f"{tomogram.size}; replace them first (e.g. np.nan_to_num(tomo, "
+                "nan=np.nanmean(tomo)))")
+    return tomogram, vs
+
+
+_MODEL_CACHE: dict = {}
+
+
+def _resolve_model(model):
+    """A UNetModel from ``None`` (default weights), a path, or a UNetModel.
+
+    Models loaded from a path are cached (keyed by path and modification time), so that
+    repeated calls do not rebuild the network.
+    """
+    import os
+    from pathlib import Path
+
+    from cryoves.model import UNetModel, default_weights_path, load_model
+
+    if isinstance(model, UNetModel):
+        return model
+    if model is None:
+        path = default_weights_path()
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model).expanduser()
+    else:
+        raise TypeError(
+            "model must be a cryoves.model.UNetModel (see cryoves.model.load_model), a path "
+            f"to weights, or None for the default weights; got {type(model).__name__}")
+    try:
+        key = (str(path.resolve()), path.stat().st_mtime_ns)
+    except OSError:
+        return load_model(path)  # raises a clear FileNotFoundError
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()  # keep at most one cached network
+        _MODEL_CACHE[key] = load_model(path)
+    return _MODEL_CACHE[key]
+
+
+def predict_probability(tomogram, voxel_size: float, model=None, *,
+                        tile_shape: Optional[Sequence[int]] = None,
+                        halo: Optional[int] = None,
+                        batch_size: Optional[int] = None,
+                        tta: bool = False,
+                        progress: ProgressCallback = None,
+                        blend: int = DEFAULT_BLEND,
+                        max_tile_voxels: int = DEFAULT_MAX_TILE_VOXELS) -> np.ndarray:
+    """Probability that each voxel belongs to a vesicle, on the input grid.
+
+    Parameters
+    ----------
+    tomogram : ndarray, shape (Z, Y, X)
+        The tomogram (membranes dark). Any real dtype; memory-mapped arrays are fine.
+        Not modified.
+    voxel_size : float
+        Voxel size of ``tomogram`` in nm (isotropic).
+    model : UNetModel or str or Path, optional
+        The network; a path is loaded with :func:`cryoves.model.load_model`; ``None``
+        loads the default shipped weights.
+    tile_shape : sequence of 3 int, optional
+        Tile shape on the model grid (multiples of ``2**n_depth`` after rounding up).
+        Default: the tiling with the fewest computed voxels under ``max_tile_voxels``
+        (whole depth in Z when it fits).
+    halo : int, optional
+        Voxels (model grid) discarded on tile sides facing another tile. Default: the
+        network's receptive-field radius (23 for the default net), which makes the result
+        equal to a single whole-volume pass.
+    batch_size : int, optional
+        Tiles per network call. Default: as many as fit ``max_tile_voxels`` (at least 1).
+    tta : bool
+        Test-time augmentation: average the predictions of the 8 flips (Z, Y, X) of
+        every tile (8x the compute).
+    progress : callable, optional
+        ``progress("predict", done, total)`` after every batch (``done`` batches of
+        ``total``; also once with 0 before the first). Raise :class:`cryoves.Cancelled`
+        from it to stop.
+    blend : int
+        Width (voxels) of the cosine ramp between neighbouring tiles.
+    max_tile_voxels : int
+        Memory budget: voxels per network call (about 330 bytes each on a CPU).
+
+    Returns
+    -------
+    ndarray of float32, same shape as ``tomogram``
+        Probabilities in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        If the input is not 3-D, holds NaN/Inf, or ``voxel_size`` is not positive.
+    cryoves.Cancelled
+        If the progress callback raises it.
+    """
+    tomogram, vs = _check_input(tomogram, voxel_size)
+    model = _resolve_model(model)
+    card = model.card
+    in_shape = tuple(int(s) for s in tomogram.shape)
+
+    # 1. resample to the model's voxel size
+    factor = vs / card.voxel_size_nm
+    if abs(factor - 1.0) <= _RESAMPLE_RTOL:
+        model_shape = in_shape
+        vol = tomogram
+    else:
+        model_shape = tuple(max(1, int(round(s * factor))) for s in in_shape)
+        vol = resample(tomogram, model_shape, order=1, anti_alias=True)
+
+    # 2. normalise (new array; the input is never touched)
+    vol = normalize(vol, card.normalization, card.invert)
+
+    # 3. tiles
+    rf_width, rf_radius = model.receptive_field
+    halo = rf_radius if halo is None else int(halo)
+    plan = plan_tiles(model_shape, divisor=model.divisor, halo=halo, blend=blend,
+                      tile_shape=tile_shape, max_tile_voxels=max_tile_voxels)
+    pad = [(0, p - s) for p, s in zip(plan.shape, model_shape)]
+    if any(after for _, after in pad):
+        vol = np.pad(vol, pad, mode="reflect" if min(model_shape) > 1 else "edge")
+    prob = _predict_tiles(vol, model, plan, batch_size, tta, progress, max_tile_voxels)
+    del vol
+    prob = prob[: model_shape[0], : model_shape[1], : model_shape[2]]
+
+    # 4. back to the input grid
+    if model_shape != in_shape:
+        prob = resample(prob, in_shape, order=1, anti_alias=False)
+    np.clip(prob, 0.0, 1.0, out=prob)
+    return np.ascontiguousarray(prob, dtype=np.float32)
+
+
+def _predict_tiles(vol: np.ndarray, model, plan: TilePlan, batch_size, tta: bool,
+                   progress: ProgressCallback, max_tile_voxels: int) -> np.ndarray:
+    """Run the network over the tiles of ``plan`` and blend; ``vol`` is already padded."""
+    net = model.inference_model()
+    tile = plan.tile_shape
+    tile_vox = int(np.prod(tile))
+    if batch_size is None:
+        batch_size = max(1, int(max_tile_voxels) // tile_vox)
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    flips = _FLIPS if tta else [()]
+    jobs = [(origin, flip) for origin in plan.tiles() for flip in flips]
+    n_batches = -(-len(jobs) // batch_size)
+    weights = [[plan.axis_weights(ax, s).astype(np.float32) for s in plan.starts[ax]]
+               for ax in range(3)]
+    index = [{s: i for i, s in enumerate(plan.starts[ax])} for ax in range(3)]
+
+    out = np.zeros(plan.shape, dtype=np.float32)
+    report(progress, "predict", 0, n_batches)
+    inv_n = np.float32(1.0 / len(flips))
+    for b in range(n_batches):
+        batch_jobs = jobs[b * batch_size:(b + 1) * batch_size]
+        x = np.empty((len(batch_jobs),) + tile + (1,), dtype=np.float32)
+        for i, ((z, y, xx), flip) in enumerate(batch_jobs):
+            t = vol[z:z + tile[0], y:y + tile[1], xx:xx + tile[2]]
+            x[i, ..., 0] = np.flip(t, flip) if flip else t
+        y_pred = np.asarray(net.predict_on_batch(x))[..., 0]
+        del x
+        for i, ((z, y, xx), flip) in enumerate(batch_jobs):
+            p = np.flip(y_pred[i], flip) if flip else y_pred[i]
+            w = (weights[0][index[0][z]][:, None, None]
+                 * weights[1][index[1][y]][None, :, None]
+                 * weights[2][index[2][xx]][None, None, :])
+            w *= inv_n
+            out[z:z + tile[0], y:y + tile[1], xx:xx + tile[2]] += p * w
+        del y_pred
+        report(progress, "predict", b + 1, n_batches)
+
+    # The weight sum is separable: sum over the tile grid of products of 1-D weights.
+    wsum = []
+    for ax in range(3):
+        acc = np.zeros(plan.shape[ax], dtype=np.float64)
+        for s, w in zip(plan.starts[ax], weights[ax]):
+            acc[s:s + tile[ax]] += w
+        if np.any(acc <= 0):  # pragma: no cover - guaranteed by plan_tiles
+            raise RuntimeError("tile plan leaves voxels uncovered")
+        wsum.append((1.0 / acc).astype(np.float32))
+    out *= wsum[0][:, None, None]
+    out *= wsum[1][None, :, None]
+    out *= wsum[2][None, None, :]
+    return out

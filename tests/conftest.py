@@ -1,0 +1,109 @@
+"""Shared fixtures: small simulated tomograms (session-scoped), MRC files, an unwritable folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+#: Shape and voxel size of the small simulated tomogram used by plumbing tests.
+SMALL_SHAPE = (48, 96, 96)
+SMALL_VOXEL_NM = 2.2
+
+
+def _can_write(folder: Path) -> bool:
+    try:
+        fd, p = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(p)
+    return True
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder in which no file can be created (chmod 500; as root, /sys)."""
+    d = tmp_path / "read-only"
+    d.mkdir()
+    d.chmod(0o500)
+    try:
+        if not _can_write(d):
+            yield d
+        elif Path("/sys").is_dir() and not _can_write(Path("/sys")):
+            yield Path("/sys")
+        else:
+            pytest.skip("cannot make an unwritable folder here (root without a read-only /sys)")
+    finally:
+        d.chmod(0o700)
+
+
+@pytest.fixture(scope="session")
+def small_simulation():
+    """A small simulated tomogram with ground truth (cryoves.simulate), made once per session."""
+    simulate = pytest.importorskip("cryoves.simulate")
+    return simulate.simulate_tomogram(SMALL_SHAPE, SMALL_VOXEL_NM, seed=7)
+
+
+@pytest.fixture(scope="session")
+def small_tomogram_file(tmp_path_factory, small_simulation):
+    """The small simulated tomogram written as float32 MRC (voxel size in the header)."""
+    import mrcfile
+
+    path = tmp_path_factory.mktemp("sim") / "sim_tomo.mrc"
+    with mrcfile.new(path) as m:
+        m.set_data(np.asarray(small_simulation.tomogram, dtype=np.float32))
+        m.voxel_size = small_simulation.voxel_size * 10.0
+    return path
+
+
+def oracle_probability_map(table, shape) -> np.ndarray:
+    """What a well-trained network would output for the vesicles of ``table``.
+
+    1 at each centre, falling to 0.8 at the outer radius (``1 - 0.2 (d/r)^6``, so the
+    membrane lies inside the paper's threshold range 0.8-1.0 and touching vesicles are
+    separated by a dip), then a Gaussian fall-off of one voxel outside.
+    """
+    p = np.zeros(tuple(shape), np.float32)
+    zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    for c, r in zip(table.centers, table.radii):
+        d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+        v = np.where(d <= r, 1.0 - 0.2 * (d / r) ** 6, 0.8 * np.exp(-0.5 * (d - r) ** 2))
+        np.maximum(p, v.astype(np.float32), out=p)
+    return p
+
+
+@pytest.fixture(scope="session")
+def oracle_probability(small_simulation):
+    """:func:`oracle_probability_map` of the small simulation's true vesicles.
+
+    Lets the stages after prediction be tested for real without trained weights.
+    """
+    return oracle_probability_map(small_simulation.table, small_simulation.tomogram.shape)
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """A small randomly initialised U-Net (plumbing tests only: its predictions are meaningless)."""
+    model_mod = pytest.importorskip("cryoves.model")
+    return model_mod.new_model(name="random-test", voxel_size_nm=SMALL_VOXEL_NM, seed=0, n_filter_base=4)
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory, random_model):
+    """``random_model`` saved as cryoves weights (``NAME.weights.h5`` + ``NAME.json``)."""
+    return random_model.save(tmp_path_factory.mktemp("weights") / "random-test")
+
+
+#: The reference CryoVesNet weights (read-only, outside the repository; tests skip without them).
+REFERENCE_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cryovesnet-weights" / "weights.h5"
+
+
+@pytest.fixture(scope="session")
+def reference_weights():
+    if not REFERENCE_WEIGHTS.is_file():
+        pytest.skip(f"reference CryoVesNet weights not found at {REFERENCE_WEIGHTS}")
+    return REFERENCE_WEIGHTS

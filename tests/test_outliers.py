@@ -1,0 +1,213 @@
+"""Tests for cryoves.outliers (Mahalanobis p-values, outlier refit/removal, overlaps)."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from cryoves import VesicleTable
+from cryoves.outliers import filter_outliers, mahalanobis_pvalues, resolve_overlaps
+from cryoves.refine import refine_spheres
+
+from _synthetic import draw_vesicles, random_vesicles
+
+VOXEL = 2.0
+SHAPE = (64, 128, 128)
+
+
+def _feature_table(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.uniform(20, 100, (n, 3))
+    return VesicleTable.from_arrays(c, rng.normal(10, 1, n), voxel_size=VOXEL, thickness=rng.normal(2.5, 0.2, n),
+                                    density=rng.normal(-0.6, 0.05, n), stage="refine")
+
+
+def test_pvalues_match_chi2_with_three_dof():
+    t = _feature_table()
+    p = mahalanobis_pvalues(t)
+    X = np.stack([t["thickness"], t["density"], t["radius"]], 1)
+    mu = X.mean(0)
+    S = np.cov(X, rowvar=False)
+    d2 = np.einsum("ij,jk,ik->i", X - mu, np.linalg.inv(S), X - mu)
+    np.testing.assert_allclose(p, stats.chi2.sf(d2, 3), rtol=1e-8)
+    assert np.all((p >= 0) & (p <= 1))
+
+
+def test_pvalues_few_vesicles_are_nan_and_singular_covariance_is_handled():
+    t = _feature_table(3)
+    assert np.all(np.isnan(mahalanobis_pvalues(t)))
+    t = _feature_table(30)
+    t["thickness"] = 2.5  # constant feature: singular covariance
+    p = mahalanobis_pvalues(t)
+    assert np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1))
+    X = np.stack([t["density"], t["radius"]], 1)
+    d2 = np.einsum("ij,jk,ik->i", X - X.mean(0), np.linalg.inv(np.cov(X, rowvar=False)), X - X.mean(0))
+    np.testing.assert_allclose(p, stats.chi2.sf(d2, 2), rtol=1e-6)  # dof = rank = 2
+
+
+def test_pvalues_removed_rows_do_not_count_but_get_a_value():
+    t = _feature_table(30)
+    t2 = t.copy()
+    r = t2["radius"].copy()
+    r[0] = 40.0
+    t2["radius"] = r
+    st = t2["status"].copy()
+    st[0] = "removed"
+    t2["status"] = st
+    p = mahalanobis_pvalues(t2)
+    np.testing.assert_allclose(p[1:], mahalanobis_pvalues(t.select(np.arange(1, 30))), rtol=1e-8)
+    assert p[0] < 1e-6
+
+
+def test_robust_option_unmasks_clustered_outliers():
+    t = _feature_table(30, seed=2)
+    r = t["radius"].copy()
+    r[:3] = [16.0, 16.5, 17.0]  # three similar gross outliers inflate the plain covariance
+    t["radius"] = r
+    plain = mahalanobis_pvalues(t)
+    robust = mahalanobis_pvalues(t, robust=True)
+    assert np.all(robust[:3] < plain[:3])
+    assert np.all(robust[:3] < 1e-3)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    centers, radii = random_vesicles(SHAPE, 26, r_range=(7.5, 10.5), min_gap=4, seed=2)
+    # vesicle 0: a much larger "vesicle" (e.g. an endosome); vesicle 1: a much thicker membrane
+    radii = radii.copy()
+    radii[0] = 16.0
+    thick = np.full(len(radii), 2.0)
+    thick[1] = 5.0
+    centers[0] = [32, 64, 64]
+    keep = np.ones(len(centers), bool)
+    for i in range(1, len(centers)):
+        if np.linalg.norm(centers[i] - centers[0]) < radii[i] + radii[0] + 4:
+            keep[i] = False
+    centers, radii, thick = centers[keep], radii[keep], thick[keep]
+    tomo = draw_vesicles(SHAPE, centers, radii, thicknesses=thick, noise=0.8, seed=3)
+    start = VesicleTable.from_arrays(centers, radii, voxel_size=VOXEL)
+    refined = refine_spheres(tomo, start, VOXEL)
+    return tomo, centers, radii, refined
+
+
+def test_injected_outliers_get_low_p_and_are_removed(scene):
+    tomo, centers, radii, refined = scene
+    assert len(refined) >= 15 and np.all(refined["status"] == "accepted")
+    p = mahalanobis_pvalues(refined)
+    assert np.all((p >= 0) & (p <= 1))
+    assert p[0] < 1e-3 and p[1] < 1e-3
+    before = refined.copy()
+    out = filter_outliers(tomo, refined, VOXEL, min_radius_nm=10.0)
+    assert out == out and refined == before  # input untouched
+    assert out["status"][0] == "removed" and out["note"][0].startswith("outlier p=")
+    assert out["status"][1] == "removed" and out["stage"][1] == "outliers"
+    normal = np.arange(2, len(out))
+    assert np.all(out["status"][normal] == "accepted")
+    assert np.all(out["pvalue"][normal] >= 0.01)
+    assert np.all(np.isfinite(out["pvalue"])) and np.all((out["pvalue"] >= 0) & (out["pvalue"] <= 1))
+    # p-values of the kept vesicles are computed without the removed ones
+    np.testing.assert_allclose(out["pvalue"][normal], mahalanobis_pvalues(out.select(normal)), rtol=1e-8)
+
+
+def test_paper_threshold_removes_many_real_vesicles(scene):
+    """Documented reason for the 0.01 default: p < 0.3 flags ~30 % of a normal population."""
+    tomo, centers, radii, refined = scene
+    out = filter_outliers(tomo, refined, VOXEL, p_threshold=0.3, min_radius_nm=10.0, max_iter=2)
+    n_normal_removed = int(np.sum(out["status"][2:] == "removed"))
+    assert n_normal_removed >= 2
+
+
+def test_min_radius_removal(scene):
+    tomo, centers, radii, refined = scene
+    out = filter_outliers(tomo, refined, VOXEL, min_radius_nm=17.0, remove_overlaps=False)
+    small = refined.radii * VOXEL <= 17.0
+    assert np.all(out["status"][small] == "removed")
+    assert all("<= 17 nm" in n for n in out["note"][small])
+
+
+def test_refit_can_rescue_a_bad_fit(scene):
+    tomo, centers, radii, refined = scene
+    t = refined.copy()
+    z = t["z"].copy()
+    r = t["radius"].copy()
+    th = t["thickness"].copy()
+    # a wrong fit: centre 3 voxels off, radius and thickness wrong
+    z[5] += 3.0
+    r[5] *= 1.3
+    th[5] *= 2.5
+    t["z"], t["radius"], t["thickness"] = z, r, th
+    assert mahalanobis_pvalues(t)[5] < 0.01
+    out = filter_outliers(tomo, t, VOXEL, min_radius_nm=10.0)
+    assert out["status"][5] == "accepted" and out["stage"][5] == "outliers"
+    assert np.linalg.norm(out.centers[5] - centers[5]) < 1.0
+    assert abs(out.radii[5] - radii[5]) < 1.0
+    assert out["pvalue"][5] >= 0.01 and out["note"][5].startswith("re-fitted")
+
+
+def test_resolve_overlaps_leaves_no_overlap():
+    rng = np.random.default_rng(5)
+    c = rng.uniform(0, 60, (60, 3))
+    r = rng.uniform(5, 9, 60)
+    t = VesicleTable.from_arrays(c, r, voxel_size=VOXEL, pvalue=rng.random(60))
+    out = resolve_overlaps(t)
+    acc = out.accepted()
+    d = np.linalg.norm(acc.centers[:, None] - acc.centers[None], axis=2)
+    rr = acc.radii[:, None] + acc.radii[None]
+    np.fill_diagonal(d, np.inf)
+    assert np.all(d >= rr * (1 - 1e-6))
+    assert np.all(out.radii <= t.radii + 1e-12)
+    removed = out["status"] == "removed"
+    assert all(n.startswith("overlaps vesicle") for n in out["note"][removed])
+    # touching spheres: shrunk so they just touch
+    t2 = VesicleTable.from_arrays([[0, 0, 0], [0, 0, 15]], [8, 9], voxel_size=VOXEL)
+    o2 = resolve_overlaps(t2)
+    assert np.all(o2["status"] == "accepted")
+    assert o2.radii.sum() == pytest.approx(15.0, rel=1e-6)
+    np.testing.assert_allclose(o2.radii / t2.radii, 15.0 / 17.0, rtol=1e-6)
+    # a centre inside the other sphere: the lower p-value goes
+    t3 = VesicleTable.from_arrays([[0, 0, 0], [0, 0, 3]], [8, 8], voxel_size=VOXEL, pvalue=[0.9, 0.2])
+    o3 = resolve_overlaps(t3)
+    assert list(o3["status"]) == ["accepted", "removed"] and o3["note"][1] == "overlaps vesicle 1"
+
+
+def test_filter_outliers_few_vesicles_never_removes(scene):
+    tomo, centers, radii, refined = scene
+    small = refined.select([2, 3, 4])
+    out = filter_outliers(tomo, small, VOXEL, min_radius_nm=10.0)
+    assert np.all(out["status"] == "accepted") and np.all(np.isnan(out["pvalue"]))
+
+
+def test_filter_outliers_validation(scene):
+    tomo, centers, radii, refined = scene
+    with pytest.raises(ValueError, match="p_threshold"):
+        filter_outliers(tomo, refined, VOXEL, p_threshold=2)
+    with pytest.raises(TypeError):
+        filter_outliers(tomo, {"z": [1]}, VOXEL)
+    with pytest.raises(ValueError, match="feature"):
+        mahalanobis_pvalues(refined, features=("note",))
+
+
+def test_outliers_on_simulated_tomogram():
+    simulate = pytest.importorskip("cryoves.simulate")
+    sim = simulate.simulate_tomogram((64, 128, 128), voxel_size=2.2, seed=4)
+    T = sim.table
+    C, R = T.centers, T.radii
+    rng = np.random.default_rng(0)
+    # two bogus starting spheres in cytosol, away from every vesicle
+    fakes = []
+    while len(fakes) < 2:
+        q = rng.uniform([12, 20, 20], np.array(sim.tomogram.shape) - [12, 20, 20])
+        if np.min(np.linalg.norm(C - q, axis=1) - R) > 8 and all(np.linalg.norm(q - f) > 20 for f in fakes):
+            fakes.append(q)
+    start = VesicleTable.from_arrays(np.vstack([C, fakes]), np.r_[R, [9.0, 9.0]], voxel_size=sim.voxel_size)
+    refined = refine_spheres(sim.tomogram, start, sim.voxel_size)
+    out = filter_outliers(sim.tomogram, refined, sim.voxel_size)
+    n = len(C)
+    kept_true = np.mean(out["status"][:n] == "accepted")
+    print(f"\nsimulated: {kept_true:.0%} of {n} true vesicles kept; fakes: {list(out['status'][n:])} "
+          f"{list(out['note'][n:])}")
+    assert kept_true >= 0.9
+    assert np.all(out["status"][n:] == "removed")
+    acc = out.accepted()
+    d = np.linalg.norm(acc.centers[:, None] - acc.centers[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    assert np.all(d >= (acc.radii[:, None] + acc.radii[None]) * (1 - 1e-6))

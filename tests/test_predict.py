@@ -1,0 +1,260 @@
+"""Tests of cryoves.predict: tiling, blending, resampling, normalisation, TTA, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cryoves import Cancelled
+from cryoves.model import new_model
+from cryoves.predict import normalize, plan_tiles, predict_probability, resample
+
+
+def _convs(model):
+    return [lyr for lyr in model.keras_model.layers if type(lyr).__name__ == "Conv3D"]
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    """Small randomly initialised depth-2 U-Net whose output really varies."""
+    model = new_model(name="random-d2", seed=11, n_filter_base=4, voxel_size_nm=1.0)
+    last = _convs(model)[-1]
+    w, b = last.get_weights()
+    last.set_weights([w * 40.0, b])  # spread the sigmoid's input: outputs ~0.1..0.9
+    model.invalidate_inference_model()
+    return model
+
+
+@pytest.fixture(scope="module")
+def shallow_model():
+    """Depth-1 version (receptive-field radius 9) for fast tiling tests."""
+    model = new_model(name="random-d1", seed=12, n_depth=1, n_filter_base=4, voxel_size_nm=1.0)
+    last = _convs(model)[-1]
+    w, b = last.get_weights()
+    last.set_weights([w * 40.0, b])
+    model.invalidate_inference_model()
+    return model
+
+
+def _passthrough_model(voxel_size_nm):
+    """A depth-1 U-Net with hand-set weights: prob = sigmoid(10 * x_norm - 5).
+
+    Every convolution passes channel 0 of its input through its centre tap (the
+    decoder takes the skip connection), so the network is a pointwise monotone map of
+    the normalised tomogram: where the input is brightest, the probability peaks.
+    """
+    model = new_model(name="passthrough", n_depth=1, n_filter_base=2, batch_norm=False,
+                      voxel_size_nm=voxel_size_nm,
+                      normalization={"method": "percentile", "p_low": 1.0, "p_high": 99.9})
+    for lyr in _convs(model):
+        w, b = lyr.get_weights()
+        w = np.zeros_like(w)
+        b = np.zeros_like(b)
+        c = w.shape[0] // 2
+        if lyr.name.startswith("middle"):
+            pass
+        elif lyr.name.startswith("up_level_0_no_0"):
+            n_in = w.shape[3]
+            w[c, c, c, n_in - 2, 0] = 1.0  # first channel of the skip (after up-sampled ones)
+        elif w.shape[:3] == (1, 1, 1):
+            w[0, 0, 0, 0, 0] = 10.0
+            b[0] = -5.0
+        else:
+            w[c, c, c, 0, 0] = 1.0
+        lyr.set_weights([w, b])
+    model.invalidate_inference_model()
+    return model
+
+
+def _blob(shape, center, sigma):
+    zz, yy, xx = np.indices(shape, dtype=np.float64)
+    d2 = (zz - center[0]) ** 2 + (yy - center[1]) ** 2 + (xx - center[2]) ** 2
+    return np.exp(-0.5 * d2 / sigma ** 2)
+
+
+# ------------------------------------------------------------------------- basics
+def test_odd_shape_float32_and_input_untouched(random_model):
+    rng = np.random.default_rng(0)
+    tomo = rng.normal(size=(37, 61, 53)).astype(np.float32)
+    before = tomo.copy()
+    prob = predict_probability(tomo, 1.0, random_model)
+    assert prob.shape == tomo.shape and prob.dtype == np.float32
+    assert np.all((prob >= 0) & (prob <= 1)) and prob.std() > 0.01
+    np.testing.assert_array_equal(tomo, before)
+    # other dtypes and a resampled grid give the input shape as well
+    prob16 = predict_probability((tomo * 100).astype(np.int16), 1.3, random_model)
+    assert prob16.shape == tomo.shape and prob16.dtype == np.float32
+
+
+def test_volume_smaller_than_a_tile(random_model):
+    for shape in [(3, 5, 2), (1, 1, 1), (7, 9, 11)]:
+        tomo = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+        prob = predict_probability(tomo, 1.0, random_model)
+        assert prob.shape == shape and np.isfinite(prob).all()
+
+
+# ------------------------------------------------------------------------- tiling
+def test_tiled_equals_whole_volume_pass_depth2(random_model):
+    rng = np.random.default_rng(2)
+    tomo = ndimage.gaussian_filter(rng.normal(size=(32, 118, 62)), 1.0).astype(np.float32)
+    whole = predict_probability(tomo, 1.0, random_model)  # one tile
+    calls = []
+    tiled = predict_probability(tomo, 1.0, random_model, tile_shape=(32, 64, 64), blend=4,
+                                batch_size=2, progress=lambda *a: calls.append(a))
+    assert len(calls) > 2 and calls[-1][1] == calls[-1][2]
+    np.testing.assert_allclose(tiled, whole, atol=1e-4)
+
+
+def test_tiled_equals_whole_volume_pass_depth1_all_axes(shallow_model):
+    rng = np.random.default_rng(3)
+    tomo = rng.normal(size=(45, 83, 70)).astype(np.float32)
+    whole = predict_probability(tomo, 1.0, shallow_model)
+    tiled = predict_probability(tomo, 1.0, shallow_model, tile_shape=(32, 36, 40))
+    np.testing.assert_allclose(tiled, whole, atol=1e-4)
+    # a halo below the receptive field is an approximation, but blended without seams
+    approx = predict_probability(tomo, 1.0, shallow_model, tile_shape=(32, 36, 40), halo=3)
+    err = np.abs(approx - whole)
+    assert err.max() < 0.2 and err.mean() < 0.01
+
+
+def test_plan_tiles_properties():
+    for shape in [(200, 512, 512), (37, 61, 53), (64, 300, 129), (5, 1000, 7)]:
+        for budget in (2_000_000, 9_000_000):
+            plan = plan_tiles(shape, divisor=4, halo=23, blend=8, max_tile_voxels=budget)
+            assert all(t % 4 == 0 for t in plan.tile_shape)
+            assert all(p % 4 == 0 and p >= s for p, s in zip(plan.shape, shape))
+            for ax in range(3):
+                starts = plan.starts[ax]
+                assert all(s % 4 == 0 for s in starts)
+                assert starts[-1] + plan.tile_shape[ax] == plan.shape[ax]
+                total = sum(np.pad(plan.axis_weights(ax, s), (s, plan.shape[ax] - s
+                                   - plan.tile_shape[ax])) for s in starts)
+                assert np.all(total > 0)  # every voxel is covered by a kept region
+    big = plan_tiles((200, 512, 512))
+    assert big.tile_shape[0] == 200  # whole depth
+    assert big.overhead((200 * 512 * 512)) < 1.5
+    with pytest.raises(ValueError, match="too small for halo"):
+        plan_tiles((64, 64, 64), halo=23, tile_shape=(32, 32, 32))
+
+
+# ------------------------------------------------------------------------- resampling
+def test_resample_grid_alignment():
+    shape = (30, 40, 50)
+    center = (12.3, 20.0, 31.7)
+    vol = _blob(shape, center, 3.0).astype(np.float32)
+    for out_shape in [(15, 20, 25), (45, 60, 75), (21, 29, 33)]:
+        out = resample(vol, out_shape)
+        scale = np.array(out_shape) / np.array(shape)
+        com = np.array(ndimage.center_of_mass(out))
+        expected = (np.array(center) + 0.5) * scale - 0.5
+        np.testing.assert_allclose(com, expected, atol=0.15)
+        back = resample(out, shape, anti_alias=False)
+        assert back.shape == shape
+        np.testing.assert_allclose(ndimage.center_of_mass(back), center, atol=0.2)
+
+
+@pytest.mark.parametrize("model_vs", [1.0, 1.7, 0.8])
+def test_peak_stays_put_when_resampled(model_vs):
+    """A bright blob's probability peak is where the blob is, whatever the model grid."""
+    model = _passthrough_model(model_vs)
+    shape = (40, 56, 64)
+    centers = [(14.0, 20.0, 22.0), (26.5, 37.3, 44.8)]
+    vol = sum(_blob(shape, c, 3.0) for c in centers).astype(np.float32)
+    vol += np.random.default_rng(4).normal(0, 0.01, shape).astype(np.float32)
+    prob = predict_probability(vol, 1.0, model)
+    assert prob.shape == shape
+    for c in centers:
+        sl = tuple(slice(int(v) - 6, int(v) + 7) for v in c)
+        patch = prob[sl] - prob.min()
+        com = np.array(ndimage.center_of_mass(patch)) + [s.start for s in sl]
+        np.testing.assert_allclose(com, c, atol=0.15)
+        peak = np.unravel_index(np.argmax(prob[sl]), patch.shape) + np.array(
+            [s.start for s in sl])
+        assert np.all(np.abs(peak - np.array(c)) <= 1.0)
+
+
+def test_normalize():
+    rng = np.random.default_rng(5)
+    vol = rng.normal(3.0, 2.0, size=(40, 50, 60)).astype(np.float32)
+    z = normalize(vol, {"method": "zscore"})
+    assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
+    p = normalize(vol, {"method": "percentile", "p_low": 1.0, "p_high": 99.8})
+    assert abs(np.percentile(p, 1.0)) < 0.02 and abs(np.percentile(p, 99.8) - 1) < 0.02
+    inv = normalize(vol, {"method": "zscore"}, invert=True)
+    np.testing.assert_allclose(inv, -z, atol=1e-3)
+    assert vol.dtype == np.float32 and abs(vol.mean() - 3.0) < 0.05  # input untouched
+    const = normalize(np.ones((4, 4, 4)), {"method": "zscore"})
+    assert np.all(const == 0)
+
+
+# ------------------------------------------------------------------------- TTA, cancel
+def test_tta(random_model):
+    rng = np.random.default_rng(6)
+    tomo = rng.normal(size=(20, 28, 24)).astype(np.float32)
+    plain = predict_probability(tomo, 1.0, random_model)
+    calls = []
+    aug = predict_probability(tomo, 1.0, random_model, tta=True, batch_size=4,
+                              progress=lambda *a: calls.append(a))
+    assert aug.shape == tomo.shape and aug.dtype == np.float32
+    assert calls[-1] == ("predict", 2, 2)  # 8 flips in batches of 4
+    assert not np.allclose(aug, plain)  # a random net is not flip-equivariant
+    # a flip-equivariant (pointwise) net gives the same map with and without TTA
+    pw = _passthrough_model(1.0)
+    np.testing.assert_allclose(predict_probability(tomo, 1.0, pw, tta=True),
+                               predict_probability(tomo, 1.0, pw), atol=1e-5)
+
+
+def test_cancel_stops_promptly(shallow_model):
+    tomo = np.random.default_rng(7).normal(size=(32, 80, 80)).astype(np.float32)
+    calls = []
+
+    def progress(stage, done, total):
+        calls.append((stage, done, total))
+        if done >= 1:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        predict_probability(tomo, 1.0, shallow_model, tile_shape=(32, 32, 32), batch_size=1,
+                            progress=progress)
+    assert calls[-1][1] == 1 and calls[-1][2] > 5  # stopped after the first of many batches
+
+
+# ------------------------------------------------------------------------- errors
+def test_bad_inputs(random_model):
+    good = np.zeros((8, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="3-D"):
+        predict_probability(np.zeros((8, 8)), 1.0, random_model)
+    with pytest.raises(ValueError, match="3-D"):
+        predict_probability(np.zeros((2, 8, 8, 8)), 1.0, random_model)
+    nan = good.copy()
+    nan[1, 2, 3] = np.nan
+    nan[4, 4, 4] = np.nan
+    nan[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="2 NaN and 1 infinite"):
+        predict_probability(nan, 1.0, random_model)
+    for vs in (0, -1.0, np.nan, np.inf):
+        with pytest.raises(ValueError, match="voxel_size"):
+            predict_probability(good, vs, random_model)
+    with pytest.raises(TypeError, match="voxel_size"):
+        predict_probability(good, "abc", random_model)
+    with pytest.raises(TypeError, match="real numbers"):
+        predict_probability(good.astype(np.complex64), 1.0, random_model)
+    with pytest.raises(ValueError, match="empty"):
+        predict_probability(np.zeros((0, 8, 8)), 1.0, random_model)
+    with pytest.raises(ValueError, match="too small for halo"):
+        predict_probability(np.zeros((64, 64, 64)), 1.0, random_model, tile_shape=(16, 16, 16))
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_probability(good, 1.0, random_model, batch_size=0)
+
+
+def test_model_by_path_and_bad_model(tmp_path, shallow_model):
+    w = shallow_model.save(tmp_path / "shallow")
+    tomo = np.random.default_rng(8).normal(size=(12, 20, 16)).astype(np.float32)
+    a = predict_probability(tomo, 1.0, shallow_model)
+    b = predict_probability(tomo, 1.0, str(w))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(TypeError, match="UNetModel"):
+        predict_probability(tomo, 1.0, 42)
+    with pytest.raises(FileNotFoundError):
+        predict_probability(tomo, 1.0, tmp_path / "missing.weights.h5")

@@ -1,0 +1,212 @@
+"""Tests for cryoves.threshold (global darkest-shell threshold, adaptive local threshold)."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from cryoves.threshold import adaptive_threshold, default_thresholds, global_threshold, segment_stats
+
+from _synthetic import draw_vesicles, random_vesicles
+
+VOXEL = 2.0  # nm; min_radius 12 nm -> 6 voxels, k = 905 voxels
+
+
+def _distance_map(shape, centers):
+    """Distance to the nearest centre, and the index of that centre."""
+    zz, yy, xx = np.indices(shape, dtype=np.float32)
+    best = np.full(shape, np.inf, np.float32)
+    idx = np.zeros(shape, np.int32)
+    for i, c in enumerate(centers):
+        d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+        take = d < best
+        best[take] = d[take]
+        idx[take] = i
+    return best, idx
+
+
+def _naive_shell_means(tomo, prob, thresholds):
+    out = []
+    for t in thresholds:
+        b = prob >= t
+        # skimage's convention: outside the volume counts as foreground for the erosion
+        shell = b & ~ndi.binary_erosion(b, ndi.generate_binary_structure(3, 1), border_value=1)
+        out.append(tomo[shell].mean() if shell.any() else np.nan)
+    return np.array(out)
+
+
+def test_default_thresholds_include_one():
+    t = default_thresholds()
+    assert len(t) == 21 and t[0] == 0.8 and t[-1] == 1.0
+
+
+def test_shell_means_match_naive_erosion():
+    rng = np.random.default_rng(0)
+    prob = ndi.gaussian_filter(rng.random((24, 30, 28)), 2)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    tomo = rng.standard_normal(prob.shape).astype(np.float32)
+    ts = np.round(np.linspace(0.5, 0.9, 9), 2)
+    res = global_threshold(tomo, prob, thresholds=ts)
+    np.testing.assert_allclose(res.shell_means, _naive_shell_means(tomo, prob, ts), rtol=1e-6, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def known_best():
+    """Vesicles whose probability boundary crosses the membrane centre exactly at t = 0.90."""
+    shape = (48, 80, 80)
+    centers, radii = random_vesicles(shape, 8, r_range=(8, 10), seed=4)
+    tomo = draw_vesicles(shape, centers, radii, thickness=2.0, noise=0.3, seed=1)
+    d, idx = _distance_map(shape, centers)
+    # linear fall-off: p = 0.905 at the membrane centre (R - 1), 0.05 per voxel
+    prob = np.clip(0.905 - 0.05 * (d - (radii[idx] - 1.0)), 0, 1).astype(np.float32)
+    return tomo, prob, len(centers)
+
+
+def test_global_threshold_picks_darkest_shell(known_best):
+    tomo, prob, n = known_best
+    res = global_threshold(tomo, prob)
+    assert 0.8 <= res.threshold <= 1.0
+    assert 0.88 <= res.threshold <= 0.92, res.shell_means
+    i = int(np.argmin(np.abs(res.thresholds - res.threshold)))
+    assert res.shell_means[i] == np.nanmin(res.shell_means)
+    assert res.labels.dtype == np.int32
+    assert res.n_segments == n
+
+
+def test_global_threshold_scale_invariant_and_inputs_untouched(known_best):
+    tomo, prob, _ = known_best
+    t0, p0 = tomo.copy(), prob.copy()
+    a = global_threshold(tomo, prob)
+    b = global_threshold(tomo * 3.0 + 50.0, prob)
+    assert a.threshold == b.threshold
+    np.testing.assert_array_equal(tomo, t0)
+    np.testing.assert_array_equal(prob, p0)
+
+
+def test_global_threshold_one_is_inclusive_and_mask():
+    prob = np.zeros((20, 20, 20), np.float32)
+    prob[5:12, 5:12, 5:12] = 1.0
+    tomo = np.ones_like(prob)
+    res = global_threshold(tomo, prob, thresholds=[1.0])
+    assert res.threshold == 1.0 and res.n_segments == 1
+    assert res.shell_counts[0] > 0
+    mask = np.zeros(prob.shape, bool)
+    res2 = global_threshold(tomo, prob, thresholds=[1.0], mask=mask)
+    assert np.isnan(res2.shell_means[0])
+
+
+def test_global_threshold_rejects_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        global_threshold(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)))
+    with pytest.raises(ValueError, match="3-D"):
+        global_threshold(np.zeros((4, 4)), np.zeros((4, 4)))
+
+
+def _sigmoid_sphere(shape, c, r, peak=0.999, soft=0.8):
+    zz, yy, xx = np.indices(shape, dtype=np.float32)
+    d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+    return peak / (1.0 + np.exp(np.minimum((d - r) / soft, 50.0)))
+
+
+@pytest.fixture(scope="module")
+def adaptive_case():
+    shape = (48, 96, 96)
+    rng = np.random.default_rng(3)
+    prob = np.zeros(shape, np.float32)
+    # ordinary vesicles (r = 9 voxels = 18 nm)
+    singles = [(12, 14, 14), (12, 14, 40), (12, 40, 14), (36, 14, 14), (36, 40, 40), (36, 14, 40),
+               (12, 40, 40), (36, 40, 14), (24, 70, 14), (24, 14, 70)]
+    for c in singles:
+        prob = np.maximum(prob, _sigmoid_sphere(shape, c, 9))
+    # two touching vesicles: merged at 0.82 (neck p = 0.87), split above
+    pair = [(24, 66, 55), (24, 66, 70)]
+    for c in pair:
+        prob = np.maximum(prob, _sigmoid_sphere(shape, c, 9))
+    # a partial vesicle: weak probability, only a core above the global threshold
+    partial = (24, 84, 84)
+    prob = np.maximum(prob, _sigmoid_sphere(shape, partial, 9, peak=0.835))
+    # an elongated rod (extent ~ pi/4 > 0.75)
+    rod = np.zeros(shape, np.float32)
+    rod[40:46, 80:86, 20:70] = 0.99
+    prob = np.maximum(prob, rod)
+    # tiny specks
+    for c in [(4, 88, 4), (44, 4, 88), (4, 4, 60)]:
+        prob = np.maximum(prob, _sigmoid_sphere(shape, c, 2.5))
+    prob = np.clip(prob + 0.002 * rng.standard_normal(shape), 0, 1).astype(np.float32)
+    threshold = 0.82
+    labels, _ = ndi.label(prob >= threshold, structure=ndi.generate_binary_structure(3, 1))
+    return dict(prob=prob, labels=labels.astype(np.int32), threshold=threshold, singles=singles, pair=pair,
+                partial=partial)
+
+
+def test_adaptive_threshold_splits_grows_and_drops(adaptive_case):
+    a = adaptive_case
+    prob, labels = a["prob"], a["labels"]
+    lab_before = labels.copy()
+    # sanity: the pair is one segment at the global threshold, the partial core is too small
+    assert labels[a["pair"][0]] == labels[a["pair"][1]] != 0
+    k = 4 / 3 * np.pi * (12 / VOXEL) ** 3
+    assert (labels == labels[a["partial"]]).sum() < k
+
+    out = adaptive_threshold(prob, labels, a["threshold"], VOXEL)
+    np.testing.assert_array_equal(labels, lab_before)
+    assert out.dtype == np.int32
+    # every ordinary vesicle kept, one label each
+    single_labels = [out[c] for c in a["singles"]]
+    assert all(v != 0 for v in single_labels) and len(set(single_labels)) == len(single_labels)
+    # the pair split into two segments
+    la, lb = out[a["pair"][0]], out[a["pair"][1]]
+    assert la != 0 and lb != 0 and la != lb
+    va, vb = (out == la).sum(), (out == lb).sum()
+    assert abs(int(va) - int(vb)) < 0.2 * max(va, vb)
+    # the partial vesicle grown to at least the minimum volume
+    lp = out[a["partial"]]
+    assert lp != 0 and (out == lp).sum() >= k
+    # rod and specks removed
+    assert out[43, 83, 45] == 0
+    for c in [(4, 88, 4), (44, 4, 88), (4, 4, 60)]:
+        assert out[c] == 0
+    assert out.max() == len(a["singles"]) + 3
+    assert set(np.unique(out)) == set(range(out.max() + 1))
+    st = segment_stats(out)
+    assert np.all((st["extent"] >= 0.25) & (st["extent"] <= 0.75))
+
+
+def test_adaptive_threshold_paper_extent_does_not_split_pair(adaptive_case):
+    """With the extent criterion alone an axis-aligned merged pair (extent 0.57) stays merged."""
+    a = adaptive_case
+    out = adaptive_threshold(a["prob"], a["labels"], a["threshold"], VOXEL, extent_split=0.25, fill_split=None)
+    la, lb = out[a["pair"][0]], out[a["pair"][1]]
+    assert la == lb != 0
+
+
+def test_adaptive_threshold_progress_and_validation(adaptive_case):
+    a = adaptive_case
+    calls = []
+    adaptive_threshold(a["prob"], a["labels"], a["threshold"], VOXEL, progress=lambda *x: calls.append(x))
+    assert calls and calls[-1][1] == calls[-1][2]
+    with pytest.raises(ValueError, match="voxel_size"):
+        adaptive_threshold(a["prob"], a["labels"], a["threshold"], 0)
+    with pytest.raises(ValueError, match="shape"):
+        adaptive_threshold(a["prob"], a["labels"][:-1], a["threshold"], VOXEL)
+
+
+def test_adaptive_threshold_does_not_split_a_single_elongated_segment():
+    """A large elongated segment without a neck is tried (low fill) but not cut into pieces."""
+    shape = (40, 64, 96)
+    zz, yy, xx = np.indices(shape, dtype=np.float32)
+    prob = np.zeros(shape, np.float32)
+    for c in [(20, 16, 14), (20, 48, 14), (20, 16, 40), (20, 48, 40)]:
+        prob = np.maximum(prob, _sigmoid_sphere(shape, c, 8))
+    # ellipsoid with semi-axes 9, 9, 15 voxels: smooth probability, no neck
+    q = np.sqrt(((zz - 20) / 9) ** 2 + ((yy - 32) / 9) ** 2 + ((xx - 72) / 15) ** 2)
+    prob = np.maximum(prob, 0.999 / (1 + np.exp(np.minimum((q - 1) * 9 / 0.8, 50))))
+    prob += 0.002 * np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    labels, _ = ndi.label(prob >= 0.82, structure=ndi.generate_binary_structure(3, 1))
+    st = segment_stats(labels)
+    big = labels[20, 32, 72]
+    i = list(st["label"]).index(big)
+    assert st["zscore"][i] > 1 and st["fill"][i] < 0.6
+    out = adaptive_threshold(prob, labels.astype(np.int32), 0.82, VOXEL)
+    assert out[20, 32, 72] != 0
+    assert out[20, 32, 62] == out[20, 32, 72] == out[20, 32, 82]
+    assert out.max() == 5
