@@ -136,7 +136,9 @@ m, h = train_model([TrainingVolume(img, mask)], model=new_model(seed=0, n_filter
                    out_stem=r"{tmp_path / 'torch_model'}")
 x = img[None, :16, :16, :16, None]
 np.save(r"{tmp_path / 'pred.npy'}", np.asarray(m.keras_model(x, training=False).detach().cpu()))
-import sys; assert "tensorflow" not in sys.modules
+import sys, keras
+assert keras.backend.backend() == "torch"
+assert "csbdeep" not in sys.modules  # csbdeep needs TensorFlow, which GPU machines lack
 """
     env = dict(os.environ, KERAS_BACKEND="torch")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)

@@ -274,15 +274,62 @@ def build_unet(n_depth: int = 2, n_filter_base: int = 16, kernel_size: int = 3,
     """
     from cryoves._tf import import_keras
 
-    import_keras()  # safe TensorFlow import before csbdeep imports it
+    keras = import_keras()  # safe TensorFlow import before csbdeep imports it
+    k = int(kernel_size)
+    if keras.backend.backend() != "tensorflow":
+        # csbdeep imports TensorFlow; on another backend (torch on a GPU machine without
+        # TensorFlow) build the identical graph from plain Keras layers
+        return _build_unet_plain_keras(keras, int(n_depth), int(n_filter_base), k, bool(batch_norm),
+                                       float(dropout), last_activation, int(n_conv_per_depth))
     from csbdeep.internals.nets import custom_unet
 
-    k = int(kernel_size)
     return custom_unet((None, None, None, 1), last_activation, n_depth=int(n_depth),
                        n_filter_base=int(n_filter_base), kernel_size=(k, k, k),
                        n_conv_per_depth=int(n_conv_per_depth), activation="relu",
                        batch_norm=bool(batch_norm), dropout=float(dropout),
                        pool_size=(2, 2, 2), n_channel_out=1)
+
+
+def _build_unet_plain_keras(keras, n_depth, n_filter_base, k, batch_norm, dropout, last_activation,
+                            n_conv_per_depth):
+    """The same network as csbdeep's ``custom_unet`` (same layers, order and shapes), in plain Keras.
+
+    Mirrors ``csbdeep.internals.blocks.unet_block`` / ``conv_block3`` and
+    ``csbdeep.internals.nets.custom_unet`` (csbdeep 0.8), so weights saved from either build
+    load into the other.
+    """
+    L = keras.layers
+
+    def conv_block(x, n_filter, name):
+        if batch_norm:
+            x = L.Conv3D(n_filter, (k, k, k), padding="same", kernel_initializer="glorot_uniform", name=name)(x)
+            x = L.BatchNormalization()(x)
+            x = L.Activation("relu")(x)
+        else:
+            x = L.Conv3D(n_filter, (k, k, k), padding="same", kernel_initializer="glorot_uniform",
+                         activation="relu", name=name)(x)
+        if dropout > 0:
+            x = L.Dropout(dropout)(x)
+        return x
+
+    inp = keras.Input((None, None, None, 1), name="input")
+    skips, x = [], inp
+    for n in range(n_depth):
+        for i in range(n_conv_per_depth):
+            x = conv_block(x, n_filter_base * 2 ** n, f"down_level_{n}_no_{i}")
+        skips.append(x)
+        x = L.MaxPooling3D((2, 2, 2), name=f"max_{n}")(x)
+    for i in range(n_conv_per_depth - 1):
+        x = conv_block(x, n_filter_base * 2 ** n_depth, f"middle_{i}")
+    x = conv_block(x, n_filter_base * 2 ** max(0, n_depth - 1), f"middle_{n_conv_per_depth}")
+    for n in reversed(range(n_depth)):
+        x = L.Concatenate(axis=-1)([L.UpSampling3D((2, 2, 2))(x), skips[n]])
+        for i in range(n_conv_per_depth - 1):
+            x = conv_block(x, n_filter_base * 2 ** n, f"up_level_{n}_no_{i}")
+        x = conv_block(x, n_filter_base * 2 ** max(0, n - 1), f"up_level_{n}_no_{n_conv_per_depth}")
+    x = L.Conv3D(1, (1, 1, 1), activation="linear")(x)
+    out = L.Activation(last_activation)(x)
+    return keras.Model(inputs=inp, outputs=out)
 
 
 def receptive_field(n_depth: int = 2, kernel_size: int = 3, n_conv_per_depth: int = 2):

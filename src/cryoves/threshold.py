@@ -235,7 +235,45 @@ def _pad_slices(sl, shape, pad):
     return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(sl, shape))
 
 
+def _split_by_distance(seg, min_part, min_keep, structure):
+    """Split touching spheres at the necks of the Euclidean distance transform.
+
+    Markers are the regional maxima of the distance map that stand out by at least one voxel
+    (h-maxima), grown back over ``seg`` by a watershed on the negated distance. Returns the
+    int32 partition or None when fewer than two parts of ``min_keep`` voxels result.
+    """
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    dist = ndi.distance_transform_edt(seg)
+    peaks = h_maxima(ndi.gaussian_filter(dist, 0.5), 0.5) & seg
+    markers, n = ndi.label(peaks, structure=np.ones((3, 3, 3), bool))
+    if n < 2:
+        return None
+    part = watershed(-dist, markers=markers, mask=seg, connectivity=structure).astype(np.int32)
+    psz = np.bincount(part.ravel())[1:]
+    if np.sum(psz >= min_keep) < 2:
+        return None
+    # parts too small to be vesicles are merged back into nothing (dropped later if tiny)
+    small = np.flatnonzero(psz < min_part) + 1
+    if len(small):
+        part[np.isin(part, small)] = 0
+    return part
+
+
 def _split_segment(pc, seg, threshold, step, fine_step, min_part, min_keep, structure):
+    """Split one segment: by raising its threshold (the paper), else at distance-map necks.
+
+    A well-trained network saturates (p = 1) over touching vesicles, so often no threshold
+    separates them; the distance transform of the plateau still shows the necks.
+    """
+    part = _split_by_threshold(pc, seg, threshold, step, fine_step, min_part, min_keep, structure)
+    if part is None:
+        part = _split_by_distance(seg, min_part, min_keep, structure)
+    return part
+
+
+def _split_by_threshold(pc, seg, threshold, step, fine_step, min_part, min_keep, structure):
     """Raise the threshold inside one segment until it splits into >= 2 parts of >= min_part voxels.
 
     The parts are grown back over ``seg`` (watershed on the probability). Returns the int32
@@ -263,6 +301,8 @@ def _split_segment(pc, seg, threshold, step, fine_step, min_part, min_keep, stru
         lo_t = t
         t = round(t + step, 10)
     if found is None:
+        # a well-trained network saturates (p = 1) over touching vesicles, so no threshold
+        # separates them: split the plateau at the necks of its distance transform instead
         return None
     hi_t = found
     # bisection down to fine_step for the lowest splitting threshold (keeps the parts largest)
@@ -292,7 +332,7 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
                        z_split: float = 1.0, extent_split: float = 0.5, fill_split: float | None = 0.6,
                        extent_range: tuple[float, float] = (0.25, 0.75), grow_min: float = 0.8,
                        step: float = 0.01, fine_step: float = 1e-4, connectivity: int = 1,
-                       max_split_depth: int = 3, progress: ProgressCallback = None) -> np.ndarray:
+                       max_split_depth: int = 32, progress: ProgressCallback = None) -> np.ndarray:
     """Per-segment threshold: split merged vesicles, grow partial ones, drop non-vesicles.
 
     Parameters
@@ -365,7 +405,12 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
 
     def needs_split(v, e, f):
         z = (v - mean_v) / sd_v if sd_v > 0 else 0.0
-        return z > z_split and (e < extent_split or (fill_split is not None and f < fill_split))
+        not_sphere = e < extent_split or (fill_split is not None and f < fill_split)
+        # the paper's rule (large and non-compact) — plus: every segment larger than two minimal
+        # vesicles is tried, since a huge merged cluster inflates the volume statistics and a
+        # compact clump of 3-4 vesicles looks sphere-like by extent; a single vesicle survives
+        # the attempt intact (its distance map has one maximum, and tiny splits are rejected)
+        return (not_sphere and z > z_split) or (fill_split is not None and v > 2 * k)
 
     init_slices = ndi.find_objects(out)
     queue = [(int(lab), 0, init_slices[lab - 1])
