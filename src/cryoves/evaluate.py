@@ -193,16 +193,17 @@ def evaluation_suite(kind: str = "default") -> list[SuiteCase]:
         SuiteCase("baseline-1.4nm", size, 1.4, 50001, {}),
         SuiteCase("fine-1.0nm", (110, 220, 220), 1.0, 50002, {}),
         SuiteCase("coarse-2.4nm", size, 2.4, 50003, {}),
-        SuiteCase("low-snr-1.6nm", size, 1.6, 50004, {"snr": 0.03}),
-        SuiteCase("dense-1.8nm", size, 1.8, 50005, {"vesicle_density": 1.0}),
-        SuiteCase("distractors-2.0nm", size, 2.0, 50006, {"distractor_scale": 2.0}),
+        SuiteCase("low-dose-1.6nm", size, 1.6, 50004, {"dose": 35.0}),
+        SuiteCase("dense-1.8nm", size, 1.8, 50005, {"vesicle_fraction": 0.14, "cluster_jitter": 0.05}),
+        SuiteCase("distractors-2.0nm", size, 2.0, 50006, {"n_endosomes": 3, "n_dense_core": 3, "n_ellipsoids": 5,
+                                                          "n_tubes": 4, "n_mitochondria": 2, "n_gold": 12}),
         SuiteCase("narrow-tilt-2.2nm", size, 2.2, 50007, {"tilt_range": 45.0}),
     ]
     if kind == "default":
         return cases
     if kind == "quick":
         return [SuiteCase("quick-1.6nm", (100, 200, 200), 1.6, 50101, {}),
-                SuiteCase("quick-2.2nm", (100, 200, 200), 2.2, 50102, {"tilt_range": 50.0})]
+                SuiteCase("quick-2.2nm", (100, 200, 200), 2.2, 50102, {"tilt_range": 50.0, "dose": 60.0})]
     raise ValueError(f"unknown suite {kind!r}; choose 'default' or 'quick'")
 
 

@@ -95,8 +95,7 @@ def run(args) -> int:
         label = "default" if wname == "default" else Path(wname).name
         for name, tomo, vs, truth, truth_labels in cases:
             t0 = time.perf_counter()
-            params = SegmentParams(tta=args.tta) if "tta" in SegmentParams.__dataclass_fields__ else SegmentParams()
-            result = segment(tomo, vs, model=model, params=params)
+            result = segment(tomo, vs, model=model, params=SegmentParams(tta=args.tta))
             row = {"weights": f"{label} ({model.card.voxel_size_nm:g} nm)", "case": name,
                    **evaluate_segmentation(result, truth, truth_labels),
                    "seconds": time.perf_counter() - t0}
