@@ -12,12 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import os
+import tempfile
+
 import pytest
 from napari_helpers import REFERENCE_WEIGHTS, dock, gt_probability, wait_done
 
 pytestmark = [pytest.mark.napari, pytest.mark.slow]
 
-IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+# The PNGs go to docs/img when CRYOVES_UPDATE_DOCS=1 (to refresh the documentation), else to a
+# temporary folder, so an ordinary test run leaves the working tree untouched.
+DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+IMG = DOCS_IMG if os.environ.get("CRYOVES_UPDATE_DOCS") == "1" else Path(tempfile.mkdtemp(prefix="cryoves_shots_"))
 NAME = "sample tomogram"
 
 
