@@ -49,3 +49,39 @@ def test_cli_help_is_instant_and_lists_commands():
     out = subprocess.run([sys.executable, "-m", "cryoves", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert "COMMAND" in out.stdout
+
+
+def test_wheel_install_ships_manifest_sample_data_and_weights(tmp_path):
+    """`pip install .` (a wheel, not editable) must carry napari.yaml, sample_data/ and weights/."""
+    import zipfile
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("hatchling")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("cryoves-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("cryoves/napari.yaml", "cryoves/_sample_data/tomogram.mrc",
+                   "cryoves/_sample_data/vesicles_truth.csv", "cryoves/_weights/cryoves_default.weights.h5",
+                   "cryoves/_weights/cryoves_default.json"):
+        assert needed in names, f"{needed} missing from the wheel"
+    target = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target",
+                          str(target), str(wheel)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    code = ("import cryoves, cryoves._resources as r, json;"
+            "print(json.dumps([cryoves.__file__, str(r.manifest_path()), str(r.sample_data_dir()),"
+            " str(r.weights_dir())]))")
+    env = {**__import__("os").environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    paths = json.loads(out.stdout.strip().splitlines()[-1])
+    for p in paths:
+        assert p.startswith(str(target)), f"{p} does not come from the installed wheel"
+    assert Path(paths[2], "tomogram.mrc").stat().st_size > 1_000_000  # real files, not links
+    assert not Path(paths[3], "cryoves_default.weights.h5").is_symlink()
