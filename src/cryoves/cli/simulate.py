@@ -192,12 +192,15 @@ def run(args) -> int:
         raise CliError(str(err)) from None
     elapsed = time.time() - t0
 
+    from cryoves import io as cio
+
     v = sim.voxel_size
-    _write_mrc(outdir / "tomogram.mrc", sim.tomogram.astype(np.float32), v)
-    _write_mrc(outdir / "labels.mrc", sim.labels.astype(np.uint16), v)
-    # 0/1 mask as 8-bit MRC (mode 0); mrcfile would widen uint8 to 16 bits
-    _write_mrc(outdir / "mask.mrc", sim.mask.astype(np.int8), v)
-    _write_text(outdir / "vesicles.csv", vesicles_csv_text(sim.table))
+    ow = True  # the folder was checked above: empty, or --overwrite given
+    cio.write_mrc(outdir / "tomogram.mrc", sim.tomogram.astype(np.float32), v, overwrite=ow)
+    cio.write_labels_mrc(outdir / "labels.mrc", sim.labels, v, overwrite=ow)
+    # 0/1 mask as 8-bit MRC (mode 0)
+    cio.write_mrc(outdir / "mask.mrc", sim.mask.astype(np.int8), v, overwrite=ow)
+    cio.write_vesicles_csv(outdir / "vesicles.csv", sim.table, overwrite=ow)
     meta = {
         "generator": f"cryoves {__version__} simulate",
         "shape": list(shape),
