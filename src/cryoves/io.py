@@ -49,7 +49,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from cryoves import __version__
-from cryoves.table import COLUMNS, VesicleTable, render_labels
+from cryoves.table import COLUMNS, VesicleTable, check_voxel_size, render_labels
 
 __all__ = [
     "read_tomogram", "read_labels", "read_mrc_header", "voxel_size_from_header", "MrcInfo",
@@ -267,12 +267,7 @@ def _voxel_size_from_header(info: MrcInfo, voxel_size, path: Path) -> float:
     hx, hy, hz = (v / 10.0 for v in info.voxel_size_A)
     header_desc = f"X={hx * 10:g} Å, Y={hy * 10:g} Å, Z={hz * 10:g} Å"
     if voxel_size is not None:
-        try:
-            vs = float(voxel_size)
-        except (TypeError, ValueError):
-            raise TypeError(f"voxel_size must be a number of nm, got {voxel_size!r}") from None
-        if not np.isfinite(vs) or vs <= 0:
-            raise ValueError(f"voxel_size must be a positive number of nm, got {voxel_size!r}")
+        vs = check_voxel_size(voxel_size)
         if not lo <= vs <= hi:
             hint = f" Did you give Å? {vs:g} Å = {vs / 10:g} nm." if lo <= vs / 10 <= hi else ""
             raise ValueError(f"voxel_size={vs:g} nm is implausible for a cryo-electron tomogram "
@@ -617,14 +612,7 @@ def _mrc_dtype(data: np.ndarray) -> np.dtype:
                     f"uint8, uint16)")
 
 
-def _check_voxel_size(voxel_size) -> float:
-    try:
-        vs = float(voxel_size)
-    except (TypeError, ValueError):
-        raise TypeError(f"voxel_size must be a number of nm, got {voxel_size!r}") from None
-    if not np.isfinite(vs) or vs <= 0:
-        raise ValueError(f"voxel_size must be a positive number of nm, got {voxel_size!r}")
-    return vs
+_check_voxel_size = check_voxel_size
 
 
 def write_mrc(path, data, voxel_size: float, *, overwrite: bool = False, label: str | None = None) -> Path:

@@ -43,7 +43,7 @@ from scipy.spatial import cKDTree
 
 from cryoves._progress import ProgressCallback, report
 from cryoves.refine import _FitError, detection_score, fit_sphere, intensity_normalization
-from cryoves.table import VesicleTable
+from cryoves.table import VesicleTable, check_voxel_size
 
 __all__ = ["mahalanobis_pvalues", "filter_outliers", "resolve_overlaps", "DEFAULT_FEATURES"]
 
@@ -289,9 +289,7 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
     """
     if not isinstance(table, VesicleTable):
         raise TypeError(f"table must be a VesicleTable, got {type(table).__name__}")
-    voxel_size = float(voxel_size)
-    if not np.isfinite(voxel_size) or voxel_size <= 0:
-        raise ValueError(f"voxel_size must be a positive number of nm, got {voxel_size}")
+    voxel_size = check_voxel_size(voxel_size)
     if not 0.0 <= p_threshold <= 1.0:
         raise ValueError(f"p_threshold must be in [0, 1], got {p_threshold}")
     t = table.copy()

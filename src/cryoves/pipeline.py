@@ -45,7 +45,7 @@ from cryoves import predict as _predict
 from cryoves import refine as _refine
 from cryoves import threshold as _threshold
 from cryoves._progress import ProgressCallback, report
-from cryoves.table import VesicleTable, render_labels
+from cryoves.table import VesicleTable, check_voxel_size, render_labels
 
 __all__ = ["SegmentParams", "SegmentationResult", "segment", "STAGES"]
 
@@ -437,12 +437,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
         tomogram = np.asarray(tomogram)
     if tomogram.ndim != 3:
         raise ValueError(f"tomogram must be a 3-D (Z, Y, X) array, got shape {tuple(tomogram.shape)}")
-    try:
-        vs = float(voxel_size)
-    except (TypeError, ValueError):
-        raise TypeError(f"voxel_size must be a number of nm, got {voxel_size!r}") from None
-    if not np.isfinite(vs) or vs <= 0:
-        raise ValueError(f"voxel_size must be a positive number of nm, got {voxel_size!r}")
+    vs = check_voxel_size(voxel_size)
     shape = tuple(int(s) for s in tomogram.shape)
     mask = _check_mask(mask, shape)
     timings: dict[str, float] = {}

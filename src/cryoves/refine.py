@@ -57,7 +57,7 @@ from scipy.ndimage import gaussian_filter1d
 from scipy import ndimage as ndi
 
 from cryoves._progress import ProgressCallback, report
-from cryoves.table import VesicleTable
+from cryoves.table import VesicleTable, check_voxel_size
 
 __all__ = ["radial_profile", "refine_spheres", "fit_sphere_at", "intensity_normalization", "detection_score",
            "initial_spheres_from_labels", "SphereFit", "fit_sphere"]
@@ -77,14 +77,7 @@ def _check_tomogram(tomogram):
     return tomogram
 
 
-def _check_voxel_size(voxel_size) -> float:
-    try:
-        v = float(voxel_size)
-    except (TypeError, ValueError):
-        raise TypeError(f"voxel_size must be a number of nm, got {voxel_size!r}") from None
-    if not np.isfinite(v) or v <= 0:
-        raise ValueError(f"voxel_size must be a positive number of nm, got {voxel_size}")
-    return v
+_check_voxel_size = check_voxel_size
 
 
 def intensity_normalization(tomogram, max_samples: int = 1_000_000) -> tuple[float, float]:

@@ -36,7 +36,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["VesicleTable", "render_labels", "COLUMNS", "STATUSES"]
+__all__ = ["VesicleTable", "render_labels", "check_voxel_size", "COLUMNS", "STATUSES"]
 
 #: Column name -> numpy dtype, in canonical order.
 COLUMNS: dict[str, object] = {
@@ -62,6 +62,17 @@ _DEFAULTS = {
 }
 STATUSES = ("accepted", "removed")
 _LENGTH_COLUMNS = ("z", "y", "x", "radius", "thickness")
+
+
+def check_voxel_size(voxel_size) -> float:
+    """Return ``voxel_size`` as a float number of nm, or raise a clear TypeError/ValueError."""
+    try:
+        v = float(voxel_size)
+    except (TypeError, ValueError):
+        raise TypeError(f"voxel_size must be a number of nm, got {voxel_size!r}") from None
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"voxel_size must be a positive number of nm, got {voxel_size!r}")
+    return v
 
 
 def _as_column(name: str, values, n: int) -> np.ndarray:
@@ -127,9 +138,7 @@ class VesicleTable:
         if bad:
             raise ValueError(f"invalid status values {sorted(bad)}; allowed: {STATUSES}")
         if voxel_size is not None:
-            voxel_size = float(voxel_size)
-            if not np.isfinite(voxel_size) or voxel_size <= 0:
-                raise ValueError(f"voxel_size must be a positive number of nm, got {voxel_size}")
+            voxel_size = check_voxel_size(voxel_size)
         self._cols = cols
         self.voxel_size = voxel_size
 

@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from cryoves._progress import ProgressCallback, report
+from cryoves.table import check_voxel_size
 
 __all__ = ["GlobalThresholdResult", "global_threshold", "adaptive_threshold", "segment_stats",
            "default_thresholds"]
@@ -382,9 +383,7 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
     labels = _check_volume("labels", labels)
     if probability.shape != labels.shape:
         raise ValueError(f"probability {probability.shape} and labels {labels.shape} differ in shape")
-    voxel_size = float(voxel_size)
-    if not np.isfinite(voxel_size) or voxel_size <= 0:
-        raise ValueError(f"voxel_size must be a positive number of nm, got {voxel_size}")
+    voxel_size = check_voxel_size(voxel_size)
     lo_e, hi_e = extent_range
     structure = _structure(connectivity)
     shape = labels.shape
