@@ -210,3 +210,22 @@ def test_adaptive_threshold_does_not_split_a_single_elongated_segment():
     assert out[20, 32, 72] != 0
     assert out[20, 32, 62] == out[20, 32, 72] == out[20, 32, 82]
     assert out.max() == 5
+
+
+def test_adaptive_threshold_splits_saturated_cluster_of_touching_vesicles():
+    """A trained network gives p = 1 over a whole clump of touching vesicles: no threshold splits
+    it, so the split must come from the necks of the clump's shape."""
+    shape = (40, 80, 100)
+    zz, yy, xx = np.indices(shape)
+    r = 8.0
+    centres = [(20, 20, 15 + 15 * i) for i in range(5)] + [(20, 33, 22), (20, 33, 37), (20, 33, 52)]
+    prob = np.zeros(shape, np.float32)
+    for c in centres:
+        prob[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r ** 2] = 1.0
+    labels, n = ndi.label(prob >= 0.9)
+    assert n == 1  # everything touches: one merged segment
+    voxel = 1.0  # min_radius_nm 6 -> vesicles of radius 8 voxels are 2.4x the minimal volume
+    out = adaptive_threshold(prob, labels, 0.9, voxel, min_radius_nm=6.0)
+    found = {int(out[c]) for c in centres}
+    assert 0 not in found, "a vesicle of the clump was dropped"
+    assert len(found) == len(centres), f"{len(centres)} touching vesicles came out as {len(found)} segments"

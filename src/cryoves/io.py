@@ -612,7 +612,6 @@ def _mrc_dtype(data: np.ndarray) -> np.dtype:
                     f"uint8, uint16)")
 
 
-_check_voxel_size = check_voxel_size
 
 
 def write_mrc(path, data, voxel_size: float, *, overwrite: bool = False, label: str | None = None) -> Path:
@@ -643,7 +642,7 @@ def write_mrc(path, data, voxel_size: float, *, overwrite: bool = False, label: 
     data = np.asarray(data)
     if data.ndim != 3:
         raise ValueError(f"write_mrc expects a 3-D (Z, Y, X) volume, got shape {data.shape}")
-    vs = _check_voxel_size(voxel_size)
+    vs = check_voxel_size(voxel_size)
     dtype = _mrc_dtype(data)
     text = (label or f"cryoves {__version__}")[:80]
     path = Path(path)
@@ -1061,7 +1060,7 @@ def write_imod_model(path, table: VesicleTable, shape: Sequence[int], voxel_size
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3:
         raise ValueError(f"shape must be (Z, Y, X), got {shape}")
-    vs = table.voxel_size if voxel_size is None else _check_voxel_size(voxel_size)
+    vs = table.voxel_size if voxel_size is None else check_voxel_size(voxel_size)
     t = table.accepted() if accepted_only else table
     n = len(t)
     radii = np.nan_to_num(t.radii, nan=0.0)

@@ -77,7 +77,6 @@ def _check_tomogram(tomogram):
     return tomogram
 
 
-_check_voxel_size = check_voxel_size
 
 
 def intensity_normalization(tomogram, max_samples: int = 1_000_000) -> tuple[float, float]:
@@ -668,7 +667,7 @@ def refine_spheres(tomogram, initial, voxel_size, *, max_iter: int = 10, box_mar
         membrane (or whose radius is out of bounds) gets ``status="removed"`` and a ``note``.
     """
     tomogram = _check_tomogram(tomogram)
-    voxel_size = _check_voxel_size(voxel_size)
+    voxel_size = check_voxel_size(voxel_size)
     if isinstance(initial, VesicleTable):
         table = initial.copy()
         table.voxel_size = voxel_size if table.voxel_size is None else table.voxel_size
@@ -832,7 +831,7 @@ def fit_sphere_at(tomogram, point_zyx, voxel_size, *, max_diameter_nm: float = 5
         An empty result means "nothing to add".
     """
     tomogram = _check_tomogram(tomogram)
-    voxel_size = _check_voxel_size(voxel_size)
+    voxel_size = check_voxel_size(voxel_size)
     p = np.asarray(point_zyx, dtype=np.float64).reshape(-1)
     if p.shape != (3,) or not np.all(np.isfinite(p)):
         raise ValueError(f"point_zyx must be a finite (z, y, x) triple, got {point_zyx}")
