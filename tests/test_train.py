@@ -149,3 +149,24 @@ assert "csbdeep" not in sys.modules  # csbdeep needs TensorFlow, which GPU machi
     img = np.random.default_rng(0).normal(size=(32, 32, 32)).astype("float32")
     pred = np.asarray(m.keras_model(img[None, :16, :16, :16, None], training=False))
     np.testing.assert_allclose(pred, np.load(tmp_path / "pred.npy"), atol=1e-4)
+
+
+def test_appearance_augmentation_varies_noise_and_blur_but_keeps_spread():
+    """The appearance augmentation must change the texture (noise, smoothing) of patches
+    while keeping their intensity spread near the normalised one (as a global normalisation
+    at prediction time would), so the network cannot rely on one simulator's noise."""
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 1, (40, 40, 40)).astype(np.float32)
+    mask = np.zeros(img.shape, np.uint8)
+    mask[10:30, 10:30, 10:30] = 1
+    params = TrainingParams(patch_size=32, min_foreground_fraction=0.0)
+    s = PatchSampler([TrainingVolume(img, mask)], params, np.random.default_rng(1))
+    roughness, spreads = [], []
+    for _ in range(60):
+        x, y = s._crop()
+        x, y = s._augment(x, y)
+        spreads.append(float(x.std()))
+        # neighbour correlation: ~0 for white noise, high after smoothing
+        roughness.append(float(np.corrcoef(x[:, :, 1:].ravel(), x[:, :, :-1].ravel())[0, 1]))
+    assert max(roughness) > 0.5 and min(roughness) < 0.1  # some patches smoothed, some left white
+    assert min(spreads) > 0.4 and max(spreads) < 2.0  # rescaled after noise or smoothing

@@ -8,7 +8,8 @@ at inference what it saw in training.
 
 Patches (default 48³) are drawn at random, kept when they hold enough vesicle voxels (the
 paper keeps 32³ patches with > 1000 vesicle voxels, i.e. ~3 %; we use the same fraction),
-augmented (flips, 90° rotations about Z, intensity gain/offset/gamma, extra noise), and
+augmented (flips, 90° rotations about Z, gain/offset, contrast curve, white and correlated
+noise, smoothing, Z blur: :meth:`PatchSampler._augment`), and
 fed to Keras 3 (TensorFlow backend here; the torch backend works too, for GPU machines
 without TensorFlow). The loss is foreground-weighted binary cross-entropy plus soft Dice:
 BCE for calibrated probabilities, Dice against the class imbalance of small vesicles.
@@ -170,18 +171,44 @@ class PatchSampler:
         return v.image[sl], m  # rare: accept a sparse patch rather than loop forever
 
     def _augment(self, x, y):
+        """Geometry (flips, 90 degree turns about Z) and appearance randomisation.
+
+        The appearance part stands for what differs between microscopes, reconstructions
+        and simulators (the network must not learn one simulator's noise): global gain and
+        offset, white or spatially correlated extra noise, smoothing (denoised or
+        low-pass-filtered data), blur along Z only (missing-wedge elongation) and a
+        monotone contrast curve. After a change of the noise level the patch is rescaled
+        to its former spread, as the global normalisation at prediction time would do.
+        """
         rng = self.rng
         for ax in range(3):
             if rng.random() < 0.5:
                 x, y = np.flip(x, ax), np.flip(y, ax)
         k = int(rng.integers(4))
         x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k, axes=(1, 2))
+        x = np.ascontiguousarray(x, np.float32)
+        mean0, sd0 = float(x.mean()), float(x.std()) + 1e-6
+        changed = False
+        if rng.random() < 0.3:  # white noise
+            x = x + rng.normal(0, rng.uniform(0.05, 0.5) * sd0, x.shape).astype(np.float32)
+            changed = True
+        if rng.random() < 0.25:  # spatially correlated noise (detector MTF, reconstruction filter)
+            n = ndi.gaussian_filter(rng.normal(0, 1, x.shape).astype(np.float32), rng.uniform(0.6, 1.6))
+            x = x + n * (rng.uniform(0.1, 0.5) * sd0 / (float(n.std()) + 1e-6))
+            changed = True
+        if rng.random() < 0.35:  # smoothed / denoised data
+            x = ndi.gaussian_filter(x, rng.uniform(0.3, 1.4))
+            changed = True
+        if rng.random() < 0.2:  # extra elongation along Z (narrower tilt range)
+            x = ndi.gaussian_filter(x, (rng.uniform(0.6, 1.6), 0, 0))
+            changed = True
+        if changed:
+            x = (x - x.mean()) / (float(x.std()) + 1e-6) * sd0 + mean0
+        if rng.random() < 0.25:  # monotone contrast curve around the mean
+            t = (x - mean0) / sd0
+            x = mean0 + sd0 * np.tanh(t * rng.uniform(0.5, 1.0)) / rng.uniform(0.5, 1.0)
         x = x * rng.uniform(0.8, 1.25) + rng.normal(0, 0.1)
-        if rng.random() < 0.3:
-            x = x + rng.normal(0, rng.uniform(0.05, 0.3), x.shape).astype(np.float32)
-        if rng.random() < 0.2:
-            x = ndi.gaussian_filter(x, rng.uniform(0.3, 0.8))
-        return x, y
+        return x.astype(np.float32, copy=False), y
 
     def batch(self, n: int | None = None, augment: bool | None = None):
         n = n or self.params.batch_size
