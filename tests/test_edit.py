@@ -204,6 +204,7 @@ def test_move_resize_refit_and_review(scene, tmp_path):
         ed.set_reviewed(7, "maybe")
     ed.set_reviewed(8, "accepted")
     # the autosaved CSV is the current table, reviewed column included
+    ed.flush_autosave(timeout=30)
     saved = read_vesicles_csv(tmp_path / "auto.csv")
     assert same_table(saved, ed.table) and saved.row(8)["reviewed"] == "accepted"
     with pytest.raises(KeyError):
@@ -454,6 +455,6 @@ def test_sigkill_while_editing_restores_every_logged_edit(tmp_path):
     assert ref_log.read_text().splitlines()[1:] == log.read_text().splitlines()[1:n_logged + 1]
     assert same_table(back.table, ref.table) and back.n_edits == ref.n_edits
     assert np.array_equal(back.labels, ref.labels)
-    # the autosaved table is a complete CSV of the last or next-to-last logged state
+    # the autosaved table (written in the background) is a complete CSV of one of the logged states
     saved = read_vesicles_csv(csv)
-    assert same_table(saved, states[-1]) or same_table(saved, states[-2])
+    assert any(same_table(saved, s) for s in states[::-1])

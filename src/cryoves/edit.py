@@ -29,7 +29,12 @@ Nothing is lost
     line flushed and fsync'ed before the call returns) holding the changed rows, so
     :meth:`VesicleEditor.restore` replays it over the base table to the same table, labels and
     undo history, bit for bit, after a crash. With ``autosave_path``, the table is written there
-    (CSV, atomically, through :func:`cryoves.io.write_vesicles_csv`) after every edit.
+    (CSV, atomically, through :func:`cryoves.io.write_vesicles_csv`) after every edit, by a
+    background thread so that an edit does not wait for it (writing 1,000 rows takes tens of
+    ms); when edits come faster than it writes, only the latest table is written.
+    :meth:`~VesicleEditor.flush_autosave`, :meth:`~VesicleEditor.save` and
+    :meth:`~VesicleEditor.close` wait for it. The edit log, written before the call returns,
+    is the record that survives a crash; the autosaved CSV may be a few edits behind it.
 
 Review queue
     :meth:`~VesicleEditor.review_queue` lists the vesicles worst first: accepted vesicles with a
@@ -49,6 +54,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -173,7 +179,7 @@ class VesicleEditor:
         Edit log (JSON lines) to create; an existing non-empty log is refused (replay it with
         :meth:`restore`, or delete it).
     autosave_path : path, optional
-        CSV file the table is written to (atomically) after every edit.
+        CSV file the table is written to (atomically, in a background thread) after every edit.
     normalization : (offset, scale), optional
         Global intensity normalisation for the sphere fits
         (:func:`cryoves.refine.intensity_normalization`, computed here when omitted).
@@ -197,6 +203,9 @@ class VesicleEditor:
                  autosave_path=None, normalization=None, max_diameter_nm: float = 50.0):
         self._init_state(tomogram, table, voxel_size, labels, normalization, max_diameter_nm)
         self._autosave_path = None if autosave_path is None else Path(autosave_path)
+        self._autosaver = None if self._autosave_path is None else _Autosaver(self._autosave_path)
+        if self._autosaver is not None:
+            weakref.finalize(self, self._autosaver.stop)
         self._log_path = None
         self._log = None
         if log_path is not None:
@@ -305,6 +314,11 @@ class VesicleEditor:
     @property
     def autosave_path(self) -> Path | None:
         return self._autosave_path
+
+    def flush_autosave(self, timeout: float | None = None) -> None:
+        """Wait until the autosaved CSV holds the current table; re-raise a failed autosave's error."""
+        if self._autosaver is not None:
+            self._autosaver.flush(timeout)
 
     def row(self, vesicle_id) -> dict:
         """The current row of vesicle ``vesicle_id`` (dict of every column)."""
@@ -560,15 +574,24 @@ class VesicleEditor:
             if self._autosave_path is None:
                 raise ValueError("save() needs a path: this editor has no autosave_path")
             path = self._autosave_path
+        path = Path(path)
+        if self._autosaver is not None and path == self._autosave_path:
+            with self._lock:
+                self._autosaver.request(self._table.copy())
+            self._autosaver.flush()
+            return path
         with self._lock:
-            return write_vesicles_csv(Path(path), self._table, overwrite=True)
+            return write_vesicles_csv(path, self._table, overwrite=True)
 
     def close(self) -> None:
-        """Close the edit log (further edits are still possible but no longer logged)."""
+        """Finish the autosave and close the edit log (later edits are neither logged nor autosaved)."""
         with self._lock:
             if self._log is not None:
                 self._log.close()
                 self._log = None
+            saver, self._autosaver = self._autosaver, None
+        if saver is not None:
+            saver.close()
 
     @classmethod
     def restore(cls, tomogram, voxel_size, log_path, base_table: VesicleTable, labels=None,
@@ -782,8 +805,8 @@ class VesicleEditor:
     def _after_change(self, event: EditEvent) -> None:
         if self._replaying:
             return
-        if self._autosave_path is not None:
-            self.save()
+        if self._autosaver is not None:
+            self._autosaver.request(self._table.copy())
         for cb in list(self._callbacks):
             cb(event)
 
@@ -814,6 +837,69 @@ class VesicleEditor:
         n_acc = int(np.sum(self._table["status"] == "accepted"))
         return (f"VesicleEditor({n_acc} accepted of {len(self._table)} vesicles, {self.n_edits} edits, "
                 f"shape={self._shape}, voxel_size={self._voxel_size})")
+
+
+class _Autosaver:
+    """Writes the latest requested table to a CSV file in a background thread (coalescing requests)."""
+
+    def __init__(self, path: Path):
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"folder of the autosave file {path} does not exist")
+        self.path = path
+        self._cond = threading.Condition()
+        self._pending: VesicleTable | None = None
+        self._busy = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"cryoves-autosave-{path.name}", daemon=True)
+        self._thread.start()
+
+    def request(self, table: VesicleTable) -> None:
+        with self._cond:
+            self._pending = table
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        from cryoves.io import write_vesicles_csv
+
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                table, self._pending = self._pending, None
+                self._busy = True
+            try:
+                write_vesicles_csv(self.path, table, overwrite=True)
+            except BaseException as err:  # reported by flush()
+                with self._cond:
+                    self._error = err
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout):
+                raise TimeoutError(f"autosave of {self.path} did not finish within {timeout} s")
+            err, self._error = self._error, None
+        if err is not None:
+            raise OSError(f"autosave to {self.path} failed: {err}") from err
+
+    def stop(self) -> None:
+        """Let the thread finish the pending write and end (without waiting)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.stop()
+            self._thread.join()
 
 
 def _rows_equal(a: dict, b: dict) -> bool:
