@@ -385,7 +385,7 @@ _CHILD = textwrap.dedent("""
     print("ready", flush=True)
     for k in range(100000):
         scripted_edit(ed, k)
-        time.sleep(0.002)
+        time.sleep(0.005)
 """)
 
 
@@ -427,7 +427,8 @@ def test_sigkill_while_editing_restores_every_logged_edit(tmp_path):
         assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()[-2000:]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if log.exists() and log.read_text().count("\n") > 60:
+            # mid-editing, after an autosave (due at most 3 s after the first unsaved edit)
+            if csv.exists() and log.read_text().count("\n") > 60:
                 break
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             time.sleep(0.01)
@@ -458,3 +459,22 @@ def test_sigkill_while_editing_restores_every_logged_edit(tmp_path):
     # the autosaved table (written in the background) is a complete CSV of one of the logged states
     saved = read_vesicles_csv(csv)
     assert any(same_table(saved, s) for s in states[::-1])
+
+
+def test_autosave_follows_edits_without_flush(scene, tmp_path):
+    csv = tmp_path / "auto.csv"
+    ed = editor(scene, autosave_path=csv)
+    ed.remove(4)
+    ed.set_reviewed(5, "accepted")
+    deadline = time.monotonic() + 20
+    while not csv.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert same_table(read_vesicles_csv(csv), ed.table)    # the latest table, once edits pause
+    ed.resize(6, 5.5)
+    ed.close()                                              # close() writes what is pending
+    assert read_vesicles_csv(csv).row(6)["radius"] == 5.5
+    with pytest.raises(ValueError, match="needs a path"):
+        editor(scene).save()
+    assert ed.save(tmp_path / "copy.csv") == tmp_path / "copy.csv"
+    assert same_table(read_vesicles_csv(tmp_path / "copy.csv"), ed.table)

@@ -29,9 +29,10 @@ Nothing is lost
     line flushed and fsync'ed before the call returns) holding the changed rows, so
     :meth:`VesicleEditor.restore` replays it over the base table to the same table, labels and
     undo history, bit for bit, after a crash. With ``autosave_path``, the table is written there
-    (CSV, atomically, through :func:`cryoves.io.write_vesicles_csv`) after every edit, by a
+    (CSV, atomically, through :func:`cryoves.io.write_vesicles_csv`) after the edits, by a
     background thread so that an edit does not wait for it (writing 1,000 rows takes tens of
-    ms); when edits come faster than it writes, only the latest table is written.
+    ms): the write starts when edits pause for 0.3 s (at the latest 3 s after the first
+    unsaved edit) and writes the latest table.
     :meth:`~VesicleEditor.flush_autosave`, :meth:`~VesicleEditor.save` and
     :meth:`~VesicleEditor.close` wait for it. The edit log, written before the call returns,
     is the record that survives a crash; the autosaved CSV may be a few edits behind it.
@@ -840,14 +841,23 @@ class VesicleEditor:
 
 
 class _Autosaver:
-    """Writes the latest requested table to a CSV file in a background thread (coalescing requests)."""
+    """Writes the latest requested table to a CSV file in a background thread.
 
-    def __init__(self, path: Path):
+    A write starts once edits pause for ``delay`` seconds (at the latest ``max_delay`` seconds
+    after the first unsaved edit) or when :meth:`flush` asks; requests in between coalesce, so
+    the writer does not compete with a burst of edits for the interpreter.
+    """
+
+    def __init__(self, path: Path, delay: float = 0.3, max_delay: float = 3.0):
         if not path.parent.is_dir():
             raise FileNotFoundError(f"folder of the autosave file {path} does not exist")
         self.path = path
+        self.delay = float(delay)
+        self.max_delay = float(max_delay)
         self._cond = threading.Condition()
         self._pending: VesicleTable | None = None
+        self._first = self._last = 0.0
+        self._force = False
         self._busy = False
         self._closed = False
         self._error: BaseException | None = None
@@ -856,19 +866,37 @@ class _Autosaver:
 
     def request(self, table: VesicleTable) -> None:
         with self._cond:
+            now = time.monotonic()
+            if self._pending is None:
+                self._first = now
+            self._last = now
             self._pending = table
             self._cond.notify_all()
+
+    def _due(self) -> float:
+        """Seconds until the pending write is due (<= 0: now)."""
+        if self._force or self._closed:
+            return 0.0
+        now = time.monotonic()
+        return min(self._last + self.delay, self._first + self.max_delay) - now
 
     def _run(self) -> None:
         from cryoves.io import write_vesicles_csv
 
         while True:
             with self._cond:
-                while self._pending is None and not self._closed:
-                    self._cond.wait()
-                if self._pending is None:
-                    return
+                while True:
+                    if self._pending is None:
+                        if self._closed:
+                            return
+                        self._cond.wait()
+                        continue
+                    wait = self._due()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
                 table, self._pending = self._pending, None
+                self._force = False
                 self._busy = True
             try:
                 write_vesicles_csv(self.path, table, overwrite=True)
@@ -882,6 +910,9 @@ class _Autosaver:
 
     def flush(self, timeout: float | None = None) -> None:
         with self._cond:
+            if self._pending is not None:
+                self._force = True
+                self._cond.notify_all()
             if not self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout):
                 raise TimeoutError(f"autosave of {self.path} did not finish within {timeout} s")
             err, self._error = self._error, None
