@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cryoves.edit import EditEvent, NoMembraneFound, VesicleEditor
+from cryoves.edit import DuplicateVesicle, EditEvent, NoMembraneFound, VesicleEditor
 from cryoves.io import read_vesicles_csv
 from cryoves.table import COLUMNS, VesicleTable, render_labels
 
@@ -101,6 +101,12 @@ def test_add_at_fits_paints_and_gets_next_id(scene):
     outside[box] = False
     assert np.array_equal(ed.labels[outside], render_labels(base, SHAPE)[outside])
     assert ed.add_at(centers[k + 1]) == vid + 1
+    # clicking on a vesicle already there fits it again: refused, nothing changes
+    n = ed.n_edits
+    with pytest.raises(DuplicateVesicle, match="vesicle 3 already") as info:
+        ed.add_at(centers[2] + 1.0)
+    assert info.value.existing_id == 3 and abs(info.value.fit["radius"] - radii[2]) < 1
+    assert ed.n_edits == n
 
 
 def test_add_at_without_membrane_raises_and_changes_nothing(scene, tmp_path):
@@ -290,7 +296,7 @@ def _random_edits(ed: VesicleEditor, centers, rng, n_edits: int) -> None:
             else:
                 lo = rng.uniform(0, np.array(SHAPE) - 1)
                 ed.remove_in_box(lo, lo + rng.uniform(5, 40, 3))
-        except NoMembraneFound:
+        except (NoMembraneFound, DuplicateVesicle):
             pass
 
 

@@ -64,7 +64,7 @@ import numpy as np
 
 from cryoves.table import COLUMNS, VesicleTable, _sphere_bounds, check_voxel_size, render_labels
 
-__all__ = ["VesicleEditor", "EditEvent", "NoMembraneFound", "EDIT_KINDS"]
+__all__ = ["VesicleEditor", "EditEvent", "NoMembraneFound", "DuplicateVesicle", "EDIT_KINDS"]
 
 #: Kinds of edits (``EditEvent.kind`` of an edit; undo and redo events have kind "undo"/"redo").
 EDIT_KINDS = ("add", "remove", "move", "resize", "refit", "review")
@@ -89,6 +89,20 @@ class NoMembraneFound(ValueError):
         super().__init__(message)
         self.point = tuple(float(v) for v in point)
         self.suggested_radius = float(suggested_radius)
+
+
+class DuplicateVesicle(ValueError):
+    """The sphere fitted at a click is a vesicle already in the table (:meth:`VesicleEditor.add_at`).
+
+    Raised when the fitted centre lies within half a radius of the centre of an accepted
+    vesicle. ``existing_id`` is that vesicle; ``fit`` the fitted row (dict), which
+    :meth:`VesicleEditor.add_sphere` can still add on purpose.
+    """
+
+    def __init__(self, message: str, *, existing_id: int, fit: dict):
+        super().__init__(message)
+        self.existing_id = int(existing_id)
+        self.fit = dict(fit)
 
 
 @dataclass(frozen=True)
@@ -121,11 +135,11 @@ class _Step:
     ids: tuple[int, ...]
     before: list           # [(id, row dict or None)] in application order
     after: list            # [(id, row dict or None)]
-    box: tuple | None = None
-    flat: np.ndarray | None = None      # flat indices (into the box) of the voxels that changed
-    old: np.ndarray | None = None       # their old and new label values
-    new: np.ndarray | None = None
-    nbytes: int = field(default=0)
+    box: tuple | None = None            # union of the parts' boxes (for display)
+    # one part per changed sphere: (box, flat indices into the box of the voxels that changed,
+    # their old values, their new values), applied in order (undone in reverse order)
+    parts: list = field(default_factory=list)
+    nbytes: int = 0
 
 
 def _table_digest(table: VesicleTable) -> str:
@@ -348,7 +362,9 @@ class VesicleEditor:
         Without ``radius``, a sphere is fitted (:func:`cryoves.refine.fit_sphere_at`: radial
         profile, centre refined by cross-correlation, detection score checked); if no membrane is
         found, :class:`NoMembraneFound` is raised (with a ``suggested_radius``) and nothing
-        changes. With ``radius`` (voxels), a plain sphere of that radius is added at the point.
+        changes; if the fitted sphere is a vesicle already accepted (centres closer than half the
+        larger radius), :class:`DuplicateVesicle` is raised and nothing changes. With ``radius``
+        (voxels), a plain sphere of that radius is added at the point (no check).
         """
         p = self._check_inside(_as_point(point_zyx, "point_zyx"), "point_zyx")
         if radius is not None:
@@ -366,6 +382,11 @@ class VesicleEditor:
                     f"add a plain sphere instead with add_at(point, radius=...) (suggested radius "
                     f"{r:.1f} voxels = {r * self._voxel_size:.1f} nm)", point=p, suggested_radius=r)
             row = fit.row(new_id)
+            dup = self._duplicate_of(np.array([row["z"], row["y"], row["x"]]), row["radius"])
+            if dup is not None:
+                raise DuplicateVesicle(
+                    f"the vesicle at (z, y, x) = ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) is vesicle {dup} already; "
+                    f"move, resize or refit it instead", existing_id=dup, fit=row)
             row.update(stage="editor", status="accepted", reviewed="",
                        note=f"added in editor ({row['note']})" if row["note"] else "added in editor")
             return self._add_row(row)
@@ -478,7 +499,7 @@ class VesicleEditor:
                 return None
             step = self._undo.pop()
             self._apply_rows(step.after, step.before, reverse=True)
-            self._write_voxels(step, step.old)
+            self._write_voxels(step, undo=True)
             self._redo.append(step)
             self._log_line({"op": "undo"})
             ev = EditEvent("undo", step.ids, step.box, step.kind)
@@ -492,7 +513,7 @@ class VesicleEditor:
                 return None
             step = self._redo.pop()
             self._apply_rows(step.before, step.after)
-            self._write_voxels(step, step.new)
+            self._write_voxels(step, undo=False)
             self._undo.append(step)
             self._log_line({"op": "redo"})
             ev = EditEvent("redo", step.ids, step.box, step.kind)
@@ -694,6 +715,19 @@ class VesicleEditor:
                 out.append(int(i))
         return out
 
+    def _duplicate_of(self, center: np.ndarray, radius: float) -> int | None:
+        """Id of the accepted vesicle whose centre is within half the larger radius of ``center``."""
+        t = self._table
+        acc = t["status"] == "accepted"
+        if not acc.any():
+            return None
+        d = np.linalg.norm(t.centers[acc] - center, axis=1)
+        with np.errstate(invalid="ignore"):
+            hit = d < 0.5 * np.maximum(t.radii[acc], radius)
+        if not hit.any():
+            return None
+        return int(t.ids[acc][np.flatnonzero(hit)[np.argmin(d[hit])]])
+
     def _overlapping(self, acc: np.ndarray) -> np.ndarray:
         """Accepted rows whose sphere overlaps another accepted sphere (centre distance < r1 + r2)."""
         from scipy.spatial import cKDTree
@@ -765,6 +799,7 @@ class VesicleEditor:
                 self._table.update_row(vid, {k: v for k, v in new.items() if k != "id"})
 
     def _sphere_box(self, rows: Iterable[dict | None]):
+        """Bounding box (slices) of the accepted spheres among ``rows``, or None."""
         lo = np.array(self._shape, np.int64)
         hi = np.zeros(3, np.int64)
         any_ = False
@@ -782,26 +817,29 @@ class VesicleEditor:
         return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
     def _render_step(self, step: _Step) -> None:
-        box = self._sphere_box([r for _, r in step.before] + [r for _, r in step.after])
-        step.box = box
-        if box is None:
+        """Re-render the box of each changed sphere (old and new) and record the voxels that changed."""
+        boxes = [self._sphere_box([b, a]) for (_, b), (_, a) in zip(step.before, step.after)]
+        boxes = [b for b in boxes if b is not None]
+        step.box = None
+        if not boxes:
             return
-        new_box = render_labels(self._table, self._shape, region=box, dtype=self._labels.dtype)
-        view = self._labels[box]
-        changed = view != new_box
-        flat = np.flatnonzero(changed)
-        flat = flat.astype(np.int32 if new_box.size < 2 ** 31 else np.int64)
-        step.flat = flat
-        step.old = view[changed]
-        step.new = new_box[changed]
-        step.nbytes = flat.nbytes + step.old.nbytes + step.new.nbytes
-        view[changed] = step.new
+        step.box = tuple(slice(min(b[k].start for b in boxes), max(b[k].stop for b in boxes)) for k in range(3))
+        for box in boxes:
+            new_box = render_labels(self._table, self._shape, region=box, dtype=self._labels.dtype)
+            view = self._labels[box]
+            changed = view != new_box
+            if not changed.any():
+                continue
+            flat = np.flatnonzero(changed).astype(np.int32 if new_box.size < 2 ** 31 else np.int64)
+            old, new = view[changed], new_box[changed]
+            view[changed] = new
+            step.parts.append((box, flat, old, new))
+            step.nbytes += flat.nbytes + old.nbytes + new.nbytes
 
-    def _write_voxels(self, step: _Step, values) -> None:
-        if step.box is None or step.flat is None or len(step.flat) == 0:
-            return
-        view = self._labels[step.box]
-        view[np.unravel_index(step.flat, view.shape)] = values
+    def _write_voxels(self, step: _Step, undo: bool) -> None:
+        for box, flat, old, new in (step.parts[::-1] if undo else step.parts):
+            view = self._labels[box]
+            view[np.unravel_index(flat, view.shape)] = old if undo else new
 
     def _after_change(self, event: EditEvent) -> None:
         if self._replaying:
