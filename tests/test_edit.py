@@ -484,3 +484,17 @@ def test_autosave_follows_edits_without_flush(scene, tmp_path):
         editor(scene).save()
     assert ed.save(tmp_path / "copy.csv") == tmp_path / "copy.csv"
     assert same_table(read_vesicles_csv(tmp_path / "copy.csv"), ed.table)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_edit_not_made_when_the_log_cannot_be_written(scene, tmp_path):
+    with pytest.raises(OSError, match="edit log"):
+        editor(scene, log_path="/dev/full")
+    ed = editor(scene, log_path=tmp_path / "edits.jsonl")
+    ed.remove(1)
+    t, lab = ed.table, ed.labels.copy()
+    ed._log = open("/dev/full", "ab")        # the disk fills up
+    for call in (lambda: ed.remove(2), lambda: ed.add_sphere((30, 30, 30), 5), ed.undo):
+        with pytest.raises(OSError, match="the edit was not made"):
+            call()
+        assert same_table(ed.table, t) and np.array_equal(ed.labels, lab) and ed.n_edits == 1

@@ -497,11 +497,11 @@ class VesicleEditor:
         with self._lock:
             if not self._undo:
                 return None
+            self._log_line({"op": "undo"})        # logged first: a failed write changes nothing
             step = self._undo.pop()
             self._apply_rows(step.after, step.before, reverse=True)
             self._write_voxels(step, undo=True)
             self._redo.append(step)
-            self._log_line({"op": "undo"})
             ev = EditEvent("undo", step.ids, step.box, step.kind)
             self._after_change(ev)
             return ev
@@ -511,11 +511,11 @@ class VesicleEditor:
         with self._lock:
             if not self._redo:
                 return None
+            self._log_line({"op": "redo"})
             step = self._redo.pop()
             self._apply_rows(step.before, step.after)
             self._write_voxels(step, undo=False)
             self._undo.append(step)
-            self._log_line({"op": "redo"})
             ev = EditEvent("redo", step.ids, step.box, step.kind)
             self._after_change(ev)
             return ev
@@ -776,14 +776,14 @@ class VesicleEditor:
         self._commit(kind, before, after, log=True)
 
     def _commit(self, kind: str, before: list, after: list, log: bool) -> None:
+        if log:  # logged first: a failed write changes nothing; a crash right after it is replayed
+            self._log_line({"op": "edit", "kind": kind, "before": [[v, r] for v, r in before],
+                            "after": [[v, r] for v, r in after]})
         self._apply_rows(before, after)
         step = _Step(kind, tuple(vid for vid, _ in after), before, after)
         self._render_step(step)
         self._undo.append(step)
         self._redo.clear()
-        if log:
-            self._log_line({"op": "edit", "kind": kind, "before": [[v, r] for v, r in before],
-                            "after": [[v, r] for v, r in after]})
         self._after_change(EditEvent(kind, step.ids, step.box, kind))
 
     def _apply_rows(self, frm: list, to: list, reverse: bool = False) -> None:
@@ -854,7 +854,7 @@ class VesicleEditor:
 
         if not path.parent.is_dir():
             raise FileNotFoundError(f"folder of the edit log {path} does not exist")
-        self._log = open(path, "a", encoding="utf-8")
+        self._log = open(path, "ab")
         self._log_path = path
         if header:
             self._log_line({"format": _LOG_FORMAT, "version": _LOG_VERSION, "cryoves": __version__,
@@ -866,11 +866,23 @@ class VesicleEditor:
         if self._log is None:
             return
         if count:
+            entry = {"seq": self._seq + 1, **entry}
+        data = (json.dumps(entry, allow_nan=True, separators=(",", ":")) + "\n").encode("utf-8")
+        pos = self._log.tell()
+        try:
+            self._log.write(data)
+            self._log.flush()
+            os.fsync(self._log.fileno())
+        except OSError as err:
+            try:  # do not leave a torn line that later lines would be glued to
+                self._log.truncate(pos)
+                self._log.seek(pos)
+            except OSError:
+                pass
+            raise OSError(f"cannot write the edit log {self._log_path}: {err.strerror or err}; "
+                          f"the edit was not made") from err
+        if count:
             self._seq += 1
-            entry = {"seq": self._seq, **entry}
-        self._log.write(json.dumps(entry, allow_nan=True, separators=(",", ":")) + "\n")
-        self._log.flush()
-        os.fsync(self._log.fileno())
 
     def __repr__(self) -> str:
         n_acc = int(np.sum(self._table["status"] == "accepted"))
