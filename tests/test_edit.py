@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cryoves.edit import DuplicateVesicle, EditEvent, NoMembraneFound, VesicleEditor
+from cryoves.edit import DuplicateVesicle, EditEvent, NoMembraneFound, VesicleEditor, edit_log_info
 from cryoves.io import read_vesicles_csv
 from cryoves.table import COLUMNS, VesicleTable, render_labels
 
@@ -340,6 +340,10 @@ def test_log_and_restore_same_state(scene, tmp_path):
     assert [json.loads(x)["op"] for x in lines[-6:]] == ["undo"] * 5 + ["redo"]
     t1, lab1 = ed.table, ed.labels.copy()
     ed.close()
+    info = edit_log_info(log)
+    assert (info.n_operations, info.n_edits, info.shape, info.base_rows, info.torn_tail) == \
+        (46, ed.n_edits, SHAPE, N_BASE, False)
+    assert ed.n_edits == 36
     with pytest.raises(FileExistsError, match="restore"):
         editor(scene, log_path=log)
     back = VesicleEditor.restore(tomo, VOXEL, log, base, autosave_path=tmp_path / "vesicles.csv")
@@ -369,8 +373,9 @@ def test_restore_drops_a_torn_last_line(scene, tmp_path):
     ed.close()
     with open(log, "a") as fh:
         fh.write('{"seq":3,"op":"edit","kind":"remove","bef')      # killed in the middle of a write
+    assert edit_log_info(log).torn_tail and edit_log_info(log).n_edits == 2
     back = VesicleEditor.restore(tomo, VOXEL, log, base)
-    assert same_table(back.table, state)
+    assert same_table(back.table, state) and not edit_log_info(log).torn_tail
     back.resize(2, 9.0)                                  # appends after the last complete line
     back.close()
     again = VesicleEditor.restore(tomo, VOXEL, log, base)
@@ -378,6 +383,13 @@ def test_restore_drops_a_torn_last_line(scene, tmp_path):
     (tmp_path / "junk.jsonl").write_text("hello\n")
     with pytest.raises(ValueError, match="not valid JSON"):
         VesicleEditor.restore(tomo, VOXEL, tmp_path / "junk.jsonl", base)
+    with pytest.raises(ValueError, match="not a cryoves edit log"):
+        (tmp_path / "other.jsonl").write_text('{"a": 1}\n')
+        edit_log_info(tmp_path / "other.jsonl")
+    lines = log.read_text().splitlines()
+    (tmp_path / "bad.jsonl").write_text(lines[0] + '\n{"seq":1,"op":"edit","kind":"remove"}\n')
+    with pytest.raises(ValueError, match="line 2: malformed"):
+        VesicleEditor.restore(tomo, VOXEL, tmp_path / "bad.jsonl", base)
 
 
 _CHILD = textwrap.dedent("""

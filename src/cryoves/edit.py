@@ -64,7 +64,8 @@ import numpy as np
 
 from cryoves.table import COLUMNS, VesicleTable, _sphere_bounds, check_voxel_size, render_labels
 
-__all__ = ["VesicleEditor", "EditEvent", "NoMembraneFound", "DuplicateVesicle", "EDIT_KINDS"]
+__all__ = ["VesicleEditor", "EditEvent", "NoMembraneFound", "DuplicateVesicle", "EditLogInfo", "edit_log_info",
+           "EDIT_KINDS"]
 
 #: Kinds of edits (``EditEvent.kind`` of an edit; undo and redo events have kind "undo"/"redo").
 EDIT_KINDS = ("add", "remove", "move", "resize", "refit", "review")
@@ -140,6 +141,82 @@ class _Step:
     # their old values, their new values), applied in order (undone in reverse order)
     parts: list = field(default_factory=list)
     nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class EditLogInfo:
+    """Summary of an edit log (:func:`edit_log_info`), e.g. to offer restoring it.
+
+    Attributes
+    ----------
+    path : Path
+    n_operations : int
+        Complete logged lines after the header (edits, undos and redos).
+    n_edits : int
+        Edits in effect after replaying them (what :attr:`VesicleEditor.n_edits` will be).
+    created : str
+        UTC time the log was started (ISO 8601).
+    modified : float
+        Time of the last write (seconds since the epoch).
+    shape : tuple of int
+        Shape of the tomogram it was written for.
+    voxel_size : float
+    base_rows : int
+        Rows of the base table.
+    torn_tail : bool
+        The last line was cut short (a crash while writing); :meth:`VesicleEditor.restore` drops it.
+    """
+
+    path: Path
+    n_operations: int
+    n_edits: int
+    created: str
+    modified: float
+    shape: tuple
+    voxel_size: float
+    base_rows: int
+    torn_tail: bool
+
+
+def _read_log(path: Path) -> tuple[list[dict], int, int]:
+    """Entries of an edit log, the length of its complete part and its total length (bytes)."""
+    raw = path.read_bytes()
+    complete = raw.split(b"\n")[:-1]      # the part after the last newline is incomplete (or empty)
+    good_len = sum(len(x) + 1 for x in complete)
+    entries = []
+    for k, line in enumerate(complete, start=1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            raise ValueError(f"edit log {path}, line {k}: not valid JSON; the log is damaged") from None
+    if not entries or not isinstance(entries[0], dict) or entries[0].get("format") != _LOG_FORMAT:
+        raise ValueError(f"{path} is not a cryoves edit log (no '{_LOG_FORMAT}' header line)")
+    if entries[0].get("version") != _LOG_VERSION:
+        raise ValueError(f"edit log {path} has version {entries[0].get('version')}; this cryoves reads "
+                         f"version {_LOG_VERSION}")
+    return entries, good_len, len(raw)
+
+
+def edit_log_info(path) -> EditLogInfo:
+    """Read the summary of an edit log without replaying it (raises ValueError if it is not one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"edit log {path} does not exist")
+    entries, good_len, total = _read_log(path)
+    head = entries[0]
+    applied, undone = 0, 0
+    for e in entries[1:]:
+        op = e.get("op")
+        if op == "edit":
+            applied, undone = applied + 1, 0
+        elif op == "undo" and applied:
+            applied, undone = applied - 1, undone + 1
+        elif op == "redo" and undone:
+            applied, undone = applied + 1, undone - 1
+    return EditLogInfo(path=path, n_operations=len(entries) - 1, n_edits=applied, created=str(head.get("created", "")),
+                       modified=path.stat().st_mtime, shape=tuple(head.get("shape", ())),
+                       voxel_size=float(head.get("voxel_size", float("nan"))), base_rows=int(head.get("base_rows", 0)),
+                       torn_tail=good_len != total)
 
 
 def _table_digest(table: VesicleTable) -> str:
@@ -638,22 +715,8 @@ class VesicleEditor:
         unknown = set(kw) - {"autosave_path", "normalization", "max_diameter_nm"}
         if unknown:
             raise TypeError(f"restore() got unexpected keyword argument(s) {sorted(unknown)}")
-        raw = log_path.read_bytes()
-        lines = raw.split(b"\n")
-        complete = lines[:-1]          # the part after the last newline is incomplete (or empty)
-        good_len = sum(len(x) + 1 for x in complete)
-        entries = []
-        for k, line in enumerate(complete, start=1):
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                raise ValueError(f"edit log {log_path}, line {k}: not valid JSON; the log is damaged") from None
-        if not entries or entries[0].get("format") != _LOG_FORMAT:
-            raise ValueError(f"{log_path} is not a cryoves edit log (no '{_LOG_FORMAT}' header line)")
+        entries, good_len, total_len = _read_log(log_path)
         head = entries[0]
-        if head.get("version") != _LOG_VERSION:
-            raise ValueError(f"edit log {log_path} has version {head.get('version')}; this cryoves reads "
-                             f"version {_LOG_VERSION}")
         ed = cls(tomogram, base_table, voxel_size, labels, autosave_path=kw.get("autosave_path"),
                  normalization=kw.get("normalization"), max_diameter_nm=kw.get("max_diameter_nm", 50.0))
         if list(head.get("shape", [])) != list(ed._shape):
@@ -664,16 +727,21 @@ class VesicleEditor:
                              f"({head.get('base_rows')} rows); pass the table the edits started from")
         ed._replaying = True
         for k, e in enumerate(entries[1:], start=2):
-            op = e.get("op")
+            op = e.get("op") if isinstance(e, dict) else None
             if op == "edit":
-                before = [(int(i), row) for i, row in e["before"]]
-                after = [(int(i), row) for i, row in e["after"]]
+                try:
+                    before = [(int(i), row) for i, row in e["before"]]
+                    after = [(int(i), row) for i, row in e["after"]]
+                    kind = str(e["kind"])
+                except (KeyError, TypeError, ValueError):
+                    raise ValueError(f"edit log {log_path}, line {k}: malformed edit entry; the log is damaged") \
+                        from None
                 for vid, row in before:
                     cur = ed._table.row(vid) if ed._table.has_id(vid) else None
                     if cur != row and not (cur is not None and row is not None and _rows_equal(cur, row)):
                         raise ValueError(f"edit log {log_path}, line {k}: vesicle {vid} is not as the log "
                                          f"says before this edit; the log does not belong to this table")
-                ed._commit(e["kind"], before, after, log=False)
+                ed._commit(kind, before, after, log=False)
             elif op == "undo":
                 if ed.undo() is None:
                     raise ValueError(f"edit log {log_path}, line {k}: undo with nothing to undo")
@@ -684,7 +752,7 @@ class VesicleEditor:
                 raise ValueError(f"edit log {log_path}, line {k}: unknown operation {op!r}")
         ed._replaying = False
         ed._seq = len(entries) - 1
-        if good_len != len(raw):
+        if good_len != total_len:
             with open(log_path, "r+b") as fh:   # drop the incomplete last line, so appends stay valid
                 fh.truncate(good_len)
                 fh.flush()
