@@ -36,6 +36,9 @@ Nothing is lost
     :meth:`~VesicleEditor.flush_autosave`, :meth:`~VesicleEditor.save` and
     :meth:`~VesicleEditor.close` wait for it. The edit log, written before the call returns,
     is the record that survives a crash; the autosaved CSV may be a few edits behind it.
+    The log line is written before the edit is applied: if it cannot be written (disk full),
+    the call raises OSError and nothing changes. :func:`edit_log_info` summarises a log
+    (operations, edits in effect, when) without replaying it, e.g. to offer a restore.
 
 Review queue
     :meth:`~VesicleEditor.review_queue` lists the vesicles worst first: accepted vesicles with a
@@ -44,7 +47,14 @@ Review queue
     :meth:`~VesicleEditor.set_reviewed` records the verdict in the ``reviewed`` column (exported
     with the table); :attr:`~VesicleEditor.review_progress` reads ``"37 / 212 reviewed"``.
 
-Coordinates are voxels (z, y, x) of the tomogram, radii in voxels, as in the table.
+Clicks
+    :meth:`~VesicleEditor.add_at` raises :class:`NoMembraneFound` (a ValueError with a
+    ``suggested_radius`` for a plain sphere) when no membrane is found, and
+    :class:`DuplicateVesicle` when the fit lands on a vesicle already accepted; neither changes
+    anything. :meth:`~VesicleEditor.id_at` is the vesicle under a point (a label lookup).
+
+Coordinates are voxels (z, y, x) of the tomogram, radii in voxels, as in the table. The
+methods take a lock, so a worker thread may edit while another reads.
 """
 
 from __future__ import annotations
@@ -293,19 +303,20 @@ class VesicleEditor:
 
     def __init__(self, tomogram, table: VesicleTable, voxel_size, labels=None, *, log_path=None,
                  autosave_path=None, normalization=None, max_diameter_nm: float = 50.0):
-        self._init_state(tomogram, table, voxel_size, labels, normalization, max_diameter_nm)
-        self._autosave_path = None if autosave_path is None else Path(autosave_path)
-        self._autosaver = None if self._autosave_path is None else _Autosaver(self._autosave_path)
-        if self._autosaver is not None:
-            weakref.finalize(self, self._autosaver.stop)
-        self._log_path = None
-        self._log = None
         if log_path is not None:
             log_path = Path(log_path)
             if log_path.exists() and log_path.stat().st_size > 0:
                 raise FileExistsError(f"edit log {log_path} already exists; replay it with "
                                       f"VesicleEditor.restore(...) or delete it to start afresh")
+        self._init_state(tomogram, table, voxel_size, labels, normalization, max_diameter_nm)
+        self._log_path = None
+        self._log = None
+        if log_path is not None:
             self._open_log(log_path, header=True)
+        self._autosave_path = None if autosave_path is None else Path(autosave_path)
+        self._autosaver = None if self._autosave_path is None else _Autosaver(self._autosave_path)
+        if self._autosaver is not None:
+            weakref.finalize(self, self._autosaver.stop)
 
     # ------------------------------------------------------------------ construction
     def _init_state(self, tomogram, table, voxel_size, labels, normalization, max_diameter_nm):
