@@ -129,6 +129,11 @@ def test_add_at_without_membrane_raises_and_changes_nothing(scene, tmp_path):
         ed.add_at((-3, 10, 10))
     with pytest.raises(ValueError, match="positive"):
         ed.add_sphere((10, 10, 10), -2)
+    with pytest.raises(ValueError, match="max_diameter_nm"):
+        ed.add_sphere((10, 10, 10), 2 * 50.0 / VOXEL + 1)     # a runaway radius, not a vesicle
+    with pytest.raises(ValueError, match="max_diameter_nm"):
+        ed.resize(vid, 1000)
+    assert ed.n_edits == 1
 
 
 def test_remove_keeps_row_and_undo_brings_it_back(scene):

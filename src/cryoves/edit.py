@@ -286,7 +286,8 @@ class VesicleEditor:
         Global intensity normalisation for the sphere fits
         (:func:`cryoves.refine.intensity_normalization`, computed here when omitted).
     max_diameter_nm : float
-        Largest expected vesicle diameter for the click fit (:func:`cryoves.refine.fit_sphere_at`).
+        Largest expected vesicle diameter for the click fit (:func:`cryoves.refine.fit_sphere_at`);
+        a sphere added or resized by hand may have a radius up to twice this diameter.
 
     Examples
     --------
@@ -482,7 +483,7 @@ class VesicleEditor:
     def add_sphere(self, center_zyx, radius) -> int:
         """Add a plain sphere (no fit) and return its new id."""
         c = self._check_inside(_as_point(center_zyx, "center_zyx"), "center_zyx")
-        r = _as_radius(radius)
+        r = self._check_radius(radius)
         with self._lock:
             row = {"id": self._table.next_id(), "z": c[0], "y": c[1], "x": c[2], "radius": r,
                    "stage": "editor", "status": "accepted", "note": "added in editor (plain sphere)"}
@@ -524,7 +525,7 @@ class VesicleEditor:
 
     def resize(self, vesicle_id, radius) -> None:
         """Set the radius (voxels) of a vesicle; its centre and measured features are kept."""
-        r = _as_radius(radius)
+        r = self._check_radius(radius)
         with self._lock:
             (vid,) = self._check_ids(vesicle_id)
             self._edit("resize", {vid: {"radius": r, "stage": "editor", "note": "resized in editor"}})
@@ -778,6 +779,15 @@ class VesicleEditor:
         if np.any(p < -0.5) or np.any(p > np.array(self._shape) - 0.5):
             raise ValueError(f"{name} {tuple(float(v) for v in p)} lies outside the tomogram of shape {self._shape}")
         return p
+
+    def _check_radius(self, radius) -> float:
+        r = _as_radius(radius)
+        r_max = 2.0 * self._max_diameter_nm / self._voxel_size
+        if r > r_max:
+            raise ValueError(f"radius {r:g} voxels ({r * self._voxel_size:g} nm) is more than twice the largest "
+                             f"expected vesicle diameter (max_diameter_nm={self._max_diameter_nm:g}); "
+                             f"create the editor with a larger max_diameter_nm for such vesicles")
+        return r
 
     def _check_ids(self, ids) -> list[int]:
         if isinstance(ids, (int, np.integer)) and not isinstance(ids, (bool, np.bool_)):
