@@ -233,14 +233,21 @@ def test_refit_without_membrane_raises(scene):
     assert ed.n_edits == 1 and ed.row(vid)["radius"] == 8.0
 
 
-def test_inputs_not_modified(scene):
+def test_inputs_not_modified(scene, tmp_path):
     tomo, centers, radii, base = scene
     before = base.copy()
-    ed = editor(scene)
+    path = tmp_path / "tomo.f32"
+    tomo.tofile(path)
+    digest = path.read_bytes()
+    mm = np.memmap(path, dtype=np.float32, mode="r", shape=tomo.shape)   # a memory-mapped tomogram
+    ed = VesicleEditor(mm, base, VOXEL)
     ed.remove(1)
-    ed.add_sphere((30, 30, 30), 5)
+    vid = ed.add_at(centers[N_BASE])
+    ed.refit(vid)
     ed.set_reviewed(2, "rejected")
     assert same_table(base, before)
+    del mm
+    assert path.read_bytes() == digest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +368,14 @@ def test_log_and_restore_same_state(scene, tmp_path):
     # ... and these undos were appended to the same log
     again = VesicleEditor.restore(tomo, VOXEL, log, base)
     assert same_table(again.table, base) and again.n_edits == 0 and again.can_redo
+    # the base table may come back from its CSV file, where a NaN is a NaN whatever its bits
+    from cryoves.io import write_vesicles_csv
+    from_csv = read_vesicles_csv(write_vesicles_csv(tmp_path / "base.csv", base))
+    assert same_table(VesicleEditor.restore(tomo, VOXEL, log, from_csv).table, base)
+    neg_nan = base.copy()
+    neg_nan["thickness"] = -neg_nan["thickness"]          # -nan: a NaN with the sign bit set
+    assert neg_nan["thickness"].tobytes() != base["thickness"].tobytes()
+    assert VesicleEditor.restore(tomo, VOXEL, log, neg_nan).table == base
     # a different base table is refused
     other = base.copy()
     other["radius"] = other.radii + 0.5

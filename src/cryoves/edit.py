@@ -239,7 +239,10 @@ def _table_digest(table: VesicleTable) -> str:
         if dtype is object:
             h.update("\x1f".join(col.tolist()).encode("utf-8", "surrogatepass"))
         else:
-            h.update(np.ascontiguousarray(col, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+            col = np.array(col, dtype=np.dtype(dtype).newbyteorder("<"))
+            if col.dtype.kind == "f":
+                col[np.isnan(col)] = np.nan       # one NaN bit pattern (a CSV round trip gives that one)
+            h.update(col.tobytes())
     return h.hexdigest()
 
 
