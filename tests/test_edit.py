@@ -512,6 +512,11 @@ def test_autosave_follows_edits_without_flush(scene, tmp_path):
     ed.resize(6, 5.5)
     ed.close()                                              # close() writes what is pending
     assert read_vesicles_csv(csv).row(6)["radius"] == 5.5
+    for call in (lambda: ed.remove(7), lambda: ed.add_sphere((30, 30, 30), 5), ed.undo, ed.redo):
+        with pytest.raises(RuntimeError, match="closed"):      # an edit that would be neither logged nor saved
+            call()
+    assert ed.row(7)["status"] == "accepted" and ed.n_edits == 3
+    ed.close()
     with pytest.raises(ValueError, match="needs a path"):
         editor(scene).save()
     assert ed.save(tmp_path / "copy.csv") == tmp_path / "copy.csv"

@@ -371,6 +371,7 @@ class VesicleEditor:
         self._lock = threading.RLock()
         self._seq = 0
         self._replaying = False
+        self._closed = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -587,6 +588,7 @@ class VesicleEditor:
     def undo(self) -> EditEvent | None:
         """Undo the last edit (exactly); returns its event, or None when there is nothing to undo."""
         with self._lock:
+            self._check_open()
             if not self._undo:
                 return None
             self._log_line({"op": "undo"})        # logged first: a failed write changes nothing
@@ -601,6 +603,7 @@ class VesicleEditor:
     def redo(self) -> EditEvent | None:
         """Redo the last undone edit (exactly); returns its event, or None when there is nothing to redo."""
         with self._lock:
+            self._check_open()
             if not self._redo:
                 return None
             self._log_line({"op": "redo"})
@@ -698,8 +701,9 @@ class VesicleEditor:
             return write_vesicles_csv(path, self._table, overwrite=True)
 
     def close(self) -> None:
-        """Finish the autosave and close the edit log (later edits are neither logged nor autosaved)."""
+        """Finish the autosave and close the edit log; later edits, undo and redo raise RuntimeError."""
         with self._lock:
+            self._closed = True
             if self._log is not None:
                 self._log.close()
                 self._log = None
@@ -844,8 +848,14 @@ class VesicleEditor:
         self._edit("add", {vid: row}, new=True)
         return vid
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this VesicleEditor is closed (its edit log and autosave are finished); "
+                               "restore the log into a new editor to edit again")
+
     def _edit(self, kind: str, changes: dict, new: bool = False) -> None:
         """Build before/after rows of an edit and commit it."""
+        self._check_open()
         before, after = [], []
         for vid, values in changes.items():
             if new:
