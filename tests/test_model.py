@@ -345,6 +345,36 @@ def test_reference_weights_transferred_exactly():
     assert again.card.name == "cryovesnet-reference"
 
 
+@pytest.mark.reference
+@needs_reference
+def test_reference_file_of_another_architecture_is_one_line(tmp_path):
+    """A Keras 2 model file whose network differs from the CryoVesNet U-Net: one clear line."""
+    import shutil
+
+    import h5py
+
+    other = tmp_path / "other_net.h5"
+    shutil.copyfile(REFERENCE, other)  # a temporary copy, edited; the original is only read
+    with h5py.File(other, "r+") as fh:
+        config = json.loads(fh.attrs["model_config"])
+        convs = [lyr for lyr in config["config"]["layers"] if lyr["class_name"] == "Conv3D"]
+        convs[0]["config"]["filters"] = 24  # first level: 24 filters, the file holds 16
+        fh.attrs["model_config"] = json.dumps(config)
+    with pytest.raises(ValueError) as err:
+        load_model(other)
+    msg = str(err.value)
+    assert "\n" not in msg and "other_net.h5" in msg and "do not fit" in msg, msg
+    assert "(3, 3, 3, 1, 16)" in msg and "(3, 3, 3, 1, 24)" in msg, msg
+    with h5py.File(other, "r+") as fh:
+        config["config"]["layers"] = [lyr for lyr in config["config"]["layers"]
+                                      if lyr["class_name"] != "Conv3D"]
+        fh.attrs["model_config"] = json.dumps(config)
+    for call in (load_model, describe_weights):
+        with pytest.raises(ValueError, match="other_net.h5: cannot read a CryoVesNet U-Net") as err:
+            call(other)
+        assert "\n" not in str(err.value)
+
+
 def _shell_tomogram(shape=(48, 96, 96), seed=0):
     """Dark-bilayer vesicle shells with a bright fringe in noise (2.2 nm voxels)."""
     rng = np.random.default_rng(seed)

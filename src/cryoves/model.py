@@ -752,6 +752,9 @@ def resolve_weights(path: Optional[PathLike] = None) -> Path:
         sibling = path.parent / (path.name[:-5] + _WEIGHTS_SUFFIX)
         if sibling.is_file():
             return sibling.resolve()
+        if path.is_file():
+            raise FileNotFoundError(
+                f"weights file {str(sibling)!r} of the model card {path.name} not found")
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} not found")
     return path.resolve()
