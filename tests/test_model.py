@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cryoves.model import (ModelCard, UNetModel, build_unet, default_weights_path, load_model,
-                           load_reference_weights, new_model, receptive_field)
+from cryoves.model import (ModelCard, UNetModel, build_unet, default_weights_path,
+                           describe_weights, get_model, load_model, load_reference_weights,
+                           new_model, receptive_field, resolve_weights)
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get(
@@ -54,6 +55,42 @@ def test_card_missing_keys_and_bad_values():
         _card(architecture={"n_levels": 3})
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelCard.from_json("{not json")
+
+
+def test_card_preprocessing_field_and_backward_compatibility():
+    # a card written before 'smooth_sigma' existed loads and means "no smoothing"
+    old = json.loads(_card().to_json())
+    del old["smooth_sigma"]
+    card = ModelCard.from_dict(old)
+    assert card.smooth_sigma == 0.0 and "ignored" not in card.notes
+    assert card.preprocessing == {"smooth_sigma": 0.0, "invert": False,
+                                  "normalization": {"method": "percentile", "p_low": 1.0,
+                                                    "p_high": 99.8}}
+    smoothed = card.with_preprocessing(smooth_sigma=1, normalization={"method": "zscore"})
+    assert smoothed.smooth_sigma == 1.0 and isinstance(smoothed.smooth_sigma, float)
+    assert smoothed.normalization == {"method": "zscore"}
+    assert card.smooth_sigma == 0.0 and card.normalization["method"] == "percentile"
+    back = ModelCard.from_json(smoothed.to_json())
+    assert back == smoothed and json.loads(smoothed.to_json())["smooth_sigma"] == 1.0
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sigma'\]; allowed"):
+        card.with_preprocessing(sigma=1.0)
+    for bad in (-0.5, float("nan"), "one", True, 11):
+        with pytest.raises(ValueError, match="smooth_sigma"):
+            card.with_preprocessing(smooth_sigma=bad)
+    with pytest.raises(ValueError, match="invert"):
+        card.with_preprocessing(invert="false")
+    with pytest.raises(ValueError, match="normalization method"):
+        card.with_preprocessing(normalization={"method": "minmax"})
+
+
+def test_card_written_with_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        w = new_model(seed=6, n_filter_base=4).save(tmp_path / "perm")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "perm.json").stat().st_mode & 0o777 == 0o644
+    assert w.stat().st_mode & 0o777 == 0o644
 
 
 def test_card_file(tmp_path):
@@ -143,8 +180,15 @@ def test_load_errors(tmp_path):
         load_model(tmp_path / "nothing.weights.h5")
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not an hdf5 file")
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="bad.h5 is not a valid HDF5 weights file"):
         load_model(bad)
+    # a valid HDF5 file that is neither cryoves nor reference weights
+    import h5py
+
+    with h5py.File(tmp_path / "other.h5", "w") as fh:
+        fh["data"] = np.zeros(3)
+    with pytest.raises(ValueError, match="neither"):
+        load_model(tmp_path / "other.h5")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no NAME.weights.h5"):
@@ -154,8 +198,35 @@ def test_load_errors(tmp_path):
     card = json.loads((tmp_path / "x.json").read_text())
     card["architecture"]["n_filter_base"] = 8
     (tmp_path / "x.json").write_text(json.dumps(card))
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="do not fit") as err:
         load_model(tmp_path / "x.weights.h5")
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 400, msg  # one line, not Keras' long report
+    assert "x.weights.h5" in msg and "x.json" in msg and "n_filter_base=8" in msg
+    assert "(3, 3, 3, 1, 4)" in msg and "(3, 3, 3, 1, 8)" in msg  # what differs
+    # another depth: the numbers of layers differ
+    card["architecture"].update(n_filter_base=4, n_depth=1)
+    (tmp_path / "x.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"the file has 11 conv3d layer\(s\) with weights, "
+                                         r"the card's network 7"):
+        load_model(tmp_path / "x.weights.h5")
+
+
+@pytest.mark.parametrize("damage", ["text", "truncated", "empty"])
+def test_damaged_weights_file_is_named(tmp_path, damage):
+    """A non-HDF5 or truncated NAME.weights.h5 (with its card) is reported as such."""
+    model = new_model(seed=3, n_filter_base=4)
+    w = model.save(tmp_path / "m")
+    data = w.read_bytes()
+    if damage == "text":
+        w.write_text("this is not HDF5\n")
+    elif damage == "truncated":
+        w.write_bytes(data[: len(data) // 2])
+    else:
+        w.write_bytes(b"")
+    for call in (load_model, describe_weights, get_model):
+        with pytest.raises(ValueError, match=r"m\.weights\.h5 is not a valid HDF5 weights file"):
+            call(w)
 
 
 def test_default_weights(tmp_path, monkeypatch):
@@ -170,6 +241,66 @@ def test_default_weights(tmp_path, monkeypatch):
     assert load_model().card.name == "shipped"
 
 
+# ------------------------------------------------------------------------- resolver, cache
+def test_describe_weights_without_tensorflow(tmp_path):
+    import subprocess
+    import sys
+
+    model = new_model(name="tiny", seed=7, n_filter_base=4, voxel_size_nm=1.7)
+    model.card = model.card.with_preprocessing(smooth_sigma=0.5)
+    w = model.save(tmp_path / "tiny")
+    for target in (w, tmp_path, tmp_path / "tiny.json"):
+        d = describe_weights(target)
+        assert d["name"] == "tiny" and d["kind"] == "cryoves" and d["is_reference"] is False
+        assert d["path"] == str(w.resolve()) and d["card_path"] == str(tmp_path / "tiny.json")
+        assert d["voxel_size_nm"] == 1.7
+        assert d["preprocessing"]["smooth_sigma"] == 0.5
+        assert d["n_params"] == model.count_params()
+        assert "1.7 nm" in d["summary"] and "sigma 0.5" in d["summary"]
+    assert resolve_weights(tmp_path) == w.resolve()
+    # the default weights, described in a fresh interpreter that never imports TensorFlow
+    code = ("import sys, json; from cryoves.model import describe_weights; "
+            "d = describe_weights(); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]; "
+            "print(json.dumps([d['name'], d['n_params'], d['voxel_size_nm'], bad]))")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    name, n_params, vs, imported = json.loads(out.strip().splitlines()[-1])
+    assert name == "cryoves_default" and n_params == 250641 and vs == 2.2
+    assert imported == []
+    with pytest.raises(FileNotFoundError):
+        describe_weights(tmp_path / "missing.weights.h5")
+
+
+def test_get_model_caches_by_path_and_mtime(tmp_path):
+    import threading
+
+    w = new_model(name="cached", seed=8, n_filter_base=4).save(tmp_path / "c")
+    first = get_model(w)
+    assert get_model(str(w)) is first and get_model(tmp_path / "c.json") is first
+    assert get_model(tmp_path) is first
+    # concurrent callers share one model
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(get_model(w))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(m is first for m in got)
+    # editing the card on disk reloads the model with the new card
+    card = json.loads((tmp_path / "c.json").read_text())
+    card["smooth_sigma"] = 1.5
+    (tmp_path / "c.json").write_text(json.dumps(card))
+    st = (tmp_path / "c.json").stat()
+    os.utime(tmp_path / "c.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    second = get_model(w)
+    assert second is not first and second.card.smooth_sigma == 1.5
+    assert get_model(w) is second
+    # load_model always builds a private copy
+    assert load_model(w) is not second
+
+
 # ------------------------------------------------------------------------- reference
 @pytest.mark.reference
 @needs_reference
@@ -181,7 +312,14 @@ def test_reference_weights_transferred_exactly():
     assert arch["n_depth"] == 2 and arch["n_filter_base"] == 16 and arch["dropout"] == 0.2
     assert model.card.voxel_size_nm == 2.2
     assert model.card.normalization == {"method": "zscore"}
+    assert model.card.smooth_sigma == 1.0  # the reference inference smooths (sigma 1 voxel)
     assert model.card.invert is False
+    d = describe_weights(REFERENCE)
+    assert d["is_reference"] and d["kind"] == "reference" and d["card_path"] is None
+    assert d["n_params"] == 250641 and d["voxel_size_nm"] == 2.2
+    assert d["preprocessing"] == {"smooth_sigma": 1.0, "normalization": {"method": "zscore"},
+                                  "invert": False}
+    assert get_model(REFERENCE) is get_model(REFERENCE.parent)
     assert "GPL-3.0" in model.card.source
     assert model.count_params() == 250641
     with h5py.File(REFERENCE, "r") as fh:
@@ -237,12 +375,15 @@ def test_reference_weights_give_sensible_probabilities():
     except ImportError:  # pragma: no cover - simulator not available
         tomo, labels = _shell_tomogram()
     model = load_reference_weights(REFERENCE)
-    prob = predict_probability(tomo, 2.2, model)
+    prob = predict_probability(tomo, 2.2, model)  # with its own preprocessing (sigma 1)
     inside = labels > 0
     assert inside.sum() > 1000
     p_in, p_out = prob[inside].mean(), prob[~inside].mean()
     assert p_in > 0.7, p_in
     assert p_in > 3 * p_out, (p_in, p_out)
+    # the per-call override really changes the input the network sees
+    raw = predict_probability(tomo, 2.2, model, preprocessing={"smooth_sigma": 0})
+    assert np.abs(raw - prob).mean() > 0.01
 
 
 def test_inference_model_follows_weight_changes():

@@ -7,8 +7,9 @@ import pytest
 from scipy import ndimage
 
 from cryoves import Cancelled
-from cryoves.model import new_model
-from cryoves.predict import normalize, plan_tiles, predict_probability, resample
+from cryoves.model import get_model, new_model
+from cryoves.predict import normalize, plan_tiles, predict_probability, preprocess, resample
+from cryoves.table import check_voxel_size
 
 
 def _convs(model):
@@ -188,6 +189,79 @@ def test_normalize():
     assert np.all(const == 0)
 
 
+# ------------------------------------------------------------------------- preprocessing
+def test_preprocess_smooths_before_normalising():
+    rng = np.random.default_rng(9)
+    vol = (rng.normal(5.0, 2.0, size=(30, 40, 50))).astype(np.float32)
+    before = vol.copy()
+    z = {"method": "zscore"}
+    plain = preprocess(vol, {"normalization": z})
+    np.testing.assert_allclose(plain, normalize(vol, z), atol=1e-6)
+    smooth = preprocess(vol, {"normalization": z, "smooth_sigma": 1.0})
+    # z-scored after smoothing (as the reference): unit std again, and the same as doing it by hand
+    assert abs(smooth.std() - 1) < 0.05
+    by_hand = normalize(ndimage.gaussian_filter(vol, 1.0, mode="nearest"), z)
+    np.testing.assert_allclose(smooth, by_hand, atol=1e-5)
+    # smoothing removes the white noise: neighbours become correlated
+    corr = np.corrcoef(smooth[:, :, :-1].ravel(), smooth[:, :, 1:].ravel())[0, 1]
+    assert corr > 0.5 and abs(np.corrcoef(plain[:, :, :-1].ravel(), plain[:, :, 1:].ravel())[0, 1]) < 0.1
+    inv = preprocess(vol, {"normalization": z, "smooth_sigma": 1.0, "invert": True})
+    np.testing.assert_allclose(inv, -smooth, atol=1e-5)
+    np.testing.assert_array_equal(vol, before)  # input untouched
+    with pytest.raises(ValueError, match="normalization"):
+        preprocess(vol, {"smooth_sigma": 1.0})
+
+
+def _net(x):
+    """What the pass-through U-Net computes from its (preprocessed) input."""
+    return 1.0 / (1.0 + np.exp(-(10.0 * np.maximum(x, 0.0) - 5.0)))
+
+
+def test_predict_applies_card_smoothing_on_the_model_grid():
+    """prob = net(preprocess(resample(tomo))), resampled back, for a pointwise net."""
+    rng = np.random.default_rng(10)
+    tomo = ndimage.gaussian_filter(rng.normal(size=(24, 40, 36)), 0.7).astype(np.float32)
+    tomo += rng.normal(0, 0.3, tomo.shape).astype(np.float32)
+    before = tomo.copy()
+    model = _passthrough_model(2.0)  # model grid: 2 nm; the tomogram has 1 nm voxels
+    model.card = model.card.with_preprocessing(smooth_sigma=1.0)
+    prob = predict_probability(tomo, 1.0, model)
+    np.testing.assert_array_equal(tomo, before)
+    model_shape = (12, 20, 18)
+    x = preprocess(resample(tomo, model_shape), model.card.preprocessing)
+    expected = np.clip(resample(_net(x).astype(np.float32), tomo.shape,
+                                anti_alias=False), 0, 1)
+    np.testing.assert_allclose(prob, expected, atol=2e-5)
+    # sigma is in voxels of the model grid: smoothing on the input grid gives another map
+    wrong = preprocess(resample(ndimage.gaussian_filter(tomo, 1.0, mode="nearest"), model_shape),
+                       {**model.card.preprocessing, "smooth_sigma": 0.0})
+    assert np.abs(_net(wrong) - _net(x)).max() > 0.05
+    # a per-call override replaces the card's value, and leaves the model unchanged
+    raw = predict_probability(tomo, 1.0, model, preprocessing={"smooth_sigma": 0})
+    x0 = preprocess(resample(tomo, model_shape), {**model.card.preprocessing, "smooth_sigma": 0})
+    np.testing.assert_allclose(raw, np.clip(resample(_net(x0).astype(np.float32),
+                                                     tomo.shape, anti_alias=False), 0, 1),
+                               atol=2e-5)
+    assert np.abs(raw - prob).max() > 0.05 and model.card.smooth_sigma == 1.0
+    z = predict_probability(tomo, 1.0, model, preprocessing={"normalization": {"method": "zscore"},
+                                                              "invert": True})
+    xz = preprocess(resample(tomo, model_shape), {"smooth_sigma": 1.0, "invert": True,
+                                                  "normalization": {"method": "zscore"}})
+    np.testing.assert_allclose(z, np.clip(resample(_net(xz).astype(np.float32),
+                                                   tomo.shape, anti_alias=False), 0, 1), atol=2e-5)
+
+
+def test_preprocessing_override_errors(shallow_model):
+    tomo = np.zeros((8, 8, 8), np.float32)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sigma'\]; allowed: "
+                                         r"\['smooth_sigma', 'normalization', 'invert'\]"):
+        predict_probability(tomo, 1.0, shallow_model, preprocessing={"sigma": 1})
+    with pytest.raises(ValueError, match="smooth_sigma"):
+        predict_probability(tomo, 1.0, shallow_model, preprocessing={"smooth_sigma": -1})
+    with pytest.raises(TypeError, match="preprocessing must be a dict"):
+        predict_probability(tomo, 1.0, shallow_model, preprocessing=1.0)
+
+
 # ------------------------------------------------------------------------- TTA, cancel
 def test_tta(random_model):
     rng = np.random.default_rng(6)
@@ -233,11 +307,12 @@ def test_bad_inputs(random_model):
     nan[0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="2 NaN and 1 infinite"):
         predict_probability(nan, 1.0, random_model)
-    for vs in (0, -1.0, np.nan, np.inf):
-        with pytest.raises(ValueError, match="voxel_size"):
+    for vs in (0, -1.0, np.nan, np.inf, "abc", None):  # the one validator's own messages
+        with pytest.raises((TypeError, ValueError)) as expected:
+            check_voxel_size(vs)
+        with pytest.raises(type(expected.value)) as got:
             predict_probability(good, vs, random_model)
-    with pytest.raises(TypeError, match="voxel_size"):
-        predict_probability(good, "abc", random_model)
+        assert str(got.value) == str(expected.value) and "voxel_size" in str(got.value)
     with pytest.raises(TypeError, match="real numbers"):
         predict_probability(good.astype(np.complex64), 1.0, random_model)
     with pytest.raises(ValueError, match="empty"):
@@ -258,3 +333,28 @@ def test_model_by_path_and_bad_model(tmp_path, shallow_model):
         predict_probability(tomo, 1.0, 42)
     with pytest.raises(FileNotFoundError):
         predict_probability(tomo, 1.0, tmp_path / "missing.weights.h5")
+
+
+def test_model_path_uses_the_shared_cache(tmp_path, shallow_model):
+    """A path goes through cryoves.model.get_model: edits of the card on disk take effect."""
+    import json
+    import os
+
+    import cryoves.predict as predict
+
+    assert not hasattr(predict, "_MODEL_CACHE")  # one cache: cryoves.model.get_model
+    w = shallow_model.save(tmp_path / "cache")
+    tomo = np.random.default_rng(11).normal(size=(12, 20, 16)).astype(np.float32)
+    a = predict_probability(tomo, 1.0, w)
+    cached = get_model(w)
+    card = json.loads((tmp_path / "cache.json").read_text())
+    card["smooth_sigma"] = 1.0
+    (tmp_path / "cache.json").write_text(json.dumps(card))
+    st = (tmp_path / "cache.json").stat()
+    os.utime(tmp_path / "cache.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    b = predict_probability(tomo, 1.0, w)
+    assert get_model(w) is not cached and get_model(w).card.smooth_sigma == 1.0
+    np.testing.assert_allclose(
+        b, predict_probability(tomo, 1.0, shallow_model, preprocessing={"smooth_sigma": 1.0}),
+        atol=1e-6)
+    assert np.abs(a - b).max() > 1e-3

@@ -11,11 +11,16 @@ Weights are stored in our format as two files side by side::
 
     NAME.weights.h5   Keras 3 weights (``keras.Model.save_weights``)
     NAME.json         the model card (:class:`ModelCard`): architecture, training voxel size,
-                      normalisation, contrast, provenance, metrics
+                      preprocessing (smoothing, normalisation, contrast), provenance, metrics
 
 The reference CryoVesNet weights (a Keras 2.9 full model saved as HDF5) are read by
 :func:`load_reference_weights`, which rebuilds the identical architecture and copies every
 weight layer by layer; :func:`load_model` recognises such a file by itself.
+
+One resolver finds the weights a path (or ``None``, the default) stands for
+(:func:`resolve_weights`); :func:`describe_weights` reports what they are without building the
+network (no TensorFlow import); :func:`get_model` loads them once and caches the model for
+every caller (thread-safe).
 
 TensorFlow/Keras are imported lazily through :mod:`cryoves._tf`.
 """
@@ -27,8 +32,12 @@ import hashlib
 import datetime as _dt
 import json
 import os
+import re
+import secrets
 import tempfile
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -42,6 +51,10 @@ __all__ = [
     "load_model",
     "load_reference_weights",
     "default_weights_path",
+    "resolve_weights",
+    "describe_weights",
+    "get_model",
+    "PREPROCESSING_KEYS",
     "receptive_field",
     "new_model",
     "REFERENCE_LICENSE",
@@ -63,6 +76,10 @@ _ARCH_DEFAULTS = {
 }
 _NORM_METHODS = ("percentile", "zscore")
 _WEIGHTS_SUFFIX = ".weights.h5"
+#: The card fields that say how a tomogram is prepared for the network (after resampling to
+#: ``voxel_size_nm``); :meth:`ModelCard.with_preprocessing` and the ``preprocessing=``
+#: argument of :func:`cryoves.predict.predict_probability` override them.
+PREPROCESSING_KEYS = ("smooth_sigma", "normalization", "invert")
 
 
 # --------------------------------------------------------------------------------------
@@ -92,6 +109,10 @@ class ModelCard:
     invert : bool
         True if the training data had inverted contrast (membranes bright); the tomogram
         is then negated before normalisation. cryoves tomograms have dark membranes.
+    smooth_sigma : float
+        Gaussian smoothing applied after resampling and before normalisation, sigma in
+        voxels of ``voxel_size_nm`` (0 = none). The reference CryoVesNet inference uses 1.
+        Cards written before this field existed load with 0 (their behaviour is unchanged).
     training_data : str
         Description of the training data.
     metrics : dict
@@ -113,6 +134,7 @@ class ModelCard:
     voxel_size_nm: float
     normalization: dict
     invert: bool = False
+    smooth_sigma: float = 0.0
     training_data: str = ""
     metrics: dict = field(default_factory=dict)
     created: str = ""
@@ -162,29 +184,48 @@ class ModelCard:
         if not np.isfinite(self.voxel_size_nm) or self.voxel_size_nm <= 0:
             raise ValueError(
                 f"model card: 'voxel_size_nm' must be > 0 nm, got {self.voxel_size_nm}")
-        norm = self.normalization
-        if not isinstance(norm, dict) or "method" not in norm:
-            raise ValueError(
-                "model card: 'normalization' must be a dict with a 'method' "
-                f"({' or '.join(_NORM_METHODS)})")
-        if norm["method"] not in _NORM_METHODS:
-            raise ValueError(
-                f"model card: unknown normalization method {norm['method']!r}; "
-                f"use one of {_NORM_METHODS}")
-        norm = dict(norm)
-        if norm["method"] == "percentile":
-            for key in ("p_low", "p_high"):
-                if key not in norm:
-                    raise ValueError(f"model card: percentile normalization needs {key!r}")
-                norm[key] = float(norm[key])  # never int: 99.8 must stay 99.8
-            if not 0.0 <= norm["p_low"] < norm["p_high"] <= 100.0:
-                raise ValueError(
-                    "model card: need 0 <= p_low < p_high <= 100, got "
-                    f"{norm['p_low']}, {norm['p_high']}")
-        self.normalization = norm
-        self.invert = bool(self.invert)
+        self.normalization = _check_normalization(self.normalization)
+        self.invert = _check_invert(self.invert)
+        self.smooth_sigma = _check_smooth_sigma(self.smooth_sigma)
         if not isinstance(self.metrics, dict):
             raise ValueError("model card: 'metrics' must be a dict")
+
+    # ------------------------------------------------------------------ preprocessing
+    @property
+    def preprocessing(self) -> dict:
+        """How a tomogram is prepared after resampling to ``voxel_size_nm``.
+
+        ``{"smooth_sigma": float, "normalization": dict, "invert": bool}`` (a copy), applied by
+        :func:`cryoves.predict.preprocess` in the order invert, smooth, normalise.
+        """
+        return {"smooth_sigma": self.smooth_sigma, "normalization": dict(self.normalization),
+                "invert": self.invert}
+
+    def with_preprocessing(self, **changes: Any) -> "ModelCard":
+        """A copy of the card with some preprocessing fields replaced.
+
+        Parameters
+        ----------
+        **changes
+            Any of :data:`PREPROCESSING_KEYS`: ``smooth_sigma`` (voxels at
+            ``voxel_size_nm``), ``normalization`` (dict, as the card field), ``invert``.
+
+        Returns
+        -------
+        ModelCard
+            A new, validated card (this one is unchanged).
+
+        Examples
+        --------
+        >>> card = ModelCard("m", {}, 2.2, {"method": "zscore"})
+        >>> card.with_preprocessing(smooth_sigma=1).smooth_sigma
+        1.0
+        """
+        unknown = sorted(set(changes) - set(PREPROCESSING_KEYS))
+        if unknown:
+            raise ValueError(
+                f"preprocessing: unknown key(s) {unknown}; allowed: {list(PREPROCESSING_KEYS)}")
+        return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ (de)serialise
     def to_dict(self) -> dict:
@@ -229,6 +270,51 @@ class ModelCard:
         except json.JSONDecodeError as err:
             raise ValueError(f"model card is not valid JSON: {err}") from None
         return cls.from_dict(data)
+
+
+def _check_normalization(norm) -> dict:
+    """Validated copy of a card's ``normalization`` dict (percentiles become floats)."""
+    if not isinstance(norm, dict) or "method" not in norm:
+        raise ValueError(
+            "model card: 'normalization' must be a dict with a 'method' "
+            f"({' or '.join(_NORM_METHODS)})")
+    if norm["method"] not in _NORM_METHODS:
+        raise ValueError(
+            f"model card: unknown normalization method {norm['method']!r}; "
+            f"use one of {_NORM_METHODS}")
+    norm = dict(norm)
+    if norm["method"] == "percentile":
+        for key in ("p_low", "p_high"):
+            if key not in norm:
+                raise ValueError(f"model card: percentile normalization needs {key!r}")
+            norm[key] = float(norm[key])  # never int: 99.8 must stay 99.8
+        if not 0.0 <= norm["p_low"] < norm["p_high"] <= 100.0:
+            raise ValueError(
+                "model card: need 0 <= p_low < p_high <= 100, got "
+                f"{norm['p_low']}, {norm['p_high']}")
+    return norm
+
+
+def _check_invert(value) -> bool:
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer))
+                                               and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"model card: 'invert' must be true or false, got {value!r}")
+
+
+def _check_smooth_sigma(value) -> float:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"model card: 'smooth_sigma' must be a number of voxels, got {value!r}")
+    try:
+        sigma = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"model card: 'smooth_sigma' must be a number of voxels, got {value!r}") from None
+    if not np.isfinite(sigma) or not 0.0 <= sigma <= 10.0:
+        raise ValueError(
+            f"model card: 'smooth_sigma' must be between 0 (no smoothing) and 10 voxels, "
+            f"got {value!r}")
+    return sigma
 
 
 def _today() -> str:
@@ -501,7 +587,21 @@ def _stem(p: Path) -> Path:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``text`` to a temporary file beside ``path`` and move it into place.
+
+    The temporary file is created with mode 0666 filtered by the process umask (0644 under the
+    usual umask 022), as ``open()`` would create ``path`` itself — not with the owner-only
+    0600 of :func:`tempfile.mkstemp`.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+        break
+    else:  # pragma: no cover
+        raise FileExistsError(f"cannot create a temporary file next to {path}")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -583,13 +683,175 @@ def _is_reference_file(path: Path) -> bool:
 
     try:
         with h5py.File(path, "r") as fh:
-            return "model_config" in fh.attrs and "model_weights" in fh
+            return _is_reference_h5(fh)
     except OSError:
         return False
 
 
+def _is_reference_h5(fh) -> bool:
+    return "model_config" in fh.attrs and "model_weights" in fh
+
+
+def _open_h5(path: Path):
+    """Open an HDF5 file for reading; a damaged or non-HDF5 file raises one clear line."""
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        reason = str(err)
+        inner = re.findall(r"\(([^()]*)\)", reason)
+        reason = inner[-1] if inner else reason.splitlines()[0] if reason else type(err).__name__
+        raise ValueError(
+            f"{path} is not a valid HDF5 weights file (truncated, damaged or another format: "
+            f"{reason})") from None
+
+
+def _card_path_of(weights: Path) -> Optional[Path]:
+    if weights.name.endswith(_WEIGHTS_SUFFIX):
+        return weights.parent / (weights.name[: -len(_WEIGHTS_SUFFIX)] + ".json")
+    return None
+
+
+def resolve_weights(path: Optional[PathLike] = None) -> Path:
+    """The weights file that ``path`` stands for: the one resolver of cryoves.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        ``None``: the default weights shipped with cryoves (:func:`default_weights_path`).
+        A ``NAME.weights.h5`` (or its ``NAME.json`` card), a reference CryoVesNet
+        ``weights.h5``, or a folder: its first ``NAME.weights.h5`` with a card, else its first
+        reference weights file.
+
+    Returns
+    -------
+    Path
+        Absolute path of the weights file (symbolic links resolved). Its content is not
+        checked here (:func:`describe_weights` and :func:`load_model` do that).
+
+    Raises
+    ------
+    FileNotFoundError
+        If nothing usable is found.
+    """
+    if path is None:
+        return default_weights_path().resolve()
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = _weights_with_card(path)
+        if found:
+            return found[0].resolve()
+        refs = [p for p in sorted(path.glob("*.h5")) if _is_reference_file(p)]
+        if not refs:
+            raise FileNotFoundError(
+                f"no NAME.weights.h5 with a NAME.json card, and no reference CryoVesNet "
+                f"weights.h5, in folder {str(path)!r}")
+        return refs[0].resolve()
+    if path.suffix == ".json":
+        sibling = path.parent / (path.name[:-5] + _WEIGHTS_SUFFIX)
+        if sibling.is_file():
+            return sibling.resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} not found")
+    return path.resolve()
+
+
+def _weights_kind(path: Path):
+    """``("cryoves", card_path)`` or ``("reference", None)`` for a resolved weights file."""
+    card_path = _card_path_of(path)
+    with _open_h5(path) as fh:  # a damaged file is reported as such, whatever its name
+        is_ref = _is_reference_h5(fh)
+    if card_path is not None and card_path.is_file():
+        return "cryoves", card_path
+    if is_ref:
+        return "reference", None
+    if card_path is not None:
+        raise FileNotFoundError(
+            f"model card {str(card_path)!r} not found next to {path.name}; cryoves weights "
+            "need their NAME.json card (architecture, voxel size, preprocessing)")
+    raise ValueError(
+        f"{str(path)!r} is neither cryoves weights (NAME.weights.h5 + NAME.json) nor a "
+        "reference CryoVesNet Keras model (HDF5 with a model_config attribute)")
+
+
+def _read_card(card_path: Path) -> ModelCard:
+    try:
+        return ModelCard.from_json(card_path)
+    except ValueError as err:
+        raise ValueError(f"{card_path}: {err}") from None
+
+
+def _snake(class_name: str) -> str:
+    """Keras' ``to_snake_case`` (the names its weights files give layers)."""
+    s = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", class_name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", s).lower()
+
+
+def _file_layer_shapes(fh) -> Optional[dict]:
+    """``{layer base name: [[shape of each var], ...] in order}`` of a Keras 3 weights file."""
+    if "layers" not in fh:
+        return None
+    out: dict = {}
+    for name, group in fh["layers"].items():
+        m = re.fullmatch(r"(.*?)(?:_(\d+))?", name)
+        base, idx = m.group(1), int(m.group(2) or 0)
+        vars_ = group.get("vars")
+        shapes = ([tuple(vars_[k].shape) for k in sorted(vars_, key=int)]
+                  if vars_ is not None else [])
+        if shapes:
+            out.setdefault(base, []).append((idx, shapes))
+    return {base: [s for _, s in sorted(v)] for base, v in out.items()}
+
+
+def _layout_difference(fh, keras_model) -> Optional[str]:
+    """What differs between a Keras 3 weights file and ``keras_model`` (None: nothing)."""
+    in_file = _file_layer_shapes(fh)
+    if in_file is None:
+        return "the file has no Keras 3 'layers' group (it was not written by UNetModel.save)"
+    expected: dict = {}
+    names: dict = {}
+    for layer in keras_model.layers:
+        shapes = [tuple(w.shape) for w in layer.weights]
+        if shapes:
+            base = _snake(type(layer).__name__)
+            expected.setdefault(base, []).append(shapes)
+            names.setdefault(base, []).append(layer.name)
+    for base in list(expected) + sorted(set(in_file) - set(expected)):  # network order first
+        got, want = in_file.get(base, []), expected.get(base, [])
+        if len(got) != len(want):
+            return (f"the file has {len(got)} {base} layer(s) with weights, the card's network "
+                    f"{len(want)}")
+        for i, (g, w) in enumerate(zip(got, want)):
+            if g != w:
+                return (f"{base} layer #{i} ({names[base][i]}): weight shapes {g} in the file, "
+                        f"{w} for the card's architecture")
+    return None
+
+
+def _count_file_params(fh) -> Optional[int]:
+    """Number of network weights stored in a cryoves or reference weights file."""
+    import h5py
+
+    group = fh["layers"] if "layers" in fh else fh["model_weights"] if "model_weights" in fh \
+        else None
+    if group is None:
+        return None
+    total = 0
+
+    def add(_name, obj):
+        nonlocal total
+        if isinstance(obj, h5py.Dataset):
+            total += int(obj.size)
+
+    group.visititems(add)
+    return total
+
+
 def load_model(path: Optional[PathLike] = None) -> UNetModel:
     """Load a U-Net with its model card.
+
+    Each call builds a new network; :func:`get_model` returns a cached one.
 
     Parameters
     ----------
@@ -598,7 +860,7 @@ def load_model(path: Optional[PathLike] = None) -> UNetModel:
         A ``NAME.weights.h5`` file written by :meth:`UNetModel.save` (its ``NAME.json`` card
         must lie next to it), a folder holding one, or a reference CryoVesNet weights file
         (Keras 2 full model in HDF5, recognised by its ``model_config`` attribute; see
-        :func:`load_reference_weights`).
+        :func:`load_reference_weights`). Resolved by :func:`resolve_weights`.
 
     Returns
     -------
@@ -609,63 +871,146 @@ def load_model(path: Optional[PathLike] = None) -> UNetModel:
     FileNotFoundError
         If the path or the card next to it does not exist, or no default weights ship.
     ValueError
-        If the file is neither cryoves weights nor a reference CryoVesNet model, or the
-        card is invalid.
+        If the file is not valid HDF5, is neither cryoves weights nor a reference CryoVesNet
+        model, its card is invalid, or its weights do not fit the architecture in its card
+        (one line naming the file and the first difference).
     """
-    if path is None:
-        path = default_weights_path()
-    path = Path(path).expanduser()
-    if path.is_dir():
-        found = _weights_with_card(path)
-        if found:
-            path = found[0]
-        else:
-            refs = [p for p in sorted(path.glob("*.h5")) if _is_reference_file(p)]
-            if not refs:
-                raise FileNotFoundError(
-                    f"no NAME.weights.h5 with a NAME.json card, and no reference CryoVesNet "
-                    f"weights.h5, in folder {str(path)!r}")
-            path = refs[0]
-    if not path.is_file():
-        if path.suffix == ".json" and Path(str(path)[:-5] + _WEIGHTS_SUFFIX).is_file():
-            path = Path(str(path)[:-5] + _WEIGHTS_SUFFIX)
-        else:
-            raise FileNotFoundError(f"weights file {str(path)!r} not found")
-    if path.suffix == ".json":
-        path = path.parent / (path.name[:-5] + _WEIGHTS_SUFFIX)
-    if path.name.endswith(_WEIGHTS_SUFFIX):
-        card_path = path.parent / (path.name[: -len(_WEIGHTS_SUFFIX)] + ".json")
-        if not card_path.is_file():
-            if _is_reference_file(path):
-                return load_reference_weights(path)
-            raise FileNotFoundError(
-                f"model card {str(card_path)!r} not found next to {path.name}; cryoves weights "
-                "need their NAME.json card (architecture, voxel size, normalisation)")
-        card = ModelCard.from_json(card_path)
-        keras_model = build_unet(**card.architecture)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                keras_model.load_weights(str(path))
-            except Exception as err:  # keras raises ValueError/KeyError on mismatch
-                raise ValueError(
-                    f"weights in {str(path)!r} do not fit the architecture in its card "
-                    f"{card.architecture}: {err}") from err
-        skipped = [str(w.message) for w in caught
-                   if "skipping" in str(w.message).lower() or "retain" in str(w.message).lower()]
-        if skipped:  # keras would leave some layers randomly initialised: refuse
-            raise ValueError(
-                f"weights in {str(path)!r} do not fit the architecture in its card "
-                f"{card.architecture}: {skipped[0]}")
-        for w in caught:
-            if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return UNetModel(keras_model, card, path)
-    if _is_reference_file(path):
+    path = resolve_weights(path)
+    kind, card_path = _weights_kind(path)
+    if kind == "reference":
         return load_reference_weights(path)
-    raise ValueError(
-        f"{str(path)!r} is neither cryoves weights (NAME.weights.h5 + NAME.json) nor a "
-        "reference CryoVesNet Keras model (HDF5 with a model_config attribute)")
+    card = _read_card(card_path)
+    keras_model = build_unet(**card.architecture)
+    arch = ", ".join(f"{k}={v}" for k, v in card.architecture.items())
+    with _open_h5(path) as fh:
+        diff = _layout_difference(fh, keras_model)
+    if diff is not None:
+        raise ValueError(
+            f"weights in {path} do not fit the architecture in its card {card_path.name} "
+            f"({arch}): {diff}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            keras_model.load_weights(str(path))
+        except Exception as err:  # keras raises ValueError/KeyError on mismatch
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(
+                f"weights in {path} do not fit the architecture in its card {card_path.name} "
+                f"({arch}): {first}") from None
+    skipped = [str(w.message) for w in caught
+               if "skipping" in str(w.message).lower() or "retain" in str(w.message).lower()]
+    if skipped:  # keras would leave some layers randomly initialised: refuse
+        raise ValueError(
+            f"weights in {path} do not fit the architecture in its card {card_path.name} "
+            f"({arch}): {skipped[0].strip().splitlines()[0]}")
+    for w in caught:
+        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return UNetModel(keras_model, card, path)
+
+
+def describe_weights(path: Optional[PathLike] = None) -> dict:
+    """What a weights file is, read from its card or header without building the network.
+
+    Imports neither TensorFlow nor Keras (only :mod:`h5py`), so it is cheap enough for a
+    user interface to call whenever a weights path changes.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        As :func:`load_model` (``None``: the default weights).
+
+    Returns
+    -------
+    dict
+        ``name`` (str), ``path`` (str, the resolved weights file), ``card_path`` (str or
+        None for reference weights), ``kind`` (``"cryoves"`` or ``"reference"``),
+        ``is_reference`` (bool), ``voxel_size_nm`` (float), ``preprocessing``
+        (:attr:`ModelCard.preprocessing`), ``architecture`` (dict), ``n_params`` (int or
+        None), ``source``, ``license`` (str), ``summary`` (one line for display).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`load_model` (missing file or card, damaged file, invalid card).
+    """
+    resolved = resolve_weights(path)
+    kind, card_path = _weights_kind(resolved)
+    with _open_h5(resolved) as fh:
+        if kind == "reference":
+            card = _reference_card(resolved, fh)
+        else:
+            card = _read_card(card_path)
+        n_params = _count_file_params(fh)
+    prep = card.preprocessing
+    norm = prep["normalization"]
+    norm_text = ("z-score" if norm["method"] == "zscore"
+                 else f"percentiles {norm['p_low']:g}-{norm['p_high']:g}")
+    smooth = (f"Gaussian sigma {prep['smooth_sigma']:g} voxel, " if prep["smooth_sigma"] > 0
+              else "")
+    summary = (f"{card.name} ({'reference CryoVesNet' if kind == 'reference' else 'cryoves'}): "
+               f"{card.voxel_size_nm:g} nm voxels, {smooth}{norm_text}"
+               f"{', inverted contrast' if prep['invert'] else ''}")
+    return {
+        "name": card.name,
+        "path": str(resolved),
+        "card_path": None if card_path is None else str(card_path),
+        "kind": kind,
+        "is_reference": kind == "reference",
+        "voxel_size_nm": card.voxel_size_nm,
+        "preprocessing": prep,
+        "architecture": dict(card.architecture),
+        "n_params": n_params,
+        "source": card.source,
+        "license": card.license,
+        "summary": summary,
+    }
+
+
+_CACHE_LOCK = threading.Lock()
+_CACHE: "OrderedDict[tuple, UNetModel]" = OrderedDict()
+_CACHE_SIZE = 3
+
+
+def _cache_key(path: Path) -> tuple:
+    card = _card_path_of(path)
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if card is not None and card.is_file():
+        cst = card.stat()
+        key += (cst.st_mtime_ns, cst.st_size)
+    return key
+
+
+def get_model(path: Optional[PathLike] = None) -> UNetModel:
+    """The model of a weights path, loaded once and shared (thread-safe cache).
+
+    Repeated calls with a path that resolves to the same unchanged file (and card) return
+    the same :class:`UNetModel` object; when the weights file or its card changes on disk
+    (modification time or size), it is loaded again. The few most recently used models are
+    kept. Treat the returned model as read-only (its card and weights are shared by every
+    caller); use :func:`load_model` for a private copy to modify or train.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        As :func:`load_model` (``None``: the default weights).
+
+    Returns
+    -------
+    UNetModel
+    """
+    resolved = resolve_weights(path)
+    with _CACHE_LOCK:  # held while loading: a second caller waits for the same model
+        key = _cache_key(resolved)
+        model = _CACHE.get(key)
+        if model is None:
+            model = load_model(resolved)
+            _CACHE[key] = model
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
+        return model
 
 
 def _reference_architecture(config: dict) -> dict:
@@ -721,6 +1066,41 @@ def _as_str(v) -> str:
     return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
+def _reference_card(path: Path, fh) -> ModelCard:
+    """The model card of a reference CryoVesNet weights file (read from its HDF5 header)."""
+    keras_version = _as_str(fh.attrs.get("keras_version", "unknown"))
+    try:
+        arch = _reference_architecture(json.loads(_as_str(fh.attrs["model_config"])))
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise ValueError(
+            f"{path}: cannot read a CryoVesNet U-Net from its Keras model_config "
+            f"({type(err).__name__}: {err})") from None
+    return ModelCard(
+        name="cryovesnet-reference",
+        architecture=arch,
+        voxel_size_nm=2.2,
+        normalization={"method": "zscore"},
+        invert=False,
+        smooth_sigma=1.0,
+        training_data=(
+            "CryoVesNet reference training set: cryo-electron tomograms of synaptosomes "
+            "(rat), manually segmented vesicles, rescaled to 2.2 nm voxels; 32^3 patches "
+            "with > 1000 vesicle voxels; weighted binary cross-entropy (foreground 10)"),
+        metrics={},
+        created=_today(),
+        cryoves_version=_version(),
+        source=f"CryoVesNet reference weights, GPL-3.0 (Keras {keras_version} model {path.name})",
+        license=REFERENCE_LICENSE,
+        notes=(
+            "Reference preprocessing, applied by cryoves by default: tomogram rescaled to 2.2 nm "
+            "voxels, Gaussian smoothing sigma 1 voxel, then global z-score (x - mean) / std over "
+            "the whole tomogram (training batches were z-scored per batch). Membranes dark (no "
+            "inversion). The reference code casts the rescaled tomogram to int16 (which blanks "
+            "float tomograms with small values); cryoves keeps floats. Reference inference: "
+            "64^3 tiles, central 24^3 kept, optional flip/rotation TTA."),
+    )
+
+
 def load_reference_weights(path: PathLike) -> UNetModel:
     """Load the reference CryoVesNet weights (Keras 2.9 full model saved as HDF5).
 
@@ -732,9 +1112,10 @@ def load_reference_weights(path: PathLike) -> UNetModel:
     convolution and batch-norm layer's weights are copied in graph order, matched by
     layer type and array shape (not by name). The file is only read, never copied.
 
-    The returned card says how the reference code prepares a tomogram: rescale to
-    2.2 nm voxels, then a global z-score ``(x - mean) / std`` over the whole volume, no
-    contrast inversion (membranes dark).
+    The returned card prepares a tomogram as the reference inference does: rescale to
+    2.2 nm voxels, Gaussian smoothing with sigma 1 voxel, then a global z-score
+    ``(x - mean) / std`` over the whole volume, no contrast inversion (membranes dark).
+    Override per call with ``predict_probability(..., preprocessing={"smooth_sigma": 0})``.
 
     Parameters
     ----------
@@ -745,19 +1126,17 @@ def load_reference_weights(path: PathLike) -> UNetModel:
     -------
     UNetModel
     """
-    import h5py
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"reference weights {str(path)!r} not found")
-    with h5py.File(path, "r") as fh:
-        if "model_config" not in fh.attrs or "model_weights" not in fh:
+    with _open_h5(path) as fh:
+        if not _is_reference_h5(fh):
             raise ValueError(
                 f"{str(path)!r} is not a Keras 2 full-model HDF5 file (no model_config / "
                 "model_weights); cryoves weights are loaded with load_model()")
-        keras_version = _as_str(fh.attrs.get("keras_version", "unknown"))
+        card = _reference_card(path, fh)
         config, ref_layers = _read_reference_layers(fh)
-    arch = _reference_architecture(config)
+    arch = card.architecture
     keras_model = build_unet(**arch)
 
     ref_conv = [a for _, cls, a in ref_layers if cls == "Conv3D"]
@@ -766,37 +1145,17 @@ def load_reference_weights(path: PathLike) -> UNetModel:
     our_bn = _layers_of(keras_model, "BatchNormalization")
     if len(ref_conv) != len(our_conv) or len(ref_bn) != len(our_bn):
         raise ValueError(
-            f"reference model has {len(ref_conv)} Conv3D / {len(ref_bn)} BatchNormalization "
-            f"layers, the rebuilt U-Net {len(our_conv)} / {len(our_bn)}: unsupported variant")
-    for i, (src, dst) in enumerate(zip(ref_conv, our_conv)):
-        _set_checked(dst, [src["kernel"], src["bias"]], f"Conv3D #{i}")
-    for i, (src, dst) in enumerate(zip(ref_bn, our_bn)):
-        _set_checked(dst, [src["gamma"], src["beta"], src["moving_mean"],
-                           src["moving_variance"]], f"BatchNormalization #{i}")
-
-    card = ModelCard(
-        name="cryovesnet-reference",
-        architecture=arch,
-        voxel_size_nm=2.2,
-        normalization={"method": "zscore"},
-        invert=False,
-        training_data=(
-            "CryoVesNet reference training set: cryo-electron tomograms of synaptosomes "
-            "(rat), manually segmented vesicles, rescaled to 2.2 nm voxels; 32^3 patches "
-            "with > 1000 vesicle voxels; weighted binary cross-entropy (foreground 10)"),
-        metrics={},
-        created=_today(),
-        cryoves_version=_version(),
-        source=f"CryoVesNet reference weights, GPL-3.0 (Keras {keras_version} model {path.name})",
-        license=REFERENCE_LICENSE,
-        notes=(
-            "Reference preprocessing: tomogram rescaled to 2.2 nm voxels "
-            "(skimage.transform.rescale, then cast to int16 - which blanks float tomograms "
-            "with small values; cryoves keeps floats), optional Gaussian sigma 1, then global "
-            "z-score (x - mean) / std over the whole tomogram (training batches were z-scored "
-            "per batch). Membranes dark (no inversion). Reference inference: 64^3 tiles, "
-            "central 24^3 kept, optional flip/rotation TTA."),
-    )
+            f"{path}: reference model has {len(ref_conv)} Conv3D / {len(ref_bn)} "
+            f"BatchNormalization layers, the rebuilt U-Net {len(our_conv)} / {len(our_bn)}: "
+            "unsupported variant")
+    try:
+        for i, (src, dst) in enumerate(zip(ref_conv, our_conv)):
+            _set_checked(dst, [src["kernel"], src["bias"]], f"Conv3D #{i}")
+        for i, (src, dst) in enumerate(zip(ref_bn, our_bn)):
+            _set_checked(dst, [src["gamma"], src["beta"], src["moving_mean"],
+                               src["moving_variance"]], f"BatchNormalization #{i}")
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{path}: weights do not fit the rebuilt U-Net: {err}") from None
     return UNetModel(keras_model, card, path)
 
 

@@ -2,7 +2,8 @@
 
 :func:`predict_probability` does, in order:
 
-1. **Checks** the input (3-D, finite, positive voxel size).
+1. **Checks** the input (3-D, finite; the voxel size with
+   :func:`cryoves.table.check_voxel_size`).
 2. **Resamples** the tomogram to the voxel size the model was trained at
    (``model.card.voxel_size_nm``). Shrinking is anti-aliased: a Gaussian low-pass with
    ``sigma = (1/f - 1) / 2`` output voxels (as :func:`skimage.transform.rescale`) is
@@ -10,8 +11,11 @@
    *edges* of the two grids coincide: a structure keeps its physical position, and the
    map resampled back lies exactly on the input grid. Voxel sizes within 1 % of the
    model's are not resampled.
-3. **Normalises** as the model card says (percentiles or z-score, floats, statistics on a
-   regular subsample of at most ~2 M voxels; contrast inverted if ``card.invert``).
+3. **Preprocesses** as the model card says (:attr:`cryoves.model.ModelCard.preprocessing`,
+   applied by :func:`preprocess`): contrast inverted if ``invert``; Gaussian smoothing with
+   ``smooth_sigma`` voxels of the model grid (0 = none; the reference CryoVesNet weights use
+   1); normalisation by percentiles or a global z-score (floats, statistics on a regular
+   subsample of at most ~2 M voxels). ``preprocessing=`` overrides any of these per call.
 4. **Predicts tiles.** The volume is padded (reflection) to a multiple of the pooling
    factor ``2**n_depth`` and cut into a grid of equal tiles whose origins lie on the
    pooling grid. Each tile discards a *halo* of ``halo`` voxels on sides that face
@@ -39,8 +43,9 @@ import numpy as np
 from scipy import ndimage
 
 from cryoves._progress import ProgressCallback, report
+from cryoves.table import check_voxel_size
 
-__all__ = ["predict_probability", "plan_tiles", "TilePlan", "resample", "normalize",
+__all__ = ["predict_probability", "plan_tiles", "TilePlan", "resample", "normalize", "preprocess",
            "DEFAULT_MAX_TILE_VOXELS", "DEFAULT_BLEND"]
 
 #: Default memory budget: voxels per network call (tile voxels x batch). The folded
@@ -293,6 +298,11 @@ def normalize(volume: np.ndarray, normalization: dict, invert: bool = False) -> 
     vol = np.array(volume, dtype=np.float32, copy=True)
     if invert:
         np.negative(vol, out=vol)
+    _normalize_inplace(vol, normalization)
+    return vol
+
+
+def _normalize_inplace(vol: np.ndarray, normalization: dict) -> None:
     sub = _subsample(vol)
     method = normalization.get("method")
     if method == "percentile":
@@ -307,6 +317,44 @@ def normalize(volume: np.ndarray, normalization: dict, invert: bool = False) -> 
         scale = 1.0  # constant volume: only shift it
     vol -= np.float32(offset)
     vol *= np.float32(1.0 / scale)
+
+
+def preprocess(volume: np.ndarray, preprocessing: dict, *, copy: bool = True) -> np.ndarray:
+    """Prepare a volume (already on the model's grid) for the network.
+
+    In order: contrast inversion (``invert``), Gaussian smoothing with ``smooth_sigma``
+    voxels (``scipy.ndimage.gaussian_filter``, ``mode="nearest"``, truncated at 4 sigma; 0 =
+    none), then normalisation (:func:`normalize`; its statistics are those of the smoothed
+    volume, as in the reference CryoVesNet inference).
+
+    Parameters
+    ----------
+    volume : ndarray
+        Tomogram resampled to the model's voxel size. Not modified when ``copy`` is True.
+    preprocessing : dict
+        ``{"smooth_sigma": float, "normalization": dict, "invert": bool}``, e.g.
+        :attr:`cryoves.model.ModelCard.preprocessing`; missing keys mean no smoothing and
+        no inversion (``normalization`` is required).
+    copy : bool
+        False: work in place when ``volume`` already is a float32 array (saves one
+        volume of memory; the caller owns that array).
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    if "normalization" not in preprocessing:
+        raise ValueError("preprocessing needs a 'normalization' (see cryoves.model.ModelCard)")
+    if copy or not (isinstance(volume, np.ndarray) and volume.dtype == np.float32):
+        vol = np.array(volume, dtype=np.float32, copy=True)
+    else:
+        vol = volume
+    if preprocessing.get("invert", False):
+        np.negative(vol, out=vol)
+    sigma = float(preprocessing.get("smooth_sigma", 0.0) or 0.0)
+    if sigma > 0:
+        ndimage.gaussian_filter(vol, sigma=sigma, output=vol, mode="nearest", truncate=4.0)
+    _normalize_inplace(vol, preprocessing["normalization"])
     return vol
 
 
@@ -326,16 +374,7 @@ def _check_input(tomogram, voxel_size) -> Tuple[np.ndarray, float]:
     kind = np.dtype(tomogram.dtype).kind
     if kind not in "biuf":
         raise TypeError(f"tomogram must hold real numbers, got dtype {tomogram.dtype}")
-    if isinstance(voxel_size, (bool, np.bool_)):
-        raise TypeError("voxel_size must be a number (nm)")
-    try:
-        vs = float(voxel_size)
-    except (TypeError, ValueError):
-        raise TypeError(f"voxel_size must be a number in nm, got {voxel_size!r}") from None
-    if not np.isfinite(vs) or vs <= 0:
-        raise ValueError(
-            f"voxel_size must be a positive number of nm, got {voxel_size!r} (a header "
-            "voxel size of 0 means it is unknown: pass the real one, e.g. voxel_size=1.4)")
+    vs = check_voxel_size(voxel_size)
     if kind == "f":
         n_nan = n_inf = 0
         for z in range(tomogram.shape[0]):  # slice by slice: no volume-sized temporary
@@ -352,38 +391,23 @@ def _check_input(tomogram, voxel_size) -> Tuple[np.ndarray, float]:
     return tomogram, vs
 
 
-_MODEL_CACHE: dict = {}
-
-
 def _resolve_model(model):
     """A UNetModel from ``None`` (default weights), a path, or a UNetModel.
 
-    Models loaded from a path are cached (keyed by path and modification time), so that
-    repeated calls do not rebuild the network.
+    Paths go through :func:`cryoves.model.get_model`, the one shared model cache (keyed by
+    the resolved path and modification time), so repeated calls do not rebuild the network.
     """
     import os
-    from pathlib import Path
 
-    from cryoves.model import UNetModel, default_weights_path, load_model
+    from cryoves.model import UNetModel, get_model
 
     if isinstance(model, UNetModel):
         return model
-    if model is None:
-        path = default_weights_path()
-    elif isinstance(model, (str, os.PathLike)):
-        path = Path(model).expanduser()
-    else:
-        raise TypeError(
-            "model must be a cryoves.model.UNetModel (see cryoves.model.load_model), a path "
-            f"to weights, or None for the default weights; got {type(model).__name__}")
-    try:
-        key = (str(path.resolve()), path.stat().st_mtime_ns)
-    except OSError:
-        return load_model(path)  # raises a clear FileNotFoundError
-    if key not in _MODEL_CACHE:
-        _MODEL_CACHE.clear()  # keep at most one cached network
-        _MODEL_CACHE[key] = load_model(path)
-    return _MODEL_CACHE[key]
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return get_model(model)
+    raise TypeError(
+        "model must be a cryoves.model.UNetModel (see cryoves.model.load_model), a path "
+        f"to weights, or None for the default weights; got {type(model).__name__}")
 
 
 def predict_probability(tomogram, voxel_size: float, model=None, *,
@@ -393,7 +417,8 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
                         tta: bool = False,
                         progress: ProgressCallback = None,
                         blend: int = DEFAULT_BLEND,
-                        max_tile_voxels: int = DEFAULT_MAX_TILE_VOXELS) -> np.ndarray:
+                        max_tile_voxels: int = DEFAULT_MAX_TILE_VOXELS,
+                        preprocessing: Optional[dict] = None) -> np.ndarray:
     """Probability that each voxel belongs to a vesicle, on the input grid.
 
     Parameters
@@ -427,6 +452,14 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
         Width (voxels) of the cosine ramp between neighbouring tiles.
     max_tile_voxels : int
         Memory budget: voxels per network call (about 330 bytes each on a CPU).
+    preprocessing : dict, optional
+        Override the model card's preprocessing for this call: any of ``smooth_sigma``
+        (Gaussian sigma in voxels at the model's voxel size, 0 = none), ``normalization``
+        (``{"method": "zscore"}`` or ``{"method": "percentile", "p_low": .., "p_high": ..}``)
+        and ``invert``; keys left out keep the card's values. Default: the card's
+        (:attr:`cryoves.model.ModelCard.preprocessing`). Example:
+        ``preprocessing={"smooth_sigma": 0}`` runs the reference weights without their
+        smoothing.
 
     Returns
     -------
@@ -436,13 +469,20 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
     Raises
     ------
     ValueError
-        If the input is not 3-D, holds NaN/Inf, or ``voxel_size`` is not positive.
+        If the input is not 3-D, holds NaN/Inf, ``voxel_size`` is not positive, or
+        ``preprocessing`` has an unknown key or an invalid value.
     cryoves.Cancelled
         If the progress callback raises it.
     """
     tomogram, vs = _check_input(tomogram, voxel_size)
     model = _resolve_model(model)
     card = model.card
+    if preprocessing is not None:
+        if not isinstance(preprocessing, dict):
+            raise TypeError(
+                "preprocessing must be a dict with any of 'smooth_sigma', 'normalization', "
+                f"'invert', got {type(preprocessing).__name__}")
+        card = card.with_preprocessing(**preprocessing)  # validated copy; model unchanged
     in_shape = tuple(int(s) for s in tomogram.shape)
 
     # 1. resample to the model's voxel size
@@ -454,8 +494,8 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
         model_shape = tuple(max(1, int(round(s * factor))) for s in in_shape)
         vol = resample(tomogram, model_shape, order=1, anti_alias=True)
 
-    # 2. normalise (new array; the input is never touched)
-    vol = normalize(vol, card.normalization, card.invert)
+    # 2. invert, smooth, normalise (in place only on our own resampled copy)
+    vol = preprocess(vol, card.preprocessing, copy=vol is tomogram)
 
     # 3. tiles
     rf_width, rf_radius = model.receptive_field
