@@ -259,7 +259,7 @@ def test_random_params_valid_and_reproducible():
     for p in drawn:
         p.validate()
         assert 0.7 <= p.voxel_size <= 2.5
-        assert -10.0 <= p.defocus_um <= -4.0
+        assert -10.0 <= p.defocus_um <= -3.0
     assert random_params(3) == random_params(3)
     assert len({p.seed for p in drawn}) == len(drawn)
     assert random_params(1, snr_range=(0.05, 0.5)).snr is not None
