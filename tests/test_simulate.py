@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from cryoves import Cancelled, VesicleTable, render_labels
-from cryoves.simulate import (Simulation, SimulationParams, ctf_1d, random_params,
-                              simulate_tomogram, tilt_angles)
+from cryoves.simulate import (HELD_OUT_FROM_TRAINING, Simulation, SimulationParams, ctf_1d,
+                              random_params, simulate_tomogram, tilt_angles)
 
 SMALL = (48, 96, 96)
 REPO = Path(__file__).resolve().parents[1]
@@ -135,8 +135,7 @@ def test_deterministic_from_seed(small):
     assert again.table == small.table
     other = simulate_tomogram(shape=SMALL, voxel_size=2.0, seed=2)
     assert not np.array_equal(other.tomogram, small.tomogram)
-    assert not np.array_equal(other.table.centers, small.table.centers) if len(other.table) == len(small.table) \
-        else True
+    assert other.table != small.table
     # params carry the seed: the same call through params
     via_params = simulate_tomogram(shape=SMALL, params=SimulationParams(voxel_size=2.0, seed=1))
     assert np.array_equal(via_params.tomogram, small.tomogram)
@@ -235,6 +234,26 @@ def test_tilt_angles_and_ctf():
     (dict(n_vesicles=-3), "n_vesicles"),
     (dict(n_gold=2.5), "n_gold"),
     (dict(dose=float("nan")), "dose"),
+    (dict(extra_ice_nm=-5.0), "extra_ice_nm"),
+    (dict(damage_bfactor_per_dose=-1.0), "damage_bfactor_per_dose"),
+    (dict(tilt_scheme="random"), "tilt_scheme"),
+    (dict(alignment_shift_nm=50.0), "alignment_shift_nm"),
+    (dict(alignment_rotation_deg=-0.5), "alignment_rotation_deg"),
+    (dict(defocus_um=-1.0, defocus_spread_um=3.0), "defocus_spread_um"),
+    (dict(ctf_correction="yes"), "ctf_correction"),
+    (dict(read_noise_e=5.0, snr=1.0), "read_noise_e"),
+    (dict(noise_correlation_px=9.0), "noise_correlation_px"),
+    (dict(membrane_model="box"), "membrane_model"),
+    (dict(leaflet_width=0.5), "leaflet_width"),
+    (dict(headgroup_separation=0.1), "headgroup_separation"),
+    (dict(bilayer_asymmetry=1.0), "bilayer_asymmetry"),
+    (dict(membrane_blur_nm=-0.1), "membrane_blur_nm"),
+    (dict(lumen_texture=0.9), "lumen_texture"),
+    (dict(reconstruction="art"), "reconstruction"),
+    (dict(recon_filter="cosine"), "recon_filter"),
+    (dict(sirt_iterations=0), "sirt_iterations"),
+    (dict(recon_binning=4), "recon_binning"),
+    (dict(voxel_size=0.8, recon_binning=2), "recon_binning"),
 ])
 def test_bad_params_rejected(kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -259,7 +278,7 @@ def test_random_params_valid_and_reproducible():
     for p in drawn:
         p.validate()
         assert 0.7 <= p.voxel_size <= 2.5
-        assert -10.0 <= p.defocus_um <= -4.0
+        assert -10.0 <= p.defocus_um <= -3.0
     assert random_params(3) == random_params(3)
     assert len({p.seed for p in drawn}) == len(drawn)
     assert random_params(1, snr_range=(0.05, 0.5)).snr is not None
@@ -409,3 +428,239 @@ def test_sample_data_reproducible(tmp_path):
         diff = np.abs(a.data.astype(np.int16) - b.data.astype(np.int16))
         assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
     assert (SAMPLE / "vesicles_truth.csv").read_text() == (tmp_path / "vesicles_truth.csv").read_text()
+
+
+# -- physics options (all off by default) -----------------------------------------------
+# recorded with the simulator before the physics options were added
+_DEFAULT_LABELS_SHA = "4f789c5825fa3553939559873d933b154285ba81751fa028d5c89fa1c668ecbb"
+_DEFAULT_MASK_SHA = "e17d2a2c7fcb5ffe697aa409797d267c4d74c8e6d6e8b1df6824aec4972e7b8c"
+_DEFAULT_TOMO_SHA = "121b0278cb8d49af95fe374405f55eae6cc45ce9b3f8b93432b5eef708918979"
+_DEFAULT_TOMO_SAMPLE = [
+    0.953543, -0.42581, 0.117916, 0.145734, 0.158406, -1.00005, -0.021836, 0.333004, 0.627402, 1.401342,
+    0.571713, 0.255143, -0.232517, -0.122439, 0.005805, -0.832906, 0.208893, -0.247201, 0.032722, 0.5821,
+    0.539747, -1.4745, 0.256123, -0.587483]
+
+
+def test_default_output_unchanged():
+    """The physics options are off by default: the output is the one recorded before them."""
+    import hashlib
+    with pytest.warns(RuntimeWarning, match="fit"):
+        sim = simulate_tomogram(shape=(32, 64, 64), voxel_size=2.0, seed=3)
+    assert hashlib.sha256(sim.labels.tobytes()).hexdigest() == _DEFAULT_LABELS_SHA
+    assert hashlib.sha256(sim.mask.tobytes()).hexdigest() == _DEFAULT_MASK_SHA
+    if hashlib.sha256(sim.tomogram.tobytes()).hexdigest() != _DEFAULT_TOMO_SHA:
+        # another CPU may round differently: then the values agree to float precision
+        sample = sim.tomogram[::9, ::17, ::13].ravel()[:24]
+        np.testing.assert_allclose(sample, _DEFAULT_TOMO_SAMPLE, atol=1e-4)
+        assert float((sim.tomogram.astype(np.float64) ** 3).mean()) == pytest.approx(-7.00014197, rel=1e-4)
+
+
+def test_random_params_broad_but_never_held_out():
+    drawn = [random_params(i) for i in range(150)]
+    for p in drawn:
+        assert p.reconstruction == "wbp" and p.recon_filter in ("ramp", "hamming")
+        assert p.membrane_model == "gaussian" and p.noise_correlation_px == 0 and p.recon_binning == 1
+        assert p.radius_min_nm == 14.0 and p.radius_max_nm == 32.0
+    assert set(HELD_OUT_FROM_TRAINING) == {"reconstruction", "recon_filter", "recon_binning", "membrane_model",
+                                           "noise_correlation_px"}
+    # every other option is drawn both on and off
+    for name in ("extra_ice_nm", "damage_bfactor_per_dose", "alignment_shift_nm", "alignment_rotation_deg",
+                 "defocus_spread_um", "read_noise_e", "bilayer_asymmetry", "membrane_blur_nm", "lumen_texture"):
+        values = [getattr(p, name) for p in drawn]
+        assert 0.1 < np.mean([v != 0 for v in values]) < 0.9, name
+    assert {p.voltage_kv for p in drawn} == {200.0, 300.0}
+    assert {p.ctf_correction for p in drawn} == {True, False}
+    assert {p.tilt_scheme for p in drawn} == {"dose-symmetric", "sequential"}
+    assert min(p.dose for p in drawn) < 35 and max(p.dose for p in drawn) > 140
+
+
+def test_acquisition_order():
+    from cryoves.simulate import _acquisition_order
+    a = tilt_angles(6, 2)                                   # -6 .. 6
+    rank = _acquisition_order(a, "dose-symmetric")
+    # 0, +2, -2, -4, +4, +6, -6
+    assert [a[i] for i in np.argsort(rank)] == [0, 2, -2, -4, 4, 6, -6]
+    assert _acquisition_order(a, "sequential").tolist() == list(range(7))
+
+
+def test_200kv_ctf():
+    k = np.linspace(0, 0.5, 4000)
+    first_zero = k[np.argmax(ctf_1d(k, defocus_um=-8.0, voltage_kv=200.0) > 0)]
+    # k = sqrt(1 / (lambda * dz)), lambda = 2.508 pm at 200 kV
+    assert first_zero == pytest.approx(0.2233, abs=0.005)
+
+
+# one clean, small scene for the option tests: high SNR, several vesicles, no gold
+_OPT_SHAPE = (48, 96, 96)
+
+
+def _opt(**kw):
+    base = dict(snr=30.0, n_vesicles=8, n_gold=0, n_mitochondria=0, n_endosomes=0)
+    base.update(kw)
+    return simulate_tomogram(shape=_OPT_SHAPE, voxel_size=1.8, seed=4, params=SimulationParams(**base))
+
+
+@pytest.fixture(scope="module")
+def opt_default():
+    return _opt()
+
+
+def _contrast(sim):
+    """Cytosol minus membrane mean: how well the vesicle membranes stand out."""
+    t = sim.table
+    th = float(np.median(t["thickness"] / t.radii))
+    membrane = _shell_stats(sim, 1 - th, 1.0).mean()
+    cytosol = sim.tomogram[(sim.labels == 0)].mean()
+    return cytosol - membrane
+
+
+def _high_freq_fraction(tomo, cut=0.25):
+    power = np.abs(np.fft.rfftn(tomo)) ** 2
+    kz = np.fft.fftfreq(tomo.shape[0])[:, None, None]
+    ky = np.fft.fftfreq(tomo.shape[1])[None, :, None]
+    kx = np.fft.rfftfreq(tomo.shape[2])[None, None, :]
+    k = np.sqrt(kz ** 2 + ky ** 2 + kx ** 2)
+    return power[k > cut].sum() / power[k > 0].sum()
+
+
+def test_options_change_only_their_part(opt_default):
+    """Imaging options leave the phantom (truth) alone; each changes the tomogram."""
+    for kw in (dict(voltage_kv=200.0), dict(extra_ice_nm=200.0), dict(damage_bfactor_per_dose=20.0),
+               dict(defocus_spread_um=2.0), dict(recon_filter="hamming"), dict(membrane_blur_nm=0.8)):
+        sim = _opt(**kw)
+        assert np.array_equal(sim.labels, opt_default.labels), kw
+        assert not np.allclose(sim.tomogram, opt_default.tomogram, atol=1e-3), kw
+        assert _contrast(sim) > 0.3, kw
+
+
+def test_sirt_differs_from_wbp(opt_default):
+    sirt = _opt(reconstruction="sirt", sirt_iterations=8)
+    assert np.array_equal(sirt.labels, opt_default.labels)
+    assert sirt.tomogram.shape == _OPT_SHAPE and np.isfinite(sirt.tomogram).all()
+    # SIRT damps the high frequencies that the ramp filter amplifies, and still shows membranes dark
+    assert _high_freq_fraction(sirt.tomogram) < 0.8 * _high_freq_fraction(opt_default.tomogram)
+    assert _contrast(sirt) > 0.3
+    more = _opt(reconstruction="sirt", sirt_iterations=16)
+    assert not np.allclose(more.tomogram, sirt.tomogram, atol=1e-3)
+
+
+def test_alignment_error_blurs(opt_default):
+    shifted = _opt(alignment_shift_nm=2.5, alignment_rotation_deg=1.0)
+    assert np.array_equal(shifted.labels, opt_default.labels)
+    assert _contrast(shifted) < 0.8 * _contrast(opt_default)
+
+
+def test_radiation_damage_blurs(opt_default):
+    damaged = _opt(damage_bfactor_per_dose=60.0, dose=100.0)
+    assert _high_freq_fraction(damaged.tomogram) < 0.9 * _high_freq_fraction(opt_default.tomogram)
+    seq = _opt(damage_bfactor_per_dose=60.0, dose=100.0, tilt_scheme="sequential")
+    assert not np.allclose(seq.tomogram, damaged.tomogram, atol=1e-3)
+
+
+def test_ctf_correction_keeps_membranes_dark(opt_default):
+    flipped = _opt(ctf_correction=True, defocus_um=-10.0)
+    plain = _opt(defocus_um=-10.0)
+    assert not np.allclose(flipped.tomogram, plain.tomogram, atol=1e-3)
+    # phase flipping keeps the first lobe: dense matter stays dark
+    assert _contrast(flipped) > 0.3
+
+
+def test_extra_ice_and_read_noise_add_noise():
+    base = dict(snr=None, dose=80.0)
+    plain = _opt(**base)
+    assert _contrast(_opt(extra_ice_nm=400.0, ice_crowding=1.0, **base)) < 0.9 * _contrast(plain)
+    assert _contrast(_opt(read_noise_e=200.0, **base)) < 0.9 * _contrast(plain)
+
+
+def test_correlated_noise():
+    from cryoves.simulate import _correlate_noise
+    rng = np.random.default_rng(0)
+    white = rng.standard_normal((3, 64, 80)).astype(np.float32)
+    corr = _correlate_noise(white, 1.5)
+    assert corr.std() == pytest.approx(1.0, rel=0.1)             # per-pixel sd kept
+    lag1 = np.mean(corr[:, 1:, :] * corr[:, :-1, :]) / corr.var()
+    assert lag1 > 0.6 and abs(np.mean(white[:, 1:] * white[:, :-1])) < 0.05
+    a = _opt(snr=None, dose=60.0)
+    b = _opt(snr=None, dose=60.0, noise_correlation_px=1.5)
+    assert np.array_equal(a.labels, b.labels)
+    assert _high_freq_fraction(b.tomogram) < _high_freq_fraction(a.tomogram)
+
+
+def test_wbp_filter_windows():
+    from cryoves.simulate import _ramp_filter
+    ramp = _ramp_filter(256, 0.5, 0.0)
+    f = np.fft.rfftfreq(256)
+    i = int(np.argmin(np.abs(f - 0.25)))
+    assert _ramp_filter(256, 0.5, 0.0, "hamming")[i] == pytest.approx(ramp[i] * (0.54 + 0.46 * np.cos(np.pi / 2)))
+    assert _ramp_filter(256, 0.5, 0.0, "shepp-logan")[i] == pytest.approx(ramp[i] * np.sinc(0.25), rel=1e-5)
+    assert _ramp_filter(256, 0.1, 0.0, "hamming")[f > 0.1].max() == 0.0
+
+
+def test_membrane_profile_variants():
+    from cryoves.simulate import _Grid
+    g = _Grid((16, 16, 16), 0.5, 0)
+    d = np.linspace(-8.0, 2.0, 2001).astype(np.float32)
+    t = 5.0
+    default = g.bilayer(d, t)
+    g.membrane = ("gaussian", 0.11, 0.6, 0.0, 0.0)
+    assert np.allclose(g.bilayer(d, t), default, atol=1e-5)      # the variant code reproduces the default
+    # head-group separation: peaks at -(0.5 -+ sep/2) t
+    g.membrane = ("gaussian", 0.08, 0.7, 0.0, 0.0)
+    prof = g.bilayer(d, t)
+    outer = d[d > -2.5][np.argmax(prof[d > -2.5])]
+    inner = d[d < -2.5][np.argmax(prof[d < -2.5])]
+    assert outer == pytest.approx(-0.15 * t, abs=0.02) and inner == pytest.approx(-0.85 * t, abs=0.02)
+    # asymmetry: outer leaflet denser
+    g.membrane = ("gaussian", 0.11, 0.6, 0.4, 0.0)
+    prof = g.bilayer(d, t)
+    assert prof[d > -2.5].max() == pytest.approx(1.4 / 0.6 * prof[d < -2.5].max(), rel=0.05)
+    # blur lowers the peaks but keeps the integrated density
+    g.membrane = ("gaussian", 0.11, 0.6, 0.0, 1.0)
+    blurred = g.bilayer(d, t)
+    assert blurred.max() < 0.8 * default.max()
+    assert np.trapezoid(blurred, d) == pytest.approx(np.trapezoid(default, d), rel=0.05)
+    # slab: flat-topped leaflets, same integral
+    g.membrane = ("slab", 0.11, 0.6, 0.0, 0.0)
+    slab = g.bilayer(d, t)
+    assert np.trapezoid(slab, d) == pytest.approx(np.trapezoid(default, d), rel=0.05)
+    top = slab[np.abs(d + 0.2 * t) < 0.3]
+    assert top.min() > 0.9 * top.max()                            # flat top
+    assert np.abs(slab - default).max() > 0.3
+
+
+def test_lumen_texture():
+    plain = _opt(snr=1000.0)
+    grainy = _opt(snr=1000.0, lumen_texture=0.25)
+    assert np.array_equal(plain.labels, grainy.labels)
+    assert _shell_stats(grainy, 0.0, 0.5).std() > 1.3 * _shell_stats(plain, 0.0, 0.5).std()
+
+
+def test_recon_binning():
+    shape = (24, 48, 56)
+    sim = simulate_tomogram(shape=shape, voxel_size=2.0, seed=6,
+                            params=SimulationParams(recon_binning=2, n_vesicles=3, snr=30.0))
+    assert sim.tomogram.shape == shape and sim.labels.shape == shape and sim.mask.shape == shape
+    assert sim.voxel_size == 2.0 and sim.table.voxel_size == 2.0 and len(sim.table) >= 1
+    assert np.array_equal(sim.labels, render_labels(sim.table, shape))
+    c, r = sim.table.centers, sim.table.radii
+    assert np.all(c - r[:, None] >= -1e-6) and np.all(c + r[:, None] <= np.array(shape) - 1 + 1e-6)
+    assert abs(float(sim.tomogram.mean())) < 1e-3 and float(sim.tomogram.std()) == pytest.approx(1.0, abs=1e-3)
+    # the membranes sit where the binned truth says
+    assert _contrast(sim) > 0.3
+
+
+def test_cli_physics_options(tmp_path):
+    out = tmp_path / "sim"
+    rc = _run_cli(out, "--shape", 24, 48, 48, "--voxel-size", 2.5, "--seed", 1, "--quiet", "--voltage", 200,
+                  "--reconstruction", "sirt", "--sirt-iterations", 3, "--ctf-correction", "--membrane-model", "slab",
+                  "--extra-ice", 100, "--align-shift", 0.5)
+    assert rc == 0
+    p = SimulationParams.from_dict(json.loads((out / "params.json").read_text())["params"])
+    assert (p.voltage_kv, p.reconstruction, p.sirt_iterations, p.ctf_correction, p.membrane_model,
+            p.extra_ice_nm, p.alignment_shift_nm) == (200.0, "sirt", 3, True, "slab", 100.0, 0.5)
+    assert p.recon_filter == "ramp" and p.read_noise_e == 0.0
+
+
+def test_cli_physics_option_errors(tmp_path, capsys):
+    assert _run_cli(tmp_path / "a", "--shape", 24, 48, 48, "--quiet", "--lumen-texture", 2) == 2
+    assert "lumen_texture" in capsys.readouterr().err

@@ -55,7 +55,7 @@ from scipy.special import erf
 from cryoves._progress import ProgressCallback, report
 from cryoves.table import VesicleTable, render_labels
 
-__all__ = ["SimulationParams", "Simulation", "simulate_tomogram", "random_params",
+__all__ = ["SimulationParams", "Simulation", "simulate_tomogram", "random_params", "HELD_OUT_FROM_TRAINING",
            "tilt_angles", "ctf_1d", "electron_wavelength_nm"]
 
 # --------------------------------------------------------------------------------------
@@ -69,6 +69,10 @@ _V_CORE = -0.35               # hydrophobic core of a bilayer (lighter than wate
 _V_GOLD = 10.0                # gold bead phase term (the amplitude term dominates)
 _MU_GOLD = 0.09               # amplitude attenuation of gold, 1/nm of chord
 _N_WORKERS = 2                # threads for scipy.fft
+_TILT_SCHEMES = ("dose-symmetric", "sequential")
+_MEMBRANE_MODELS = ("gaussian", "slab")
+_RECONSTRUCTIONS = ("wbp", "sirt")
+_RECON_FILTERS = ("ramp", "hamming", "shepp-logan")
 
 
 def electron_wavelength_nm(voltage_kv: float) -> float:
@@ -158,6 +162,83 @@ class SimulationParams:
         Weighted back-projection radial filter (IMOD convention, cycles/pixel).
     invert_contrast : bool
         If True, return the tomogram with inverted contrast (membranes bright).
+
+    The options below make the simulator's fingerprint broader. Every one of them is
+    off by default (the default output is unchanged), and the random draws they need
+    come from a second generator seeded by ``seed``, so switching one on changes
+    nothing else (the phantom and the shot noise stay the same).
+
+    extra_ice_nm : float
+        Ice beyond the volume: the specimen slab is this many nm thicker than the volume
+        (``shape[0] * voxel_size``), half above and half below it, 0 to 1000 (default 0).
+        The thicker slab lengthens the inelastic path (more attenuation, more noise at
+        high tilt) and adds the projected amorphous background of the material in it
+        (see ``ice_crowding``).
+    ice_crowding : float
+        Protein-like density of the extra slab as a multiplier of the cytosolic
+        crowding (0 = pure ice, 1 = cytosol), default 0.3; it is drawn independently in
+        every tilt image (blobs of 2 nm sigma), so it reconstructs as structured noise.
+    damage_bfactor_per_dose : float
+        Radiation damage: each tilt image gets an extra B-factor of this many A^2 per
+        e/A^2 of dose accumulated before it (0 = off; about 20-25 A^2 per e/A^2 matches
+        the critical exposure of Grant & Grigorieff (2015) at 2-3 nm resolution).
+    tilt_scheme : {"dose-symmetric", "sequential"}
+        Acquisition order that sets the accumulated dose per tilt: dose-symmetric
+        (0, +step, -step, -2 step, +2 step, ...) or sequential (-tilt_range to +tilt_range).
+    alignment_shift_nm : float
+        Tilt-series alignment error: standard deviation of a random shift (nm, along
+        both image axes) of every tilt image before the reconstruction (0 = off).
+    alignment_rotation_deg : float
+        Standard deviation of a random in-plane rotation of every tilt image (degrees).
+    defocus_spread_um : float
+        Every tilt image gets its own defocus, uniform in ``defocus_um +- spread / 2``
+        (astigmatism-free); 0 = the same defocus in every image.
+    ctf_correction : bool
+        Phase flipping: each tilt image is multiplied by the sign of its own CTF before
+        the reconstruction (default False: no CTF correction).
+    read_noise_e : float
+        Gaussian read noise of the detector, standard deviation in electrons per pixel
+        per tilt image, added to the shot noise (dose-based noise only; 0 = a counting
+        detector without read noise).
+    noise_correlation_px : float
+        Correlated detector noise: the noise (not the signal) of each tilt image is
+        blurred by a Gaussian MTF of this sigma in pixels and rescaled to its former
+        per-pixel standard deviation, which moves noise power to low frequencies
+        (0 = white noise).
+    membrane_model : {"gaussian", "slab"}
+        Head-group leaflet profile of every lipid bilayer: Gaussian leaflets (default)
+        or flat-topped slabs with sharp error-function edges and the same integrated
+        density.
+    leaflet_width : float
+        Head-group leaflet width (Gaussian sigma) as a fraction of the bilayer
+        thickness, 0.04 to 0.25 (default 0.11).
+    headgroup_separation : float
+        Distance between the two head-group peaks as a fraction of the bilayer
+        thickness, 0.3 to 0.8 (default 0.6: peaks 0.2 and 0.8 of the thickness deep).
+    bilayer_asymmetry : float
+        Asymmetric bilayer: the outer leaflet gets ``1 + a`` times, the inner ``1 - a``
+        times the head-group density, -0.6 to 0.6 (default 0).
+    membrane_blur_nm : float
+        Extra Gaussian blur of the bilayer profile in nm (0 = sharp, the default).
+    lumen_texture : float
+        Volume fraction (0 to 0.3) of small protein-like granules inside the lumen of
+        synaptic vesicles (0 = a uniform lumen, the default).
+    reconstruction : {"wbp", "sirt"}
+        Weighted back-projection (default), or SIRT (simultaneous iterative
+        reconstruction, ``sirt_iterations`` iterations of x += C A^T R (p - A x) with the
+        Joseph projector A and its inverse row and column sums R, C).
+    recon_filter : {"ramp", "hamming", "shepp-logan"}
+        Window of the weighted back-projection filter (times the radial cut-off and
+        fall-off): the plain ramp (default), ramp * Hamming window, or ramp * sinc
+        (Shepp-Logan).
+    sirt_iterations : int
+        Iterations of the SIRT reconstruction, 1 to 200 (default 10).
+    recon_binning : int
+        1 (default), 2 or 3: simulate the phantom, tilt series and reconstruction on a
+        grid ``recon_binning`` times finer (voxel ``voxel_size / recon_binning``), then
+        average blocks of ``recon_binning``^3 voxels onto the output grid (as real
+        tomograms are reconstructed from unbinned images and binned). The cost grows
+        with ``recon_binning``^3.
     """
 
     voxel_size: float = 1.5
@@ -198,6 +279,26 @@ class SimulationParams:
     radial_cutoff: float = 0.35
     radial_falloff: float = 0.035
     invert_contrast: bool = False
+    extra_ice_nm: float = 0.0
+    ice_crowding: float = 0.3
+    damage_bfactor_per_dose: float = 0.0
+    tilt_scheme: str = "dose-symmetric"
+    alignment_shift_nm: float = 0.0
+    alignment_rotation_deg: float = 0.0
+    defocus_spread_um: float = 0.0
+    ctf_correction: bool = False
+    read_noise_e: float = 0.0
+    noise_correlation_px: float = 0.0
+    membrane_model: str = "gaussian"
+    leaflet_width: float = 0.11
+    headgroup_separation: float = 0.6
+    bilayer_asymmetry: float = 0.0
+    membrane_blur_nm: float = 0.0
+    lumen_texture: float = 0.0
+    reconstruction: str = "wbp"
+    recon_filter: str = "ramp"
+    sirt_iterations: int = 10
+    recon_binning: int = 1
 
     def __post_init__(self):
         self.validate()
@@ -264,8 +365,37 @@ class SimulationParams:
         check("connector_probability", 0.0 <= num("connector_probability") <= 1.0, "a probability")
         check("radial_cutoff", 0.01 <= num("radial_cutoff") <= 0.5, "cycles/pixel, 0.01 to 0.5")
         check("radial_falloff", 0.0 <= num("radial_falloff") <= 0.5, "cycles/pixel, 0 to 0.5")
-        for name in ("plasma_membrane", "postsynaptic", "invert_contrast"):
+        for name in ("plasma_membrane", "postsynaptic", "invert_contrast", "ctf_correction"):
             check(name, isinstance(getattr(self, name), (bool, np.bool_)), "must be True or False")
+        check("extra_ice_nm", 0.0 <= num("extra_ice_nm") <= 1000.0, "nm of ice beyond the volume, 0 to 1000")
+        check("ice_crowding", 0.0 <= num("ice_crowding") <= 3.0, "a multiplier of the cytosolic crowding, 0 to 3")
+        check("damage_bfactor_per_dose", 0.0 <= num("damage_bfactor_per_dose") <= 200.0,
+              "A^2 per e/A^2 of accumulated dose, 0 (off) to 200")
+        check("alignment_shift_nm", 0.0 <= num("alignment_shift_nm") <= 20.0, "nm, 0 (off) to 20")
+        check("alignment_rotation_deg", 0.0 <= num("alignment_rotation_deg") <= 5.0, "degrees, 0 (off) to 5")
+        check("defocus_spread_um", 0.0 <= num("defocus_spread_um") <= 10.0, "micrometres, 0 (off) to 10")
+        if self.defocus_spread_um:
+            check("defocus_spread_um", self.defocus_um + 0.5 * self.defocus_spread_um <= -0.2
+                  and self.defocus_um - 0.5 * self.defocus_spread_um >= -30.0,
+                  f"defocus_um +- spread / 2 must stay within -30 to -0.2 (defocus_um={self.defocus_um})")
+        check("read_noise_e", 0.0 <= num("read_noise_e") <= 1000.0, "electrons per pixel, 0 (off) to 1000")
+        if self.read_noise_e and self.snr is not None:
+            check("read_noise_e", False, "read noise needs dose-based noise: set snr=None or read_noise_e=0")
+        check("noise_correlation_px", 0.0 <= num("noise_correlation_px") <= 5.0, "pixels, 0 (white noise) to 5")
+        for name, choices in (("tilt_scheme", _TILT_SCHEMES), ("membrane_model", _MEMBRANE_MODELS),
+                              ("reconstruction", _RECONSTRUCTIONS), ("recon_filter", _RECON_FILTERS)):
+            check(name, isinstance(getattr(self, name), str) and getattr(self, name) in choices,
+                  f"one of {', '.join(repr(c) for c in choices)}")
+        check("leaflet_width", 0.04 <= num("leaflet_width") <= 0.25, "a fraction of the bilayer thickness, 0.04 to 0.25")
+        check("headgroup_separation", 0.3 <= num("headgroup_separation") <= 0.8,
+              "a fraction of the bilayer thickness, 0.3 to 0.8")
+        check("bilayer_asymmetry", -0.6 <= num("bilayer_asymmetry") <= 0.6, "-0.6 to 0.6")
+        check("membrane_blur_nm", 0.0 <= num("membrane_blur_nm") <= 3.0, "nm, 0 (sharp) to 3")
+        check("lumen_texture", 0.0 <= num("lumen_texture") <= 0.3, "a volume fraction, 0 to 0.3")
+        count("sirt_iterations", 1, 200)
+        count("recon_binning", 1, 3)
+        check("recon_binning", self.voxel_size / self.recon_binning >= 0.5 - 1e-9,
+              f"voxel_size / recon_binning must be at least 0.5 nm (voxel_size={self.voxel_size})")
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict of the fields."""
@@ -326,13 +456,34 @@ class Simulation:
 # --------------------------------------------------------------------------------------
 # random parameters for training
 # --------------------------------------------------------------------------------------
+#: Simulator settings that :func:`random_params` never draws (it keeps their defaults), so
+#: that an evaluation case can use a rendering the trained model has never seen: SIRT
+#: reconstruction, the Shepp-Logan filter, reconstruction on a finer grid then binning,
+#: flat-topped ("slab") head-group leaflets and correlated (blurred) detector noise.
+HELD_OUT_FROM_TRAINING = {
+    "reconstruction": "sirt",
+    "recon_filter": "shepp-logan",
+    "recon_binning": "2 or 3",
+    "membrane_model": "slab",
+    "noise_correlation_px": "> 0",
+}
+
+
 def random_params(rng: np.random.Generator | int | None = None, *,
                   voxel_size_range: tuple[float, float] = (0.7, 2.5),
                   snr_range: Optional[tuple[float, float]] = None,
-                  dose_range: tuple[float, float] = (40.0, 160.0),
-                  defocus_range_um: tuple[float, float] = (-10.0, -4.0),
+                  dose_range: tuple[float, float] = (25.0, 180.0),
+                  defocus_range_um: tuple[float, float] = (-10.0, -3.0),
                   **fixed) -> SimulationParams:
     """Draw a randomised parameter set (domain randomisation for training).
+
+    The draws span the realistic range of every physics option of
+    :class:`SimulationParams`: 200 or 300 kV, dose, defocus (and its spread over the
+    series), tilt range and step, ice beyond the volume, radiation damage (both tilt
+    schemes), tilt-series alignment error, CTF correction on or off, detector read noise,
+    bilayer leaflet width, head-group separation, asymmetry and blur, lumen density and
+    texture, vesicle radii 14-32 nm, crowding and distractors, WBP with the ramp or the
+    Hamming filter. The settings in :data:`HELD_OUT_FROM_TRAINING` are never drawn.
 
     Parameters
     ----------
@@ -344,7 +495,7 @@ def random_params(rng: np.random.Generator | int | None = None, *,
         If given, draw a projection SNR log-uniformly in this range (Gaussian noise);
         otherwise the noise comes from a dose drawn from ``dose_range`` (e/A^2).
     dose_range : (float, float)
-        Total dose range, e/A^2.
+        Total dose range, e/A^2 (log-uniform).
     defocus_range_um : (float, float)
         Defocus range in um (negative = underfocus).
     **fixed
@@ -359,28 +510,53 @@ def random_params(rng: np.random.Generator | int | None = None, *,
     def logu(lo, hi):
         return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
-    r_mean = float(rng.uniform(17.0, 24.0))
+    def maybe(prob, value, off=0.0):
+        """``value`` with probability ``prob`` (drawn either way: a fixed number of draws)."""
+        return value if rng.random() < prob else off
+
+    r_mean = float(rng.uniform(16.0, 26.0))
+    voltage = float(rng.choice([200.0, 300.0, 300.0]))
+    defocus = float(rng.uniform(*defocus_range_um))
+    spread = maybe(0.5, float(rng.uniform(0.0, 1.5)))
+    spread = min(spread, 2.0 * (-0.2 - defocus), 2.0 * (defocus + 30.0))
     p = dict(
         voxel_size=logu(*voxel_size_range),
         seed=int(rng.integers(0, 2**31 - 1)),
-        tilt_range=float(rng.choice([45.0, 50.0, 54.0, 60.0, 60.0, 65.0, 70.0])),
+        tilt_range=float(rng.choice([40.0, 45.0, 50.0, 54.0, 60.0, 60.0, 65.0, 70.0])),
         tilt_step=float(rng.choice([1.0, 2.0, 2.0, 3.0, 3.0])),
-        defocus_um=float(rng.uniform(*defocus_range_um)),
+        defocus_um=defocus,
+        defocus_spread_um=spread,
+        voltage_kv=voltage,
         amplitude_contrast=float(rng.uniform(0.05, 0.10)),
         bfactor=float(rng.uniform(1000.0, 5000.0)),
         dqe=float(rng.uniform(0.3, 0.8)),
         dose=logu(*dose_range),
         snr=logu(*snr_range) if snr_range is not None else None,
-        mean_free_path_nm=float(rng.uniform(250.0, 450.0)),
-        vesicle_fraction=float(rng.uniform(0.02, 0.09)),
+        # the inelastic mean free path is shorter at 200 kV
+        mean_free_path_nm=float(rng.uniform(250.0, 450.0)) * (0.8 if voltage < 250 else 1.0),
+        extra_ice_nm=maybe(0.5, float(rng.uniform(0.0, 300.0))),
+        ice_crowding=float(rng.uniform(0.0, 0.6)),
+        damage_bfactor_per_dose=maybe(0.6, float(rng.uniform(0.0, 25.0))),
+        tilt_scheme=str(rng.choice(["dose-symmetric", "sequential"])),
+        alignment_shift_nm=maybe(0.6, float(rng.uniform(0.0, 1.5))),
+        alignment_rotation_deg=maybe(0.4, float(rng.uniform(0.0, 0.5))),
+        ctf_correction=bool(rng.random() < 0.4),
+        read_noise_e=maybe(0.3, float(rng.uniform(0.0, 10.0))),
+        leaflet_width=float(rng.uniform(0.08, 0.15)),
+        headgroup_separation=float(rng.uniform(0.5, 0.7)),
+        bilayer_asymmetry=maybe(0.5, float(rng.uniform(-0.25, 0.25))),
+        membrane_blur_nm=maybe(0.5, float(rng.uniform(0.0, 0.8))),
+        lumen_texture=maybe(0.4, float(rng.uniform(0.0, 0.15))),
+        recon_filter=str(rng.choice(["ramp", "ramp", "hamming"])),
+        vesicle_fraction=float(rng.uniform(0.02, 0.10)),
         radius_mean_nm=r_mean,
-        radius_sd_nm=float(rng.uniform(1.5, 3.5)),
-        radius_min_nm=15.0,
-        radius_max_nm=30.0,
-        membrane_thickness_nm=float(rng.uniform(4.0, 5.2)),
-        lumen_contrast=float(rng.uniform(0.0, 0.3)),
+        radius_sd_nm=float(rng.uniform(1.5, 4.5)),
+        radius_min_nm=14.0,
+        radius_max_nm=32.0,
+        membrane_thickness_nm=float(rng.uniform(3.8, 5.5)),
+        lumen_contrast=float(rng.uniform(-0.1, 0.4)),
         cluster_jitter=float(rng.uniform(0.0, 1.5)),
-        crowding=float(rng.uniform(0.5, 1.6)),
+        crowding=float(rng.uniform(0.5, 1.8)),
         plasma_membrane=bool(rng.random() < 0.85),
         postsynaptic=bool(rng.random() < 0.6),
         n_endosomes=int(rng.integers(0, 3)),
@@ -394,6 +570,8 @@ def random_params(rng: np.random.Generator | int | None = None, *,
         radial_cutoff=float(rng.uniform(0.3, 0.5)),
         invert_contrast=False,
     )
+    if p["snr"] is not None:
+        p["read_noise_e"] = 0.0
     p["tilt_step"] = min(p["tilt_step"], p["tilt_range"])
     p.update(fixed)
     return SimulationParams(**p)
@@ -431,6 +609,9 @@ class _Grid:
         self.code = np.zeros(self.pshape, dtype=np.uint8)
         # voxel-size-dependent softening of thin features (anti-aliasing)
         self.soft = 0.35 * self.v
+        # bilayer profile variant: None = the default two Gaussian leaflets, else
+        # (model, leaflet_width, headgroup_separation, asymmetry, blur_nm)
+        self.membrane = None
 
     def extent_nm(self):
         """(lo, hi) corners of the padded grid in nm (z, y, x)."""
@@ -466,10 +647,34 @@ class _Grid:
 
         Two head-group leaflets centred 0.2 t and 0.8 t deep, a light core between them.
         """
+        if self.membrane is not None:
+            return self._bilayer_variant(d, t, head, core)
         sig = 0.11 * t
         w = max(0.3, self.soft)
         out = self.gauss(d, -0.2 * t, sig, head) + self.gauss(d, -0.8 * t, sig, head)
         out += core * (_smooth_step(d + 0.35 * t, w) - _smooth_step(d + 0.65 * t, w))
+        return out
+
+    def _bilayer_variant(self, d, t, head, core):
+        """Bilayer with the leaflet width, head-group separation, asymmetry, extra blur and
+        leaflet model of ``self.membrane`` (see :class:`SimulationParams`)."""
+        model, width, sep, asym, blur = self.membrane
+        sig = width * t
+        half = 0.5 * sep
+        centres = (-(0.5 - half) * t, -(0.5 + half) * t)
+        heights = (head * (1.0 + asym), head * (1.0 - asym))
+        w = math.sqrt(max(0.3, self.soft) ** 2 + blur ** 2)
+        out = 0.0
+        for c, h in zip(centres, heights):
+            if model == "gaussian":
+                s_eff = math.sqrt(sig ** 2 + self.soft ** 2 + blur ** 2)
+                out = out + (h * sig / s_eff) * np.exp(-0.5 * ((d - c) / s_eff) ** 2)
+            else:   # "slab": flat top, same integral as the Gaussian leaflet, sharp edges
+                hw = 0.5 * math.sqrt(2.0 * math.pi) * sig
+                edge = math.sqrt(0.25 * self.soft ** 2 + blur ** 2) + 0.05
+                out = out + h * (_smooth_step(d - c - hw, edge) - _smooth_step(d - c + hw, edge))
+        core_half = max(half - 0.15, 0.05) * t
+        out = out + core * (_smooth_step(d + 0.5 * t - core_half, w) - _smooth_step(d + 0.5 * t + core_half, w))
         return out
 
     def inside(self, d):
@@ -560,6 +765,10 @@ class _Scene:
         self.anchor = self.size_nm / 2.0       # where the vesicle cluster grows from
         self.cluster_radius = 0.0
         self.n_requested = 0
+        # draws of the optional physics (lumen granules) come from their own generator
+        self.rng_x = np.random.default_rng([int(params.seed), 1])
+        # vesicle centres stay this many voxels further from the border (binned output)
+        self.border_margin = 0.0
 
     # -- checks --------------------------------------------------------------------
     def _free(self, pts, radii, margin):
@@ -805,7 +1014,7 @@ class _Scene:
 
     def _place_vesicles(self, n_ves):
         p, rng = self.p, self.rng
-        lo_margin = 0.0
+        lo_margin = self.border_margin
         n_cand = 400
         jitter = p.cluster_jitter * p.radius_mean_nm * 2.0
         for i in range(n_ves):
@@ -841,7 +1050,7 @@ class _Scene:
                 break
         if len(self.vesicles_r) < n_ves:
             warnings.warn(f"only {len(self.vesicles_r)} of {n_ves} vesicles fit into the volume "
-                          f"{self.shape} at {self.v} nm voxels", RuntimeWarning, stacklevel=4)
+                          f"{self.shape} at {self.v} nm voxels", RuntimeWarning, stacklevel=5)
 
     def _settle(self, c, r, lo_nm, hi_nm, gap, pm_margin):
         """Move the sphere (c, r) along the line to the anchor as far as it stays valid."""
@@ -1195,6 +1404,32 @@ class _Scene:
             del imp
             f *= g
             spec = f if spec is None else spec + f
+        # granular content of the vesicle lumen (optional)
+        if p.lumen_texture > 0 and len(self.vesicles_r):
+            rx = self.rng_x
+            sigma, req = 1.4, 2.2
+            vol_one = 4.0 / 3.0 * math.pi * req ** 3
+            pts = []
+            for c, r, t in zip(self.vesicles_c, self.vesicles_r, self.vesicles_t):
+                r_in = r - t - 1.5
+                if r_in <= 1.0:
+                    continue
+                m = int(rx.poisson(p.lumen_texture * (4.0 / 3.0 * math.pi * r_in ** 3) / vol_one))
+                u = _random_unit(rx, m) * (r_in * rx.random(m) ** (1.0 / 3.0))[:, None]
+                pts.append(c + u)
+            if pts:
+                pts = np.concatenate(pts)
+                ij = np.round(pts / v).astype(int)
+                ij[:, 2] += grid.pad
+                ok = np.all((ij >= 0) & (ij < np.array(shape)), axis=1)
+                w = rx.lognormal(0.0, 0.35, int(ok.sum())).astype(np.float32) * (_V_PROTEIN * vol_one / v ** 3)
+                imp = np.zeros(fshape, dtype=np.float32)
+                np.add.at(imp, (ij[ok, 0], ij[ok, 1], ij[ok, 2]), w)
+                g = np.exp(-2.0 * math.pi ** 2 * (sigma ** 2 + grid.soft ** 2) * k2)
+                f = sfft.rfftn(imp, workers=_N_WORKERS)
+                del imp
+                f *= g
+                spec = f if spec is None else spec + f
         if spec is not None:
             field_ = sfft.irfftn(spec, s=fshape, workers=_N_WORKERS)[:, :, :shape[2]]
             grid.pot += field_.astype(np.float32)
@@ -1346,8 +1581,12 @@ def ctf_1d(k, defocus_um=-8.0, voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0
     return ctf * np.exp(-(bfactor / 100.0) * k ** 2 / 4.0)
 
 
-def _ramp_filter(nu_pad, cutoff, falloff):
-    """Ram-Lak ramp (spatially derived, correct DC) times IMOD's radial Gaussian fall-off."""
+def _ramp_filter(nu_pad, cutoff, falloff, window="ramp"):
+    """Ram-Lak ramp (spatially derived, correct DC) times IMOD's radial Gaussian fall-off.
+
+    ``window``: "ramp" (none), "hamming" (0.54 + 0.46 cos(2 pi f)) or "shepp-logan"
+    (sinc(f)), f in cycles/pixel, applied before the cut-off.
+    """
     n = np.concatenate([np.arange(0, nu_pad // 2 + 1), np.arange(-(nu_pad - nu_pad // 2 - 1), 0)])
     h = np.zeros(nu_pad)
     h[0] = 0.25
@@ -1355,6 +1594,12 @@ def _ramp_filter(nu_pad, cutoff, falloff):
     h[odd] = -1.0 / (math.pi * n[odd]) ** 2
     ramp = np.real(np.fft.rfft(h))
     f = np.fft.rfftfreq(nu_pad)
+    if window == "hamming":
+        ramp = ramp * (0.54 + 0.46 * np.cos(2 * math.pi * f))
+    elif window == "shepp-logan":
+        ramp = ramp * np.sinc(f)
+    elif window != "ramp":
+        raise ValueError(f"unknown reconstruction filter {window!r}; choose 'ramp', 'hamming' or 'shepp-logan'")
     if falloff > 0:
         ramp = np.where(f > cutoff, ramp * np.exp(-((f - cutoff) / falloff) ** 2), ramp)
     else:
@@ -1434,17 +1679,73 @@ def simulate_tomogram(shape: Sequence[int] = (128, 256, 256), voxel_size: Option
         params.validate()
     p = params
     v = float(p.voxel_size)
+    f = int(p.recon_binning)
+    if f == 1:
+        return _simulate(shape, p, progress)
+    # simulate on a grid f times finer, then average f^3 blocks onto the output grid
+    fine = _simulate(tuple(n * f for n in shape), dataclasses.replace(p, voxel_size=v / f, recon_binning=1), progress,
+                     border_margin=0.5 * (f - 1))
+    nz, ny, nx = shape
+    tomo = fine.tomogram.reshape(nz, f, ny, f, nx, f).mean(axis=(1, 3, 5), dtype=np.float64)
+    tomo = (tomo - tomo.mean()) / max(float(tomo.std()), 1e-12)
+    mask = (fine.mask.reshape(nz, f, ny, f, nx, f).mean(axis=(1, 3, 5)) >= 0.5).astype(np.uint8)
+    ft = fine.table
+    # fine voxel j lies at coarse coordinate (j - (f - 1) / 2) / f
+    table = VesicleTable.from_arrays((ft.centers - 0.5 * (f - 1)) / f, ft.radii / f, voxel_size=v,
+                                     thickness=np.asarray(ft["thickness"], float) / f, stage="truth")
+    labels = render_labels(table, shape)
+    return Simulation(tomogram=tomo.astype(np.float32), labels=labels, mask=mask, table=table, voxel_size=v,
+                      params=p, tilt_angles=fine.tilt_angles, n_requested=fine.n_requested)
+
+
+def _acquisition_order(angles: np.ndarray, scheme: str) -> np.ndarray:
+    """Rank (0 = first exposed) of every tilt in the acquisition order."""
+    n = len(angles)
+    if scheme == "sequential":
+        order = np.argsort(angles, kind="stable")
+    else:   # dose-symmetric (Hagen): 0, +1, -1, -2, +2, +3, -3, ... steps
+        levels = np.unique(np.round(np.abs(angles), 6))
+        key = []
+        for i, a in enumerate(angles):
+            k = int(np.searchsorted(levels, round(abs(float(a)), 6)))
+            plus_first = k % 2 == 1
+            key.append((k, 0 if (a >= 0) == plus_first else 1, i))
+        order = np.array([i for *_, i in sorted(key)])
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return rank
+
+
+def _gaussian_kernel_ft(shape2d, sigma_px, real_last=True):
+    """Fourier transform (rfft2 layout) of a unit-sum 2D Gaussian of ``sigma_px`` pixels."""
+    k0 = sfft.fftfreq(shape2d[0])[:, None]
+    k1 = (sfft.rfftfreq(shape2d[1]) if real_last else sfft.fftfreq(shape2d[1]))[None, :]
+    return np.exp(-2.0 * math.pi ** 2 * sigma_px ** 2 * (k0 ** 2 + k1 ** 2)).astype(np.float32)
+
+
+def _simulate(shape, p: SimulationParams, progress, border_margin: float = 0.0) -> Simulation:
+    """The simulation on one grid (``p.recon_binning`` is handled by the caller)."""
+    v = float(p.voxel_size)
     rng = np.random.default_rng(p.seed)
+    # draws of the optional imaging physics: their own generator, so that switching one
+    # on leaves the phantom and the shot noise unchanged
+    rng_x = np.random.default_rng([int(p.seed), 2])
     angles = tilt_angles(p.tilt_range, p.tilt_step)
     nz, ny, nx = shape
+    n_t = len(angles)
 
     # ---- phantom --------------------------------------------------------------------
     report(progress, "phantom", 0, 10)
     pad = int(math.ceil(0.5 * nz * math.tan(math.radians(p.tilt_range)))) + 8
     pad = min(pad, 2 * nx)
     scene = _Scene(shape, p, rng)
+    scene.border_margin = float(border_margin)
     scene.build(progress)
     grid = _Grid(shape, v, pad)
+    if (p.membrane_model, p.leaflet_width, p.headgroup_separation, p.bilayer_asymmetry,
+            p.membrane_blur_nm) != ("gaussian", 0.11, 0.6, 0.0, 0.0):
+        grid.membrane = (p.membrane_model, float(p.leaflet_width), float(p.headgroup_separation),
+                         float(p.bilayer_asymmetry), float(p.membrane_blur_nm))
     scene.render(grid, progress)
     table = scene.table()
     labels = render_labels(table, shape)
@@ -1468,19 +1769,50 @@ def simulate_tomogram(shape: Sequence[int] = (128, 256, 256), voxel_size: Option
     A = _projector(nz, npx, angles)
     F = np.ascontiguousarray(pot.transpose(0, 2, 1)).reshape(nz * npx, ny)
     del pot, grid.pot
-    proj = (A @ F).reshape(len(angles), npx, ny)          # (tilt, u, y), V * voxel
-    del F, A
+    proj = (A @ F).reshape(n_t, npx, ny)                    # (tilt, u, y), V * voxel
+    del F
+    if p.reconstruction != "sirt":
+        del A
     proj *= np.float32(v)                                   # V * nm
+    # thick ice: amorphous material above and below the volume, new in every image
+    thickness = nz * v
+    if p.extra_ice_nm > 0:
+        extra = float(p.extra_ice_nm)
+        thickness = nz * v + extra
+        if p.ice_crowding > 0:
+            req = 3.0
+            vol_one = 4.0 / 3.0 * math.pi * req ** 3
+            g = _gaussian_kernel_ft((npx, ny), 2.0 / v)
+            for it, th in enumerate(np.deg2rad(angles)):
+                lam = 0.15 * p.ice_crowding * extra / math.cos(th) * v * v / vol_one   # blobs per pixel
+                imp = rng_x.poisson(lam, (npx, ny)).astype(np.float32) * np.float32(_V_PROTEIN * vol_one / (v * v))
+                imp -= np.float32(lam * _V_PROTEIN * vol_one / (v * v))
+                proj[it] += sfft.irfft2(sfft.rfft2(imp, workers=_N_WORKERS) * g, s=(npx, ny),
+                                        workers=_N_WORKERS).astype(np.float32)
     report(progress, "project", 1, 2)
 
     # ---- image formation: CTF on each projection image, gold, attenuation, noise -----
     sigma = _interaction_constant(p.voltage_kv)
     ku = sfft.fftfreq(npx)[:, None] / v
     ky = sfft.rfftfreq(ny)[None, :] / v
-    ctf = ctf_1d(np.sqrt(ku ** 2 + ky ** 2), p.defocus_um, p.voltage_kv, p.cs_mm,
-                 p.amplitude_contrast, p.bfactor).astype(np.float32)
+    kk = np.sqrt(ku ** 2 + ky ** 2)
+    per_tilt = p.defocus_spread_um > 0 or p.damage_bfactor_per_dose > 0 or p.ctf_correction
+    if p.defocus_spread_um > 0:
+        defoci = p.defocus_um + rng_x.uniform(-0.5, 0.5, n_t) * p.defocus_spread_um
+    else:
+        defoci = np.full(n_t, float(p.defocus_um))
     spec = sfft.rfft2(proj, axes=(1, 2), workers=_N_WORKERS)
-    spec *= (2.0 * sigma) * ctf[None]
+    if not per_tilt:
+        ctf = ctf_1d(kk, p.defocus_um, p.voltage_kv, p.cs_mm, p.amplitude_contrast, p.bfactor).astype(np.float32)
+        spec *= (2.0 * sigma) * ctf[None]
+    else:
+        # radiation damage: a B-factor growing with the dose accumulated before each image
+        rank = _acquisition_order(angles, p.tilt_scheme)
+        acc_dose = (rank + 0.5) * (p.dose / n_t)
+        for it in range(n_t):
+            b = p.bfactor + p.damage_bfactor_per_dose * acc_dose[it]
+            ctf = ctf_1d(kk, defoci[it], p.voltage_kv, p.cs_mm, p.amplitude_contrast, b).astype(np.float32)
+            spec[it] *= (2.0 * sigma) * ctf
     contrast = sfft.irfft2(spec, s=(npx, ny), axes=(1, 2), workers=_N_WORKERS).astype(np.float32)
     del spec, proj
     image = 1.0 + contrast                                  # (tilt, u, y)
@@ -1511,13 +1843,34 @@ def simulate_tomogram(shape: Sequence[int] = (128, 256, 256), voxel_size: Option
                 image[it, lo_u:hi_u, lo_y:hi_y] *= np.exp(-_MU_GOLD * chord).astype(np.float32)
                 image[it, lo_u:hi_u, lo_y:hi_y] -= (
                     2 * sigma * _V_GOLD * chord * (p.amplitude_contrast + 0.3)).astype(np.float32)
+    # tilt-series alignment error: each recorded image is shifted and rotated a little
+    # against the geometry the reconstruction assumes
+    if p.alignment_shift_nm > 0 or p.alignment_rotation_deg > 0:
+        from scipy import ndimage as ndi
+
+        shifts = rng_x.normal(0.0, p.alignment_shift_nm / v, (n_t, 2))
+        rots = np.deg2rad(rng_x.normal(0.0, p.alignment_rotation_deg, n_t))
+        centre = np.array([(npx - 1) / 2.0, (ny - 1) / 2.0])
+        for it in range(n_t):
+            c_, s_ = math.cos(rots[it]), math.sin(rots[it])
+            rot = np.array([[c_, -s_], [s_, c_]])
+            offset = centre - rot @ centre - rot @ shifts[it]
+            image[it] = ndi.affine_transform(image[it], rot, offset=offset, order=3, mode="nearest")
     np.maximum(image, 0.02, out=image)
-    thickness = nz * v
     atten = np.exp(-thickness / (np.cos(np.deg2rad(angles)) * p.mean_free_path_nm)).astype(np.float32)
     report(progress, "noise", 0, 1)
     if p.snr is None:
-        n0 = p.dose * p.dqe / len(angles) * (10.0 * v) ** 2 * atten       # electrons per pixel per tilt
+        n0 = p.dose * p.dqe / n_t * (10.0 * v) ** 2 * atten       # electrons per pixel per tilt
         counts = rng.poisson(image * n0[:, None, None]).astype(np.float32)
+        if p.noise_correlation_px > 0 or p.read_noise_e > 0:
+            expected = image * n0[:, None, None].astype(np.float32)
+            noise = counts - expected
+            if p.noise_correlation_px > 0:
+                noise = _correlate_noise(noise, p.noise_correlation_px)
+            if p.read_noise_e > 0:
+                noise += rng_x.standard_normal(noise.shape, dtype=np.float32) * np.float32(p.read_noise_e)
+            counts = expected + noise
+            del expected, noise
         proj_n = counts / n0[:, None, None].astype(np.float32) - 1.0
         del counts
     else:
@@ -1525,25 +1878,44 @@ def simulate_tomogram(shape: Sequence[int] = (128, 256, 256), voxel_size: Option
         central = signal[:, pad:pad + nx, :]
         noise_sd = float(np.sqrt(central.var() / p.snr))
         # thicker path at high tilt: the zero-loss signal falls, the relative noise grows
-        sd = noise_sd * np.sqrt(atten[len(angles) // 2] / atten)
-        proj_n = signal + rng.standard_normal(signal.shape, dtype=np.float32) * sd[:, None, None].astype(np.float32)
-        del signal
+        sd = noise_sd * np.sqrt(atten[n_t // 2] / atten)
+        noise = rng.standard_normal(signal.shape, dtype=np.float32)
+        if p.noise_correlation_px > 0:
+            noise = _correlate_noise(noise, p.noise_correlation_px)
+        proj_n = signal + noise * sd[:, None, None].astype(np.float32)
+        del signal, noise
     del image
+    # CTF correction by phase flipping (each image with its own defocus): every band gets
+    # the sign of the first lobe, so dense matter stays dark
+    if p.ctf_correction:
+        spec = sfft.rfft2(proj_n, axes=(1, 2), workers=_N_WORKERS)
+        for it in range(n_t):
+            flip = -np.sign(ctf_1d(kk, defoci[it], p.voltage_kv, p.cs_mm, p.amplitude_contrast))
+            spec[it] *= np.where(flip == 0, 1.0, flip).astype(np.float32)
+        proj_n = sfft.irfft2(spec, s=(npx, ny), axes=(1, 2), workers=_N_WORKERS).astype(np.float32)
+        del spec
     report(progress, "noise", 1, 1)
 
-    # ---- weighted back-projection -------------------------------------------------------
+    # ---- reconstruction -------------------------------------------------------------------
     report(progress, "reconstruct", 0, 2)
-    nu_pad = sfft.next_fast_len(2 * npx, real=True)
-    filt = _ramp_filter(nu_pad, p.radial_cutoff, p.radial_falloff)
-    spec = sfft.rfft(proj_n, n=nu_pad, axis=1, workers=_N_WORKERS)
-    spec *= filt[None, :, None]
-    proj_f = sfft.irfft(spec, n=nu_pad, axis=1, workers=_N_WORKERS)[:, :npx, :].astype(np.float32)
-    del spec, proj_n
-    B = _backprojector(nz, nx, npx, pad, angles)
-    rec = B @ np.ascontiguousarray(proj_f).reshape(len(angles) * npx, ny)     # (z*x, y)
-    del B, proj_f
+    if p.reconstruction == "sirt":
+        rec = _sirt(A, np.ascontiguousarray(proj_n).reshape(n_t * npx, ny), p.sirt_iterations, progress)
+        del A, proj_n
+        tomo = np.ascontiguousarray(rec.reshape(nz, npx, ny)[:, pad:pad + nx, :].transpose(0, 2, 1)).astype(
+            np.float32)
+        del rec
+    else:
+        nu_pad = sfft.next_fast_len(2 * npx, real=True)
+        filt = _ramp_filter(nu_pad, p.radial_cutoff, p.radial_falloff, p.recon_filter)
+        spec = sfft.rfft(proj_n, n=nu_pad, axis=1, workers=_N_WORKERS)
+        spec *= filt[None, :, None]
+        proj_f = sfft.irfft(spec, n=nu_pad, axis=1, workers=_N_WORKERS)[:, :npx, :].astype(np.float32)
+        del spec, proj_n
+        B = _backprojector(nz, nx, npx, pad, angles)
+        rec = B @ np.ascontiguousarray(proj_f).reshape(n_t * npx, ny)     # (z*x, y)
+        del B, proj_f
+        tomo = np.ascontiguousarray(rec.reshape(nz, nx, ny).transpose(0, 2, 1)).astype(np.float32)
     report(progress, "reconstruct", 1, 2)
-    tomo = np.ascontiguousarray(rec.reshape(nz, nx, ny).transpose(0, 2, 1)).astype(np.float32)
     tomo -= tomo.mean()
     sd = float(tomo.std())
     if sd > 0:
@@ -1553,3 +1925,31 @@ def simulate_tomogram(shape: Sequence[int] = (128, 256, 256), voxel_size: Option
     report(progress, "reconstruct", 2, 2)
     return Simulation(tomogram=tomo, labels=labels, mask=mask, table=table, voxel_size=v,
                       params=p, tilt_angles=angles, n_requested=scene.n_requested)
+
+
+def _correlate_noise(noise: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Blur the noise of every image (tilt, u, y) by a Gaussian MTF, keeping its per-pixel sd."""
+    shape2d = noise.shape[1:]
+    g = _gaussian_kernel_ft(shape2d, sigma_px)
+    # variance of white noise after the blur = sum of the squared kernel = mean of |G|^2
+    full = np.concatenate([g, g[:, 1:(shape2d[1] + 1) // 2][:, ::-1]], axis=1) if shape2d[1] > 1 else g
+    gain = float(np.sqrt(np.mean(full.astype(np.float64) ** 2)))
+    spec = sfft.rfft2(noise, axes=(1, 2), workers=_N_WORKERS)
+    spec *= g[None] / np.float32(gain)
+    return sfft.irfft2(spec, s=shape2d, axes=(1, 2), workers=_N_WORKERS).astype(np.float32)
+
+
+def _sirt(A: sparse.csr_matrix, proj: np.ndarray, n_iter: int, progress) -> np.ndarray:
+    """SIRT: ``x += C A^T R (p - A x)`` with R, C the inverse row and column sums of A."""
+    row = np.asarray(A.sum(axis=1)).ravel()
+    col = np.asarray(A.sum(axis=0)).ravel()
+    R = np.where(row > 1e-6, 1.0 / np.maximum(row, 1e-6), 0.0).astype(np.float32)[:, None]
+    C = np.where(col > 1e-6, 1.0 / np.maximum(col, 1e-6), 0.0).astype(np.float32)[:, None]
+    At = A.T.tocsr()
+    x = np.zeros((A.shape[1], proj.shape[1]), dtype=np.float32)
+    for k in range(n_iter):
+        resid = proj - A @ x
+        resid *= R
+        x += C * (At @ resid)
+        report(progress, "reconstruct", 0, 2)
+    return x

@@ -2,9 +2,10 @@
 
 Data come from the simulator (:func:`simulated_training_data`, domain-randomised) or from a
 user's own tomogram with labels (:func:`volume_pair` — a label MRC, or a vesicle table
-rendered to labels). Every volume is resampled to the model's voxel size and normalised
-exactly as at prediction time (:func:`cryoves.predict.normalize`), so a trained model sees
-at inference what it saw in training.
+rendered to labels). Every volume is resampled to the model's voxel size and preprocessed
+exactly as at prediction time (:func:`cryoves.predict.preprocess` with the model card's
+``preprocessing``: inversion, smoothing, normalisation), so a trained model sees at
+inference what it saw in training.
 
 Patches (default 48³) are drawn at random, kept when they hold enough vesicle voxels (the
 paper keeps 32³ patches with > 1000 vesicle voxels, i.e. ~3 %; we use the same fraction),
@@ -96,14 +97,33 @@ def _resample(vol: np.ndarray, factor: float, order: int) -> np.ndarray:
     return ndi.zoom(vol.astype(np.float32), factor, order=order, grid_mode=True, mode="grid-mirror")
 
 
+def _check_preprocessing(preprocessing) -> dict:
+    if not isinstance(preprocessing, dict) or "normalization" not in preprocessing:
+        raise TypeError("preprocessing must be a model card's preprocessing dict "
+                        "(model.card.preprocessing: smooth_sigma, normalization, invert)")
+    return preprocessing
+
+
 def volume_pair(tomogram: np.ndarray, labels: np.ndarray, voxel_size: float, model_voxel_size: float,
-                normalization: dict, source: str = "", invert: bool = False) -> TrainingVolume:
+                preprocessing: dict, source: str = "") -> TrainingVolume:
     """Prepare a (tomogram, labels) pair for training on a model of ``model_voxel_size`` nm.
 
-    ``labels`` may be a label volume or a binary mask (non-zero = vesicle, filled spheres).
+    Parameters
+    ----------
+    tomogram, labels : ndarray
+        3-D, of equal shape. ``labels`` may be a label volume or a binary mask (non-zero =
+        vesicle, filled spheres).
+    voxel_size, model_voxel_size : float
+        nm; the pair is resampled from the first to the second.
+    preprocessing : dict
+        The model card's ``preprocessing`` (:attr:`cryoves.model.ModelCard.preprocessing`),
+        applied after resampling exactly as :func:`cryoves.predict.predict_probability` does.
+    source : str
+        Description kept with the volume (model card provenance).
     """
-    from cryoves.predict import normalize
+    from cryoves.predict import preprocess
 
+    preprocessing = _check_preprocessing(preprocessing)
     tomogram = np.asarray(tomogram)
     labels = np.asarray(labels)
     if tomogram.ndim != 3 or tomogram.shape != labels.shape:
@@ -113,22 +133,27 @@ def volume_pair(tomogram: np.ndarray, labels: np.ndarray, voxel_size: float, mod
     factor = voxel_size / model_voxel_size
     image = _resample(tomogram.astype(np.float32), factor, order=1)
     mask = _resample((labels != 0).astype(np.float32), factor, order=1) > 0.5
-    image = normalize(image, normalization, invert=invert)
-    return TrainingVolume(image.astype(np.float32), mask.astype(np.uint8), source)
+    image = preprocess(image, preprocessing, copy=False)
+    return TrainingVolume(image.astype(np.float32, copy=False), mask.astype(np.uint8), source)
 
 
-def simulated_training_data(n_volumes: int, model_voxel_size: float, normalization: dict, *,
+def simulated_training_data(n_volumes: int, model_voxel_size: float, preprocessing: dict, *,
                             shape_nm: Sequence[float] = (160, 300, 300), seed: int = 1000,
-                            voxel_size_range: tuple[float, float] = (1.0, 2.4), invert: bool = False,
+                            voxel_size_range: tuple[float, float] = (1.0, 3.0),
                             progress: ProgressCallback = None) -> list[TrainingVolume]:
     """Simulate ``n_volumes`` domain-randomised tomograms and prepare them for training.
 
     Each volume is simulated at a random voxel size in ``voxel_size_range`` (so the
     resampling to ``model_voxel_size`` is part of what the network learns to tolerate)
-    with randomised SNR, defocus, tilt range, crowding, vesicle density and contrast.
+    with every physics setting drawn by :func:`cryoves.simulate.random_params` (dose,
+    voltage, defocus, tilt range, ice, damage, alignment error, CTF correction, membrane
+    profiles, radii, crowding, distractors), then preprocessed with ``preprocessing``
+    (the model card's). The rendering families in
+    :data:`cryoves.simulate.HELD_OUT_FROM_TRAINING` are never drawn.
     """
     from cryoves.simulate import random_params, simulate_tomogram
 
+    preprocessing = _check_preprocessing(preprocessing)
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_volumes):
@@ -137,8 +162,8 @@ def simulated_training_data(n_volumes: int, model_voxel_size: float, normalizati
         shape = tuple(int(round(s / vs / 4) * 4) for s in shape_nm)
         params = random_params(rng, voxel_size_range=(vs, vs))
         sim = simulate_tomogram(shape=shape, voxel_size=vs, seed=int(rng.integers(2**31)), params=params)
-        out.append(volume_pair(sim.tomogram, sim.labels, vs, model_voxel_size, normalization,
-                               source=f"simulated seed={seed} #{i} voxel={vs:.2f}nm", invert=invert))
+        out.append(volume_pair(sim.tomogram, sim.labels, vs, model_voxel_size, preprocessing,
+                               source=f"simulated seed={seed} #{i} voxel={vs:.2f}nm"))
     report(progress, "simulate", n_volumes, n_volumes)
     return out
 

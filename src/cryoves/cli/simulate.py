@@ -32,6 +32,51 @@ CSV_COLUMNS = ("id", "z", "y", "x", "radius", "thickness", "density", "pvalue", 
                "note", "reviewed", "z_nm", "y_nm", "x_nm", "radius_nm", "thickness_nm", "voxel_size_nm")
 
 
+#: simulator physics options: (flag, SimulationParams field, type or choices, metavar, help)
+PHYSICS_OPTIONS = (
+    ("--voltage", "voltage_kv", float, "KV", "acceleration voltage in kV (default 300; 200 works)"),
+    ("--extra-ice", "extra_ice_nm", float, "NM", "ice slab thicker than the volume by NM, half above and half "
+                                                 "below: more attenuation and amorphous background (default 0)"),
+    ("--ice-crowding", "ice_crowding", float, "X", "protein-like density of that extra ice, times the cytosol's "
+                                                   "(default 0.3)"),
+    ("--damage", "damage_bfactor_per_dose", float, "A2_PER_E", "radiation damage: extra B-factor per e/A^2 of "
+                                                                "accumulated dose, in A^2 (default 0 = off; ~20 is "
+                                                                "realistic)"),
+    ("--tilt-scheme", "tilt_scheme", ("dose-symmetric", "sequential"), None,
+     "acquisition order for the accumulated dose (default dose-symmetric)"),
+    ("--align-shift", "alignment_shift_nm", float, "NM", "tilt-series alignment error: sd of a random shift of "
+                                                          "every tilt image, nm (default 0)"),
+    ("--align-rotation", "alignment_rotation_deg", float, "DEG", "sd of a random in-plane rotation of every tilt "
+                                                                 "image, degrees (default 0)"),
+    ("--defocus-spread", "defocus_spread_um", float, "UM", "per-tilt defocus uniform in defocus +- UM/2 "
+                                                           "(default 0)"),
+    ("--ctf-correction", "ctf_correction", bool, None, "phase-flip every tilt image before the reconstruction "
+                                                       "(default: no CTF correction)"),
+    ("--read-noise", "read_noise_e", float, "E", "Gaussian detector read noise, electrons per pixel per tilt "
+                                                 "(default 0)"),
+    ("--noise-correlation", "noise_correlation_px", float, "PX", "correlated noise: blur the noise by a "
+                                                                  "Gaussian MTF of PX pixels (default 0 = white)"),
+    ("--membrane-model", "membrane_model", ("gaussian", "slab"), None,
+     "head-group leaflet profile (default gaussian)"),
+    ("--leaflet-width", "leaflet_width", float, "FRAC", "leaflet sigma / bilayer thickness (default 0.11)"),
+    ("--headgroup-separation", "headgroup_separation", float, "FRAC",
+     "distance of the head-group peaks / bilayer thickness (default 0.6)"),
+    ("--bilayer-asymmetry", "bilayer_asymmetry", float, "A", "outer leaflet 1+A, inner 1-A times the head-group "
+                                                              "density (default 0)"),
+    ("--membrane-blur", "membrane_blur_nm", float, "NM", "extra Gaussian blur of the bilayer profile "
+                                                         "(default 0)"),
+    ("--lumen-texture", "lumen_texture", float, "FRAC", "volume fraction of granules in the vesicle lumen "
+                                                        "(default 0)"),
+    ("--reconstruction", "reconstruction", ("wbp", "sirt"), None,
+     "weighted back-projection or SIRT (default wbp)"),
+    ("--recon-filter", "recon_filter", ("ramp", "hamming", "shepp-logan"), None,
+     "WBP filter window (default ramp)"),
+    ("--sirt-iterations", "sirt_iterations", int, "N", "SIRT iterations (default 10)"),
+    ("--recon-binning", "recon_binning", int, "N", "simulate N times finer, then bin N x (default 1; "
+                                                    "costs N^3)"),
+)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``simulate`` on the ``cryoves`` sub-command parser."""
     p = subparsers.add_parser(
@@ -58,6 +103,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="tilt increment in degrees (default 2)")
     p.add_argument("--n-vesicles", type=int, default=None, metavar="N",
                    help="number of synaptic vesicles (default: from the volume)")
+    phys = p.add_argument_group(
+        "physics options", "all off by default; see docs/simulator.md and cryoves.simulate.SimulationParams")
+    for flag, name, kind, metavar, text in PHYSICS_OPTIONS:
+        if kind is bool:
+            phys.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+        elif isinstance(kind, tuple):
+            phys.add_argument(flag, dest=name, choices=kind, default=None, help=text)
+        else:
+            phys.add_argument(flag, dest=name, type=kind, default=None, metavar=metavar, help=text)
     p.add_argument("--params", default=None, metavar="JSON",
                    help="a params.json (from a previous run) to start from; options given "
                         "on the command line override it")
@@ -174,7 +228,7 @@ def run(args) -> int:
     overrides = {}
     for opt, name in (("voxel_size", "voxel_size"), ("seed", "seed"), ("snr", "snr"), ("dose", "dose"), ("defocus", "defocus_um"),
                       ("tilt_range", "tilt_range"), ("tilt_step", "tilt_step"),
-                      ("n_vesicles", "n_vesicles")):
+                      ("n_vesicles", "n_vesicles")) + tuple((o[1], o[1]) for o in PHYSICS_OPTIONS):
         val = getattr(args, opt)
         if val is not None:
             overrides[name] = val

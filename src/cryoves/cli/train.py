@@ -34,6 +34,10 @@ def add_parser(sub):
                    help="voxel size (nm) the network works at; default: that of --init-weights, else 2.2")
     p.add_argument("--voxel-size", type=float, default=None,
                    help="override the header voxel size (nm) of every --data tomogram")
+    p.add_argument("--smooth-sigma", type=float, default=None, metavar="SIGMA",
+                   help="Gaussian smoothing (voxels at the model's voxel size) applied before normalisation, "
+                        "in training and at every prediction (recorded in the model card); default: that of "
+                        "--init-weights, else none")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--steps", type=int, default=100, help="batches per epoch")
     p.add_argument("--batch-size", type=int, default=4)
@@ -44,7 +48,7 @@ def add_parser(sub):
     return p
 
 
-def _load_pairs(specs, voxel_override, model_voxel, normalization, invert):
+def _load_pairs(specs, voxel_override, model_voxel, preprocessing):
     import numpy as np
 
     from cryoves import render_labels
@@ -64,8 +68,8 @@ def _load_pairs(specs, voxel_override, model_voxel, normalization, invert):
             labels, _ = read_tomogram(lab_path, voxel_size=vs)
             if labels.shape != tomo.shape:
                 raise CliError(f"{lab_path} has shape {labels.shape}, its tomogram {tomo.shape}")
-        out.append(volume_pair(np.asarray(tomo), np.asarray(labels), vs, model_voxel, normalization,
-                               source=Path(tomo_path).name, invert=invert))
+        out.append(volume_pair(np.asarray(tomo), np.asarray(labels), vs, model_voxel, preprocessing,
+                               source=Path(tomo_path).name))
     return out
 
 
@@ -93,8 +97,13 @@ def run(args) -> int:
             model.card.voxel_size_nm = args.model_voxel_size
     else:
         model = new_model(name=out.name, voxel_size_nm=args.model_voxel_size or 2.2, seed=args.seed)
+    if args.smooth_sigma is not None:
+        try:
+            model.card = model.card.with_preprocessing(smooth_sigma=args.smooth_sigma)
+        except ValueError as err:
+            raise CliError(f"--smooth-sigma: {err}") from err
     mvs = model.card.voxel_size_nm
-    norm = model.card.normalization
+    prep = model.card.preprocessing
 
     from tqdm import tqdm
 
@@ -107,14 +116,13 @@ def run(args) -> int:
         bar.n = done
         bar.refresh()
 
-    inv = bool(model.card.invert)
-    train_vols = _load_pairs(args.data, args.voxel_size, mvs, norm, inv)
-    val_vols = _load_pairs(args.val_data, args.voxel_size, mvs, norm, inv)
+    train_vols = _load_pairs(args.data, args.voxel_size, mvs, prep)
+    val_vols = _load_pairs(args.val_data, args.voxel_size, mvs, prep)
     if args.simulated:
-        train_vols += simulated_training_data(args.simulated, mvs, norm, seed=1000 + args.seed, invert=inv,
+        train_vols += simulated_training_data(args.simulated, mvs, prep, seed=1000 + args.seed,
                                               progress=progress)
     if args.val_simulated:
-        val_vols += simulated_training_data(args.val_simulated, mvs, norm, seed=9000 + args.seed, invert=inv,
+        val_vols += simulated_training_data(args.val_simulated, mvs, prep, seed=9000 + args.seed,
                                             progress=lambda s, d, t: progress("simulate-val", d, t))
     sources = [v.source for v in train_vols]
     card_updates = {"training_data": (f"{len(train_vols)} volumes: " + "; ".join(sources[:5])
