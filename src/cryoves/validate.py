@@ -26,13 +26,14 @@ This module imports neither TensorFlow nor Qt.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from cryoves.table import VesicleTable, check_voxel_size as _check_number
 
-__all__ = ["VOXEL_SIZE_RANGE_NM", "EXPECTED_RADIUS_NM", "check_voxel_size", "check_shape", "check_dtype",
+__all__ = ["ResultWarning", "InputWarning", "INVERT_HINT", "VOXEL_SIZE_RANGE_NM", "EXPECTED_RADIUS_NM", "check_voxel_size", "check_shape", "check_dtype",
            "check_finite", "check_inputs", "check_result", "contrast_polarity", "default_field_of_view"]
 
 #: Plausible voxel sizes (nm) of a cryo-electron tomogram.
@@ -43,6 +44,16 @@ EXPECTED_RADIUS_NM = (12.0, 50.0)
 #: Default smallest vesicle radius (nm), as ``SegmentParams.min_radius_nm`` (the paper's 12 nm).
 _DEFAULT_MIN_RADIUS_NM = 12.0
 _SLAB_BYTES = 64 * 2 ** 20
+#: What :func:`check_result` tells the user to do about data that look inverted.
+INVERT_HINT = "pass --invert (command line) or negate the tomogram"
+
+
+class InputWarning(UserWarning):
+    """An input that can be segmented but may give poorer results (e.g. a thin volume)."""
+
+
+class ResultWarning(UserWarning):
+    """A segmentation result that looks implausible (see :func:`check_result`)."""
 
 
 def check_voxel_size(value, *, name: str = "voxel_size") -> float:
@@ -207,8 +218,8 @@ def check_finite(data, *, name: str = "tomogram", slab_bytes: int = _SLAB_BYTES)
         raise ValueError(f"{name}: every voxel has the same value ({lo:g}); there is nothing to segment")
 
 
-def check_inputs(tomogram, voxel_size, *, params=None, model=None, finite: bool = True,
-                 name: str = "tomogram", voxel_size_name: str = "voxel_size") -> list[str]:
+def check_inputs(tomogram, voxel_size, *, params=None, model=None, predict: bool = True, finite: bool = True,
+                 name: str = "tomogram", voxel_size_name: str = "voxel_size", warn: bool = False) -> list[str]:
     """Every check of a segmentation's inputs, cheapest first; returns warnings.
 
     Parameters
@@ -221,10 +232,14 @@ def check_inputs(tomogram, voxel_size, *, params=None, model=None, finite: bool 
     model : UNetModel, optional
         Its receptive field and voxel size set the field-of-view warning (default: the
         default U-Net's at the tomogram's voxel size).
+    predict : bool
+        The network will run (else no field-of-view warning).
     finite : bool
         Scan the data for NaN/Inf and constant volumes (one pass).
     name, voxel_size_name : str
         What messages call the volume and the voxel size.
+    warn : bool
+        Also issue each warning as an :class:`InputWarning`.
 
     Raises
     ------
@@ -239,11 +254,14 @@ def check_inputs(tomogram, voxel_size, *, params=None, model=None, finite: bool 
     check_dtype(tomogram, name=name)
     vs = check_voxel_size(voxel_size, name=voxel_size_name)
     min_r = getattr(params, "min_radius_nm", None) or _DEFAULT_MIN_RADIUS_NM
-    fov, mvs = _field_of_view(model)
+    fov, mvs = _field_of_view(model) if predict else (0, None)
     warns = check_shape(tomogram.shape, vs, min_radius_nm=min_r, field_of_view=fov, model_voxel_size=mvs,
                         name=name)
     if finite:
         check_finite(tomogram, name=name)
+    if warn:
+        for w in warns:
+            warnings.warn(w, InputWarning, stacklevel=2)
     return warns
 
 
@@ -302,7 +320,7 @@ def contrast_polarity(tomogram, table: VesicleTable, *, max_vesicles: int = 200)
 
 
 def check_result(tomogram, table: VesicleTable, voxel_size: float, *, params=None,
-                 invert_hint: str = "pass --invert (command line) or negate the tomogram") -> list[str]:
+                 invert_hint: str = INVERT_HINT, warn: bool = False) -> list[str]:
     """Sanity checks of a segmentation result; returns warnings (one line each).
 
     - contrast polarity (:func:`contrast_polarity`): when most accepted vesicles have a membrane
@@ -321,6 +339,8 @@ def check_result(tomogram, table: VesicleTable, voxel_size: float, *, params=Non
     params : SegmentParams, optional
     invert_hint : str
         What to tell the user to do about inverted data.
+    warn : bool
+        Also issue each warning as a :class:`ResultWarning`.
     """
     vs = float(voxel_size)
     acc = table.accepted()
@@ -350,4 +370,7 @@ def check_result(tomogram, table: VesicleTable, voxel_size: float, *, params=Non
         warns.append(f"the data look inverted: the membranes of {pol['fraction_bright']:.0%} of {pol['n']} "
                      f"vesicles are brighter than their lumen and the cytosol around them (cryoves expects "
                      f"dense = dark); if your tomogram has dense = bright, {invert_hint}")
+    if warn:
+        for w in warns:
+            warnings.warn(w, ResultWarning, stacklevel=2)
     return warns
