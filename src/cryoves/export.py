@@ -116,8 +116,8 @@ def pyto_regions(mask) -> tuple[np.ndarray | None, np.ndarray | None]:
     return region, az
 
 
-def _voxel_size(table: VesicleTable, voxel_size) -> float:
-    vs = table.voxel_size if voxel_size is None else voxel_size
+def _voxel_size(table: VesicleTable | None, voxel_size) -> float:
+    vs = getattr(table, "voxel_size", None) if voxel_size is None else voxel_size
     if vs is None:
         raise ValueError("the voxel size is unknown: pass voxel_size= (nm) or use a table that has one")
     from cryoves.validate import check_voxel_size
@@ -131,7 +131,7 @@ def _need_shape(fmt: str, shape) -> tuple[int, int, int]:
     return tuple(int(s) for s in shape)
 
 
-def write_format(fmt: str, path, table: VesicleTable, *, shape=None, voxel_size: float | None = None,
+def write_format(fmt: str, path, table: VesicleTable | None, *, shape=None, voxel_size: float | None = None,
                  mask=None, labels=None, tomo_name: str | None = None, overwrite: bool = False) -> Path:
     """Write one format of a vesicle table to one file (atomically, by :mod:`cryoves.io`).
 
@@ -140,7 +140,8 @@ def write_format(fmt: str, path, table: VesicleTable, *, shape=None, voxel_size:
     fmt : str
         One of :data:`FORMATS`.
     path : str or Path
-    table : VesicleTable
+    table : VesicleTable or None
+        None only for ``labels`` with ``labels`` given (a label volume written as it is).
     shape : (Z, Y, X), optional
         Tomogram shape (needed by ``labels``, ``pyto`` and ``mod``).
     voxel_size : float, optional
@@ -158,10 +159,15 @@ def write_format(fmt: str, path, table: VesicleTable, *, shape=None, voxel_size:
     Path
     """
     path = Path(path)
+    if table is None and not (fmt == "labels" and labels is not None):
+        raise ValueError(f"the {fmt} output needs a vesicle table")
     if fmt == "csv":
         return _io.write_vesicles_csv(path, table, overwrite=overwrite)
     if fmt == "star":
         return _io.write_star(path, table, tomo_name=tomo_name, overwrite=overwrite)
+    if fmt == "mod":  # an IMOD model may be in pixels when the voxel size is unknown
+        vs = voxel_size if voxel_size is not None else table.voxel_size
+        return _io.write_imod_model(path, table, _need_shape(fmt, shape), vs, overwrite=overwrite)
     vs = _voxel_size(table, voxel_size)
     if fmt == "labels":
         if labels is None:
@@ -171,8 +177,6 @@ def write_format(fmt: str, path, table: VesicleTable, *, shape=None, voxel_size:
         region, az = pyto_regions(mask)
         return _io.write_pyto_labels(path, table, _need_shape(fmt, shape), vs, mask=region, active_zone=az,
                                      overwrite=overwrite)
-    if fmt == "mod":
-        return _io.write_imod_model(path, table, _need_shape(fmt, shape), vs, overwrite=overwrite)
     raise ValueError(f"unknown format {fmt!r}; choose among {', '.join(FORMATS)}")
 
 

@@ -59,7 +59,7 @@ from cryoves.validate import check_voxel_size as _check_voxel_size_range
 __all__ = [
     "read_tomogram", "read_labels", "read_mrc_header", "voxel_size_from_header", "MrcInfo",
     "write_mrc", "write_labels_mrc", "write_pyto_labels",
-    "write_vesicles_csv", "read_vesicles_csv",
+    "write_vesicles_csv", "read_vesicles_csv", "vesicles_csv_text",
     "write_star", "read_star",
     "write_imod_model", "read_imod_model",
     "protect_path", "is_protected", "check_output_dir",
@@ -817,6 +817,20 @@ def _atomic_text(path, overwrite: bool, newline: str | None = None):
             yield fh
 
 
+def vesicles_csv_text(table: VesicleTable) -> str:
+    """The vesicle table as CSV text, exactly as :func:`write_vesicles_csv` writes it."""
+    import io as _stdio
+
+    cols = table.to_dict(nm=True)
+    names = list(cols)
+    buf = _stdio.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(names)
+    for i in range(len(table)):
+        writer.writerow([_fmt(cols[n][i]) for n in names])
+    return buf.getvalue()
+
+
 def write_vesicles_csv(path, table: VesicleTable, *, overwrite: bool = False) -> Path:
     """Write every row and column of ``table`` to CSV (comma-separated, header row, UTF-8).
 
@@ -825,14 +839,7 @@ def write_vesicles_csv(path, table: VesicleTable, *, overwrite: bool = False) ->
     voxel_size_nm``. Floats are written with full precision (``repr``), so
     :func:`read_vesicles_csv` gives back exactly the same table; missing values are ``nan``.
     """
-    cols = table.to_dict(nm=True)
-    names = list(cols)
-    with _atomic_text(path, overwrite, newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(names)
-        for i in range(len(table)):
-            writer.writerow([_fmt(cols[n][i]) for n in names])
-    return Path(path)
+    return atomic_write_text(path, vesicles_csv_text(table), overwrite=overwrite, newline="")
 
 
 def read_vesicles_csv(path, *, voxel_size: float | None = None) -> VesicleTable:
