@@ -372,6 +372,7 @@ def run(args) -> int:
 def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_start, result_state,
                  remove_stale_staging, created) -> int:
     from cryoves import io as cio
+    from cryoves.export import output_names
 
     try:
         cio.check_output_dir(out)
@@ -388,13 +389,14 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
         if tomo in failures:
             continue
         remove_stale_staging(folder)
-        state = result_state(folder, stem, {k: p.name for k, p in paths.items()})
+        names = output_names(stem, formats, _INTERMEDIATES if args.save_intermediates else ())
+        state = result_state(folder, stem, names)
         if state.status == "complete" and not args.overwrite:
             if single:
                 raise CliError(f"result files already exist in {folder} "
                                f"({', '.join(p.name for p in state.files)}); pass --overwrite to replace them "
                                f"or choose another --out")
-            if state.covers({k: p.name for k, p in paths.items()}):
+            if state.covers(names):
                 _info(args, f"{tomo.name}: finished results in {folder}, skipped (--overwrite redoes them)")
                 skipped.append(tomo)
                 continue
