@@ -207,12 +207,15 @@ def _check_header(tomo: Path, args, min_radius_nm: float) -> list[str]:
     return validate.check_shape(info.shape, vs, min_radius_nm=min_radius_nm, name=tomo.name)
 
 
-def _segment_one(tomo_path: Path, mask_path, folder: Path, args, params, get_model, formats) -> dict:
-    """Read, segment, check and write one tomogram; returns its run record. Raises ValueError/OSError."""
+def _segment_one(tomo_path: Path, mask_path, folder: Path, args, get_params, get_model, formats) -> dict:
+    """Read, segment, check and write one tomogram; returns its run record. Raises ValueError/OSError.
+
+    The tomogram is read (and its values checked) before the pipeline and the model are loaded,
+    so that bad data are reported within a second or two.
+    """
     from cryoves import __version__
     from cryoves import io as cio
     from cryoves.export import export_results
-    from cryoves.pipeline import segment
 
     stem = _stem(tomo_path)
     timings = {}
@@ -228,7 +231,10 @@ def _segment_one(tomo_path: Path, mask_path, folder: Path, args, params, get_mod
         if mask_vs is not None and abs(mask_vs - vs) > 0.01 * vs:
             notes.append(f"{mask_path.name}: header voxel size {mask_vs:g} nm differs from the tomogram's {vs:g} nm")
     timings["read"] = time.perf_counter() - t0
+    params = get_params()
     model = get_model()
+    from cryoves.pipeline import segment
+
     if args.invert:
         import numpy as np
 
@@ -409,19 +415,23 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
             _warn(f"{tomo.name}: the results in {folder} are incomplete ({state.reason}); redoing them")
         plan.append((tomo, mask, folder))
 
-    # parameters: the pipeline is imported only now (about 1.5 s)
-    from cryoves.pipeline import SegmentParams
+    params_box = []
 
-    try:
-        changes = {"tta": args.tta}
-        if args.p_threshold is not None:
-            changes["p_threshold"] = args.p_threshold
-        if args.min_radius_nm is not None:
-            changes["min_radius_nm"] = args.min_radius_nm
-        params = SegmentParams().replace(**changes)
-    except ValueError as err:
-        raise CliError(str(err).replace("SegmentParams.p_threshold", "--p-threshold")
-                       .replace("SegmentParams.min_radius_nm", "--min-radius-nm")) from None
+    def get_params():  # the pipeline is imported only now (1.5-3 s), after the first tomogram is read
+        if not params_box:
+            from cryoves.pipeline import SegmentParams
+
+            try:
+                changes = {"tta": args.tta}
+                if args.p_threshold is not None:
+                    changes["p_threshold"] = args.p_threshold
+                if args.min_radius_nm is not None:
+                    changes["min_radius_nm"] = args.min_radius_nm
+                params_box.append(SegmentParams().replace(**changes))
+            except ValueError as err:
+                raise CliError(str(err).replace("SegmentParams.p_threshold", "--p-threshold")
+                               .replace("SegmentParams.min_radius_nm", "--min-radius-nm")) from None
+        return params_box[0]
 
     model_box = []
 
@@ -437,7 +447,7 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
         _info(args, f"[{i + 1}/{len(plan)}] {tomo}" if not single else f"reading {tomo}")
         t0 = time.perf_counter()
         try:
-            records[tomo] = _segment_one(tomo, mask, folder, args, params, get_model, formats)
+            records[tomo] = _segment_one(tomo, mask, folder, args, get_params, get_model, formats)
             times[tomo] = time.perf_counter() - t0
         except CliError:
             raise
