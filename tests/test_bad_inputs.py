@@ -186,6 +186,29 @@ def test_help_shows_every_default(capsys):
         assert "default" in " ".join(entry.split()), entry
 
 
+def test_cli_bad_weights_are_one_line(tmp_path, tomo, random_weights, capsys):
+    from cryoves.model import new_model
+
+    w = Path(random_weights)
+    card = w.with_name(w.name[: -len(".weights.h5")] + ".json")
+    d = tmp_path / "w"
+    d.mkdir()
+    (d / "text.weights.h5").write_text("not weights")
+    (d / "cut.weights.h5").write_bytes(w.read_bytes()[:4000])
+    new_model(name="wide", voxel_size_nm=2.2, seed=0, n_filter_base=8).save(d / "other")
+    for name in ("text", "cut", "other"):
+        shutil.copy(card, d / f"{name}.json")  # the small model's card next to each file
+    expect = {"text": "is not an HDF5 weights file", "cut": "is a truncated HDF5 file",
+              "other": "the weights belong to another architecture than the card next to them (layer "}
+    for name, part in expect.items():
+        weights = d / f"{name}.weights.h5"
+        before = _sha(weights)
+        rc = main(["segment", str(tomo), "--out", str(tmp_path / "o"), "--weights", str(weights), "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and part in err[0] and str(weights) in err[0], err
+        assert _sha(weights) == before and not (tmp_path / "o").exists()
+
+
 # ----------------------------------------------------------------------------------------
 # faults while writing, through the command line (subprocesses)
 # ----------------------------------------------------------------------------------------
