@@ -126,6 +126,14 @@ def test_protected_input_is_never_replaced(tmp_path):
     with pytest.raises(PermissionError, match="input file"):
         export.export_results(folder, "tomo", _table(), shape=SHAPE, overwrite=True)
     assert victim.read_bytes() == before and not _hidden(folder)
+    # nor removed as a file of an earlier set that the new one lacks
+    other = tmp_path / "o2"
+    export.export_results(other, "tomo", _table(), shape=SHAPE, formats=("csv", "pyto"))
+    cio.read_tomogram(other / "tomo_pyto.mrc", check=False)  # e.g. given as --mask
+    before = other.joinpath("tomo_pyto.mrc").read_bytes()
+    with pytest.raises(PermissionError, match="tomo_pyto.mrc is an input file"):
+        export.export_results(other, "tomo", _table(), shape=SHAPE, formats=("csv",), overwrite=True)
+    assert other.joinpath("tomo_pyto.mrc").read_bytes() == before and not _hidden(other)
 
 
 _SCRIPT = textwrap.dedent("""

@@ -427,6 +427,10 @@ def export_results(folder, stem: str, table: VesicleTable, *, shape=None, voxel_
                               f"({', '.join(p.name for p in state.files)}); pass overwrite=True "
                               f"(command line: --overwrite) to replace them")
 
+    for old in state.files:  # files of an earlier set that this one would remove
+        if _io.is_protected(old):
+            raise PermissionError(f"refusing to replace the results in {folder}: {old.name} is an input file of "
+                                  f"this run (cryoves never removes its inputs); choose another output folder")
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=f"{STAGING_PREFIX}{stem}-{os.getpid()}-"))
     total = len(names)
     try:

@@ -381,8 +381,7 @@ def run(args) -> int:
     failures: dict[Path, str] = {}
     for tomo, mask in zip(tomos, masks):
         try:
-            for w in _check_header(tomo, args, min_radius):
-                _warn(f"{tomo.name}: {w}")
+            _check_header(tomo, args, min_radius)  # its warnings come again, with the model's field of view
             if mask is not None:
                 _check_input_file(mask, "mask")
         except (ValueError, OSError, TypeError) as err:
