@@ -268,10 +268,10 @@ def check_inputs(tomogram, voxel_size, *, params=None, model=None, predict: bool
 # ----------------------------------------------------------------------------------------
 # results
 # ----------------------------------------------------------------------------------------
-def contrast_polarity(tomogram, table: VesicleTable, *, max_vesicles: int = 200) -> dict:
+def contrast_polarity(tomogram, table: VesicleTable, *, max_vesicles: int = 50) -> dict:
     """Is the membrane of each accepted vesicle a dark dip or a bright peak of its radial profile?
 
-    For each accepted vesicle (at most ``max_vesicles``, the first in table order) the mean
+    For each accepted vesicle (at most ``max_vesicles``, evenly spread over the table) the mean
     intensity is taken in 1-voxel shells around the centre. The baseline is the mean of the
     lumen (``d < 0.5 r``) and of the cytosol outside (``1.35 r <= d <= 1.6 r``); in the band
     ``0.5 r < d < 1.35 r``, which holds the membrane even when the fitted radius is 30 % off,
@@ -291,7 +291,9 @@ def contrast_polarity(tomogram, table: VesicleTable, *, max_vesicles: int = 200)
     sub = np.asarray(tomogram[::step, ::step, ::step], dtype=np.float64)
     sd = float(sub.std()) or 1.0
     dips, peaks, bright = [], [], []
-    for c, r in list(zip(acc.centers, acc.radii))[:max_vesicles]:
+    pick = np.unique(np.linspace(0, len(acc) - 1, min(len(acc), max_vesicles)).round().astype(int)) \
+        if len(acc) else np.zeros(0, int)
+    for c, r in zip(acc.centers[pick], acc.radii[pick]):
         if not (np.all(np.isfinite(c)) and np.isfinite(r) and r > 2):
             continue
         ext = 1.6 * r + 1
