@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cryoves import __version__
-from cryoves.cli.simulate import _write_mrc, _write_text, vesicles_csv_text
+from cryoves import io as cio
 from cryoves.simulate import SimulationParams, simulate_tomogram
 
 SHAPE = (76, 160, 160)
@@ -39,10 +39,11 @@ def main(outdir: Path) -> None:
     v = sim.voxel_size
     if len(sim.table) > 127:
         raise SystemExit("more than 127 vesicles do not fit in 8-bit labels")
-    _write_mrc(outdir / "tomogram.mrc", to_int8(sim.tomogram), v)
-    _write_mrc(outdir / "labels_truth.mrc", sim.labels.astype(np.int8), v)
-    _write_mrc(outdir / "mask.mrc", sim.mask.astype(np.int8), v)
-    _write_text(outdir / "vesicles_truth.csv", vesicles_csv_text(sim.table))
+    # every file through cryoves.io: atomic, voxel size in the header; regenerating replaces them
+    cio.write_mrc(outdir / "tomogram.mrc", to_int8(sim.tomogram), v, overwrite=True)
+    cio.write_mrc(outdir / "labels_truth.mrc", sim.labels.astype(np.int8), v, overwrite=True)
+    cio.write_mrc(outdir / "mask.mrc", sim.mask.astype(np.int8), v, overwrite=True)
+    cio.write_vesicles_csv(outdir / "vesicles_truth.csv", sim.table, overwrite=True)
     meta = {
         "generator": f"cryoves {__version__}: python sample_data/make_sample_data.py",
         "shape": list(SHAPE),
@@ -53,7 +54,7 @@ def main(outdir: Path) -> None:
         "tilt_angles_deg": [float(a) for a in sim.tilt_angles],
         "params": sim.params.to_dict(),
     }
-    _write_text(outdir / "params.json", json.dumps(meta, indent=2) + "\n")
+    cio.atomic_write_text(outdir / "params.json", json.dumps(meta, indent=2) + "\n", overwrite=True)
     print(f"{len(sim.table)} vesicles -> {outdir}")
 
 

@@ -59,6 +59,9 @@ def test_end_to_end_single(tmp_path, tomo, random_weights, capsys):
     info = json.loads((out / "tomo_segment.json").read_text())
     assert info["n_accepted"] == len(table.accepted()) and info["voxel_size_nm"] == pytest.approx(tomo_vs)
     assert set(info["timings_s"]) >= {"read", "predict", "global", "adaptive", "refine", "outliers", "write"}
+    # the run record closes the set: it lists every other file with its size
+    assert info["complete"] is True and info["inverted"] is False and isinstance(info["warnings"], list)
+    assert info["files"] == {p.name: p.stat().st_size for p in out.iterdir() if p.name != "tomo_segment.json"}
     assert "vesicles found" in captured.out and "time:" in captured.out
     # no temporary files left
     assert not [p for p in out.iterdir() if p.name.startswith(".")]

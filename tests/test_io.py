@@ -688,3 +688,45 @@ def test_conversion_memory_is_bounded(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert out.dtype == np.float32 and out.shape == (64, 96, 96)
     assert peak < out_bytes + 4 * 64 * 1024 + 200_000, peak - out_bytes
+
+
+def test_atomic_writers_are_public_and_safe(tmp_path):
+    p = tmp_path / "r.json"
+    assert cio.atomic_write_text(p, "a\nb\n") == p and p.read_bytes() == b"a\nb\n"
+    with pytest.raises(FileExistsError, match="overwrite"):
+        cio.atomic_write_text(p, "x")
+    cio.atomic_write_bytes(p, b"\x00\x01", overwrite=True)
+    assert p.read_bytes() == b"\x00\x01"
+    with pytest.raises(RuntimeError):
+        with cio.atomic_path(tmp_path / "never", overwrite=True) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["r.json"]  # no half file, no temporary
+
+
+def test_write_failure_names_the_file(tmp_path):
+    """'[Errno 27] File too large' alone names no file: the writers add it (file-size limit in a subprocess)."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, numpy as np; from cryoves import io\n"
+            "try:\n"
+            "    io.write_mrc(sys.argv[1], np.zeros((20, 100, 100), np.float32), 2.0)\n"
+            "except OSError as err:\n"
+            "    print(err); sys.exit(3)\n")
+    target = tmp_path / "big.mrc"
+    r = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src")),
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000)))
+    assert r.returncode == 3, r.stderr
+    assert f"cannot write {target}: File too large" in r.stdout and "ulimit -f" in r.stdout
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
+
+
+def test_read_tomogram_of_an_array_says_it_wants_a_path():
+    with pytest.raises(TypeError, match="wants the path of an MRC file, got a numpy array.*cryoves.segment"):
+        cio.read_tomogram(np.zeros((3, 3, 3), np.float32))
+    with pytest.raises(TypeError, match="read_labels\\(\\) wants the path"):
+        cio.read_labels(42)

@@ -21,7 +21,10 @@ Writing
 Every writer is atomic (the file is written to a hidden temporary file in the destination
 folder and moved into place with :func:`os.replace`, so a crash never leaves a half-written
 result), refuses to replace an existing file unless ``overwrite=True``
-(:class:`FileExistsError`), and never replaces a protected input file.
+(:class:`FileExistsError`), and never replaces a protected input file. A write failure (disk
+full, file-size limit) is reported with the file's name. :func:`atomic_path`,
+:func:`atomic_write_bytes` and :func:`atomic_write_text` give the same guarantees to any other
+file cryoves writes (run records, model cards, simulation parameters).
 
 - :func:`write_mrc`: any volume (float32, float16, int8, int16, uint16), voxel size in Å
 - :func:`write_labels_mrc`: label volume as uint16 (MRC mode 6)
@@ -50,19 +53,22 @@ import numpy as np
 
 from cryoves import __version__
 from cryoves.table import COLUMNS, VesicleTable, check_voxel_size, render_labels
+from cryoves.validate import VOXEL_SIZE_RANGE_NM, check_finite
+from cryoves.validate import check_voxel_size as _check_voxel_size_range
 
 __all__ = [
     "read_tomogram", "read_labels", "read_mrc_header", "voxel_size_from_header", "MrcInfo",
     "write_mrc", "write_labels_mrc", "write_pyto_labels",
-    "write_vesicles_csv", "read_vesicles_csv",
+    "write_vesicles_csv", "read_vesicles_csv", "vesicles_csv_text",
     "write_star", "read_star",
     "write_imod_model", "read_imod_model",
     "protect_path", "is_protected", "check_output_dir",
+    "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "VOXEL_SIZE_RANGE_NM", "MRC_SUFFIXES",
 ]
 
-#: Plausible voxel sizes (nm) of a cryo-electron tomogram; outside it a header value is rejected.
-VOXEL_SIZE_RANGE_NM = (0.2, 5.0)
+# VOXEL_SIZE_RANGE_NM (plausible voxel sizes, nm; outside it a header value is rejected) is
+# defined in cryoves.validate and re-exported here.
 #: File name endings recognised as MRC/CCP4 (content decides; this is for messages and globbing).
 MRC_SUFFIXES = (".mrc", ".rec", ".map", ".mrcs", ".st", ".ali", ".mrc.gz", ".rec.gz", ".map.gz",
                 ".mrc.bz2", ".rec.bz2", ".map.bz2")
@@ -150,6 +156,17 @@ def _not_mrc_message(path: Path, detail: str) -> str:
             f"first, e.g. with IMOD's tif2mrc or 'python -m mrcfile'.")
 
 
+def _as_path(path, func: str) -> Path:
+    """``path`` as a Path, or a TypeError saying that ``func`` wants a file name."""
+    if isinstance(path, (str, os.PathLike)):
+        return Path(path)
+    what = (f"a {type(path).__module__.split('.')[0]} array" if hasattr(path, "shape")
+            else f"a {type(path).__name__}")
+    hint = (" To segment an array in memory, pass it to cryoves.segment(array, voxel_size) directly."
+            if hasattr(path, "shape") else "")
+    raise TypeError(f"{func}() wants the path of an MRC file, got {what}.{hint}")
+
+
 def read_mrc_header(path) -> MrcInfo:
     """Read and validate the header of an MRC file, without reading its data.
 
@@ -174,7 +191,7 @@ def read_mrc_header(path) -> MrcInfo:
     from mrcfile.gzipmrcfile import GzipMrcFile
     from mrcfile import utils as mrc_utils
 
-    path = Path(path)
+    path = _as_path(path, "read_mrc_header")
     if not path.exists():
         raise FileNotFoundError(f"tomogram file not found: {path}")
     if path.is_dir():
@@ -267,11 +284,7 @@ def _voxel_size_from_header(info: MrcInfo, voxel_size, path: Path) -> float:
     hx, hy, hz = (v / 10.0 for v in info.voxel_size_A)
     header_desc = f"X={hx * 10:g} Å, Y={hy * 10:g} Å, Z={hz * 10:g} Å"
     if voxel_size is not None:
-        vs = check_voxel_size(voxel_size)
-        if not lo <= vs <= hi:
-            hint = f" Did you give Å? {vs:g} Å = {vs / 10:g} nm." if lo <= vs / 10 <= hi else ""
-            raise ValueError(f"voxel_size={vs:g} nm is implausible for a cryo-electron tomogram "
-                             f"(expected {lo}-{hi} nm).{hint}")
+        vs = _check_voxel_size_range(voxel_size, name="voxel_size")
         header_vals = [h for h in (hx, hy, hz) if lo <= h <= hi]
         if header_vals and any(abs(h - vs) > _ANISOTROPY_TOL * vs for h in header_vals):
             warnings.warn(f"{path.name}: using voxel_size={vs:g} nm although the header says "
@@ -398,7 +411,7 @@ def read_tomogram(path, voxel_size: float | None = None, *, mmap: bool = True,
     unsigned (uint8). The file is protected from being overwritten by this module's writers
     (:func:`protect_path`).
     """
-    path = Path(path)
+    path = _as_path(path, "read_tomogram")
     info = read_mrc_header(path)
     for note in info.warnings:
         warnings.warn(note, UserWarning, stacklevel=2)
@@ -436,29 +449,7 @@ def read_tomogram(path, voxel_size: float | None = None, *, mmap: bool = True,
 
 def _check_values(data: np.ndarray, path) -> None:
     """NaN/Inf count (with the first affected Z slice) and constant-volume check, slab by slab."""
-    n_bad = 0
-    first_bad = None
-    lo, hi = np.inf, -np.inf
-    for sl in _slabs(data.shape):
-        slab = data[sl]
-        finite = np.isfinite(slab)
-        bad = finite.size - int(np.count_nonzero(finite))
-        if bad:
-            n_bad += bad
-            if first_bad is None:
-                per_z = np.count_nonzero(~finite.reshape(finite.shape[0], -1), axis=1)
-                first_bad = sl.start + int(np.flatnonzero(per_z)[0])
-            vals = slab[finite]
-            if vals.size:
-                lo, hi = min(lo, float(vals.min())), max(hi, float(vals.max()))
-        else:
-            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
-    if n_bad:
-        raise ValueError(f"{path}: {n_bad} of {data.size} voxels are NaN or infinite (first in Z slice "
-                         f"{first_bad}, counting from 0); the reconstruction is broken there. Fix or "
-                         f"crop the tomogram (e.g. IMOD's trimvol) and try again.")
-    if not hi > lo:
-        raise ValueError(f"{path}: every voxel has the same value ({lo:g}); there is nothing to segment")
+    check_finite(data, name=str(path), slab_bytes=_SLAB_BYTES)
 
 
 def read_labels(path, *, check_shape: Sequence[int] | None = None) -> tuple[np.ndarray, float | None]:
@@ -482,7 +473,7 @@ def read_labels(path, *, check_shape: Sequence[int] | None = None) -> tuple[np.n
     Unlike :func:`read_tomogram`, the file is not protected from the writers (an editor
     may save labels back to the file it opened).
     """
-    path = Path(path)
+    path = _as_path(path, "read_labels")
     info = read_mrc_header(path)
     if len(info.shape) != 3:
         raise ValueError(f"{path}: a label volume must be 3-D, got shape {info.shape}")
@@ -554,9 +545,32 @@ def _check_target(path: Path, overwrite: bool) -> None:
                                   f"--overwrite) to replace it")
 
 
+def _named_os_error(err: OSError, path: Path) -> OSError:
+    """``err`` with a message naming ``path`` (e.g. "[Errno 27] File too large" alone names no file)."""
+    if str(path) in str(err) or err.errno is None:
+        return err
+    why = err.strerror or str(err)
+    extra = {27: " (a file-size limit is set: see 'ulimit -f')", 28: " (the disk is full)",
+             122: " (the disk quota is exceeded)"}.get(err.errno, "")
+    new = type(err)(err.errno, f"cannot write {path}: {why}{extra}")
+    return new
+
+
 @contextmanager
-def _atomic_target(path, overwrite: bool):
-    """Yield a temporary path next to ``path``; on success move it onto ``path``."""
+def atomic_path(path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a file atomically: yield a temporary path next to ``path``, then move it into place.
+
+    The temporary file is hidden (``.NAME.xxxx.part``) in the destination folder, so the final
+    :func:`os.replace` is atomic; it is removed if the body raises. The target is checked before
+    and after writing: an existing file is refused unless ``overwrite`` (:class:`FileExistsError`),
+    a protected input file always (:class:`PermissionError`). An :class:`OSError` raised while
+    writing (disk full, file-size limit) is re-raised with a message naming ``path``.
+
+    Examples
+    --------
+    >>> with atomic_path("out.bin", overwrite=True) as tmp:  # doctest: +SKIP
+    ...     np.save(tmp, array)
+    """
     path = Path(path)
     _check_target(path, overwrite)
     try:
@@ -565,7 +579,10 @@ def _atomic_target(path, overwrite: bool):
         raise PermissionError(f"cannot write to folder {path.parent}: {err.strerror or err}") from None
     os.close(fd)
     try:
-        yield Path(tmp)
+        try:
+            yield Path(tmp)
+        except OSError as err:
+            raise _named_os_error(err, path) from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -588,6 +605,26 @@ def _atomic_target(path, overwrite: bool):
         except OSError:
             pass
         raise
+
+
+def atomic_write_bytes(path, data: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`); returns the path."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path, text: str, *, overwrite: bool = False, newline: str | None = "") -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_path`); returns the path.
+
+    ``newline=""`` (default) writes the text as it is; ``None`` translates ``\\n`` to the
+    platform's line end.
+    """
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline=newline) as fh:
+            fh.write(text)
+    return Path(path)
 
 
 def _mrc_dtype(data: np.ndarray) -> np.dtype:
@@ -648,7 +685,7 @@ def write_mrc(path, data, voxel_size: float, *, overwrite: bool = False, label: 
     path = Path(path)
     compression = ("gzip" if path.name.lower().endswith(".gz")
                    else "bzip2" if path.name.lower().endswith(".bz2") else None)
-    with _atomic_target(path, overwrite) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         if compression is not None:
             with mrcfile.new(tmp, overwrite=True, compression=compression) as mrc:
                 mrc.set_data(np.ascontiguousarray(data, dtype=dtype))
@@ -775,9 +812,23 @@ def _fmt(v) -> str:
 
 @contextmanager
 def _atomic_text(path, overwrite: bool, newline: str | None = None):
-    with _atomic_target(path, overwrite) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         with open(tmp, "w", encoding="utf-8", newline=newline) as fh:
             yield fh
+
+
+def vesicles_csv_text(table: VesicleTable) -> str:
+    """The vesicle table as CSV text, exactly as :func:`write_vesicles_csv` writes it."""
+    import io as _stdio
+
+    cols = table.to_dict(nm=True)
+    names = list(cols)
+    buf = _stdio.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(names)
+    for i in range(len(table)):
+        writer.writerow([_fmt(cols[n][i]) for n in names])
+    return buf.getvalue()
 
 
 def write_vesicles_csv(path, table: VesicleTable, *, overwrite: bool = False) -> Path:
@@ -788,14 +839,7 @@ def write_vesicles_csv(path, table: VesicleTable, *, overwrite: bool = False) ->
     voxel_size_nm``. Floats are written with full precision (``repr``), so
     :func:`read_vesicles_csv` gives back exactly the same table; missing values are ``nan``.
     """
-    cols = table.to_dict(nm=True)
-    names = list(cols)
-    with _atomic_text(path, overwrite, newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(names)
-        for i in range(len(table)):
-            writer.writerow([_fmt(cols[n][i]) for n in names])
-    return Path(path)
+    return atomic_write_text(path, vesicles_csv_text(table), overwrite=overwrite, newline="")
 
 
 def read_vesicles_csv(path, *, voxel_size: float | None = None) -> VesicleTable:
@@ -1096,7 +1140,7 @@ def write_imod_model(path, table: VesicleTable, shape: Sequence[int], voxel_size
         chunks.append(struct.pack(">3f", t["x"][i] + 0.5, t["y"][i] + 0.5, t["z"][i]))
         chunks.append(b"SIZE" + struct.pack(">if", 4, radii[i]))
     chunks.append(b"IEOF")
-    with _atomic_target(path, overwrite) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(b"".join(chunks))
     return Path(path)

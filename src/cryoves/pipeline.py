@@ -46,6 +46,7 @@ from cryoves import refine as _refine
 from cryoves import threshold as _threshold
 from cryoves._progress import ProgressCallback, report
 from cryoves.table import VesicleTable, check_voxel_size, render_labels
+from cryoves.validate import check_inputs, check_result
 
 __all__ = ["SegmentParams", "SegmentationResult", "segment", "STAGES"]
 
@@ -419,7 +420,11 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     Raises
     ------
     ValueError
-        Bad inputs (shape, voxel size, mask, probability).
+        Bad inputs (shape, voxel size, mask, probability), checked by
+        :func:`cryoves.validate.check_inputs` before any heavy work. Warnings: an
+        :class:`~cryoves.validate.InputWarning` for a volume thinner than the network's field of
+        view, a :class:`~cryoves.validate.ResultWarning` for an implausible result
+        (:func:`cryoves.validate.check_result`: inverted contrast, centres outside, radii).
     FileNotFoundError
         ``model=None`` and no default weights ship (pass weights explicitly).
     cryoves.Cancelled
@@ -433,6 +438,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     if not isinstance(params, SegmentParams):
         raise TypeError(f"params must be a SegmentParams, got {type(params).__name__}")
     params.validate()
+    check_inputs(tomogram, voxel_size, params=params, model=model, predict=probability is None, warn=True)
     if not hasattr(tomogram, "shape") or not hasattr(tomogram, "dtype"):
         tomogram = np.asarray(tomogram)
     if tomogram.ndim != 3:
@@ -529,6 +535,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
         stage_labels["outliers"] = final
     timings["outliers"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
+    check_result(tomogram, table, vs, params=params, warn=True)  # implausible results: ResultWarning
 
     return SegmentationResult(table=table, labels=final, probability=probability, stage_labels=stage_labels,
                               stage_tables=stage_tables, threshold=threshold, timings=timings,

@@ -233,3 +233,71 @@ def test_plugin_modules_do_not_import_tensorflow():
             "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in ('tensorflow', 'keras'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def _not_volumes(tmp_path):
+    """Files named like MRC that the reader cannot read, each in its own folder."""
+    import mrcfile
+
+    cases = {}
+    d = tmp_path / "text"
+    d.mkdir()
+    (d / "a.mrc").write_text("not a tomogram\n" * 100)
+    cases["text"] = d / "a.mrc"
+    d = tmp_path / "png"
+    d.mkdir()
+    (d / "a.mrc").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(3000))
+    cases["png"] = d / "a.mrc"
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "a.mrc").write_bytes(b"")
+    cases["empty"] = d / "a.mrc"
+    d = tmp_path / "2d"
+    d.mkdir()
+    with mrcfile.new(d / "a.mrc") as m:
+        m.set_data(np.zeros((10, 12), np.float32))
+    cases["2d"] = d / "a.mrc"
+    d = tmp_path / "folder"
+    d.mkdir()
+    (d / "a.mrc").mkdir()
+    cases["folder"] = d / "a.mrc"
+    d = tmp_path / "truncated"
+    d.mkdir()
+    _write_tomo(d / "full.mrc")
+    (d / "a.mrc").write_bytes((d / "full.mrc").read_bytes()[:3000])
+    cases["truncated"] = d / "a.mrc"
+    return cases
+
+
+@pytest.mark.parametrize("case", ["text", "png", "empty", "2d", "folder", "truncated"])
+def test_reader_returns_none_for_what_it_cannot_read(tmp_path, case):
+    """napari's convention: None (let another reader try), never an exception."""
+    import hashlib
+
+    from cryoves.napari._reader import napari_get_reader
+
+    path = _not_volumes(tmp_path)[case]
+    before = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    assert napari_get_reader(str(path)) is None
+    good = tmp_path / "good.mrc"
+    _write_tomo(good)
+    assert napari_get_reader([str(good), str(path)]) is None  # a list is read only when all are readable
+    assert napari_get_reader([str(good)]) is not None
+    if before is not None:
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_writers_use_the_export_names_and_rules(tmp_path):
+    """The napari writers write through cryoves.export.write_format (same files as the CLI)."""
+    from cryoves.io import read_imod_model
+    from cryoves.napari import _writer
+    from cryoves.napari._layers import points_layer_data
+
+    t = _table()
+    data, kw, _ = points_layer_data(t, "tomo", (12, 20, 24))
+    attrs = {"metadata": kw["metadata"], "features": kw.get("features"), "size": kw.get("size"),
+             "scale": kw.get("scale", (1.5,) * 3)}
+    p, = _writer.write_vesicles_imod(str(tmp_path / "v"), data, attrs)
+    assert p.endswith(".mod") and len(read_imod_model(p)) == len(t.accepted())
+    with pytest.raises(ValueError, match="voxel size is unknown"):
+        _writer.write_labels_mrc(str(tmp_path / "l.mrc"), np.zeros((2, 3, 4), np.uint16), {"scale": (1.0,) * 3})

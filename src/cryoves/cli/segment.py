@@ -1,25 +1,33 @@
 """``cryoves segment``: find the vesicles of one or more tomograms and write the results.
 
-For each ``TOMO.mrc`` (into ``DIR``, or ``DIR/<stem>/`` when several tomograms are given):
+For each ``TOMO.mrc`` (into ``DIR``, or ``DIR/<stem>/`` when several tomograms are given), the
+files of :mod:`cryoves.export` (names in ``docs/outputs.md``):
 
 - ``<stem>_vesicles.csv``   every vesicle row (accepted and removed), voxels and nm    (csv)
 - ``<stem>_labels.mrc``     accepted vesicles as filled spheres, uint16, id = table id (labels)
 - ``<stem>_pyto.mrc``       Pyto labels: region 1, active zone 2, vesicles from 10     (pyto)
 - ``<stem>_vesicles.star``  RELION-style STAR of the accepted centres                  (star)
 - ``<stem>_vesicles.mod``   IMOD model, one sphere per accepted vesicle                (mod)
-- ``<stem>_segment.json``   parameters, voxel size, threshold, counts, timings (always)
+- ``<stem>_segment.json``   the run record: parameters, voxel size, threshold, counts, timings,
+  warnings, the files of the set with their sizes (always; written last)
 - with ``--save-intermediates``: ``<stem>_probability.mrc`` and
   ``<stem>_labels_{global,adaptive,refine,outliers}.mrc``
 
-Inputs are never modified and never overwritten. Existing results are not replaced unless
-``--overwrite`` is given. With several tomograms, a failing one is reported and the others
-are still processed; the exit status is then 1.
+Order of work: arguments, then every input header (voxel size, shape), then the output
+folder, each reported at once; then per tomogram: read (NaN/Inf check), load the model (once),
+segment, check the result, write the set. Inputs are never modified. Results are written as one
+set (:func:`cryoves.export.export_results`): a failed or killed run leaves the previous set
+untouched, and an incomplete set left by a killed run is recognised and redone.
+
+Several tomograms (batch): a failing one is reported and the others are still processed;
+tomograms whose complete results already exist are skipped unless ``--overwrite`` (so a killed
+batch resumes where it stopped); a summary table ends the run, and the exit status is 1 when
+any tomogram failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -28,10 +36,17 @@ from pathlib import Path
 from cryoves.cli import CliError
 
 FORMATS = ("csv", "labels", "pyto", "star", "mod")
-_FORMAT_FILES = {"csv": "_vesicles.csv", "labels": "_labels.mrc", "pyto": "_pyto.mrc",
-                 "star": "_vesicles.star", "mod": "_vesicles.mod"}
 _MRC_ENDINGS = (".mrc.gz", ".rec.gz", ".map.gz", ".mrc.bz2", ".rec.bz2", ".map.bz2",
                 ".mrc", ".rec", ".map", ".mrcs", ".st", ".ali")
+_INTERMEDIATES = ("probability", "labels_global", "labels_adaptive", "labels_refine", "labels_outliers")
+
+#: Defaults shown by ``--help`` (those of :class:`cryoves.pipeline.SegmentParams`, checked by a
+#: test; not imported here so that ``cryoves --help`` and input errors stay fast).
+HELP_DEFAULTS = {"p_threshold": 0.01, "min_radius_nm": 12.0}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    pass
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -42,34 +57,42 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=("Run the whole CryoVesNet method (U-Net prediction, global and adaptive "
                      "threshold, sphere refinement, outlier removal) on each tomogram and write "
                      "the vesicle table (CSV), labels (MRC), Pyto labels, a STAR file and an IMOD "
-                     "model. Input files are never modified."),
+                     "model, as one set with a run record written last. Input files are never "
+                     "modified. With several tomograms, finished ones are skipped (a killed batch "
+                     "resumes), failing ones do not stop the others."),
         epilog=("Example: cryoves segment tomo.rec --out results --weights cryovesnet/weights.h5\n"
                 "Formats are described in docs/outputs.md."),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("tomograms", nargs="+", metavar="TOMO.mrc", help="tomogram(s) (MRC, .rec, .map, .mrc.gz)")
     p.add_argument("--out", "-o", required=True, metavar="DIR",
                    help="output folder (created if missing); one subfolder per tomogram when several are given")
     p.add_argument("--voxel-size", type=float, default=None, metavar="NM",
-                   help="voxel size in nm (overrides the MRC header; required when the header has none)")
+                   help="voxel size in nm (default: from the MRC header; required when the header has none)")
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="U-Net weights: cryoves NAME.weights.h5 (with NAME.json) or the reference "
                         "CryoVesNet weights.h5 (default: the weights shipped with cryoves)")
     p.add_argument("--mask", action="append", default=None, metavar="REGION.mrc",
                    help="region mask on the tomogram's grid (non-zero = search here; a Pyto file with "
-                        "1 = region and 2 = active zone also works); give it once per tomogram, in order")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation (8 flips, 8x slower prediction)")
+                        "1 = region and 2 = active zone also works); give it once per tomogram, in order "
+                        "(default: no mask, search everywhere)")
+    p.add_argument("--invert", action="store_true",
+                   help="the tomogram has inverted contrast (dense = bright): negate it before every stage "
+                        "(default: off, membranes dark as in a usual cryo-ET reconstruction)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation (8 flips, 8x slower prediction) (default: off)")
     p.add_argument("--p-threshold", type=float, default=None, metavar="P",
                    help="outlier p-value threshold: vesicles with a lower Mahalanobis p-value are re-fitted "
-                        "or removed (default: that of cryoves.outliers.filter_outliers, 0.01 at the time of "
-                        "writing; the paper used 0.3)")
+                        f"or removed (default: {HELP_DEFAULTS['p_threshold']:g}; the paper used 0.3)")
     p.add_argument("--min-radius-nm", type=float, default=None, metavar="NM",
-                   help="smallest vesicle radius in nm (default 12, the paper's)")
+                   help=f"smallest vesicle radius in nm (default: {HELP_DEFAULTS['min_radius_nm']:g}, the paper's)")
     p.add_argument("--formats", default=",".join(FORMATS), metavar="LIST",
-                   help=f"comma-separated outputs among {','.join(FORMATS)} (default: all)")
+                   help=f"comma-separated outputs among {','.join(FORMATS)} (default: all, {','.join(FORMATS)})")
     p.add_argument("--save-intermediates", action="store_true",
-                   help="also write the probability map and the label volume of every stage")
-    p.add_argument("--overwrite", action="store_true", help="replace existing result files")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+                   help="also write the probability map and the label volume of every stage (default: off)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing complete results; with several tomograms, redo finished ones "
+                        "(default: off: refuse for one tomogram, skip finished ones in a batch)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output (default: off)")
     return p
 
 
@@ -92,26 +115,30 @@ def _parse_formats(text: str) -> tuple[str, ...]:
 
 
 def output_paths(stem: str, folder: Path, formats, save_intermediates: bool) -> dict[str, Path]:
-    """Every file ``segment`` writes for one tomogram: key -> path."""
-    out = {f: folder / f"{stem}{_FORMAT_FILES[f]}" for f in formats}
-    out["json"] = folder / f"{stem}_segment.json"
-    if save_intermediates:
-        out["probability"] = folder / f"{stem}_probability.mrc"
-        for s in ("global", "adaptive", "refine", "outliers"):
-            out[f"labels_{s}"] = folder / f"{stem}_labels_{s}.mrc"
+    """Every file ``segment`` writes for one tomogram: key -> path (the run record is ``"json"``)."""
+    from cryoves.export import output_names
+
+    names = output_names(stem, formats, _INTERMEDIATES if save_intermediates else ())
+    out = {("json" if k == "record" else k): folder / n for k, n in names.items()}
     return out
 
 
 class _Bars:
-    """One tqdm progress bar per pipeline stage, on stderr."""
+    """One tqdm progress bar per pipeline stage on a terminal; one line per stage otherwise."""
 
     def __init__(self, prefix: str, disable: bool):
         self.prefix, self.disable = prefix, disable
+        self.tty = sys.stderr.isatty()
         self.bar = None
         self.stage = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self.disable:
+            return
+        if not self.tty:
+            if stage != self.stage:
+                self.stage = stage
+                print(f"{self.prefix}: {stage} ...", file=sys.stderr, flush=True)
             return
         from tqdm import tqdm
 
@@ -119,7 +146,7 @@ class _Bars:
             self.close()
             self.stage = stage
             self.bar = tqdm(total=max(total, 1), desc=f"{self.prefix} {stage:<8}", file=sys.stderr,
-                            leave=False, dynamic_ncols=True, disable=None)
+                            leave=False, dynamic_ncols=True)
         if self.bar is not None:
             if total and self.bar.total != total:
                 self.bar.total = total
@@ -136,6 +163,11 @@ def _warn(msg: str) -> None:
     print(f"cryoves segment: warning: {msg}", file=sys.stderr)
 
 
+def _info(args, msg: str) -> None:
+    if not args.quiet:
+        print(f"cryoves segment: {msg}", file=sys.stderr, flush=True)
+
+
 def _load_model(weights):
     from cryoves.model import load_model
 
@@ -148,113 +180,193 @@ def _load_model(weights):
                            f"reference CryoVesNet weights.h5") from None
         raise CliError(f"--weights: {err}") from None
     except (ValueError, OSError) as err:
-        raise CliError(f"--weights {weights}: {err}") from None
+        raise CliError(_weights_error(weights, err)) from None
 
 
-def _segment_one(tomo_path: Path, mask_path, folder: Path, paths: dict, args, params, model, formats) -> dict:
-    """Read, segment, write one tomogram; returns a summary dict. Raises ValueError/OSError."""
+def _weights_error(weights, err: Exception) -> str:
+    """A one-line message for weights that cannot be loaded (Keras' own can run to 150 lines)."""
+    import re
+
+    path = Path(str(weights)).expanduser()
+    if path.is_file():
+        try:
+            import h5py
+
+            if not h5py.is_hdf5(path):
+                return (f"--weights {path} is not an HDF5 weights file (empty, or another format); "
+                        f"copy or download it again")
+            with h5py.File(path, "r"):
+                pass
+        except OSError as h5err:
+            why = "truncated" if "truncated" in str(h5err) else "unreadable"
+            return (f"--weights {path} is a {why} HDF5 file ({str(h5err).splitlines()[0]}); "
+                    f"copy or download it again")
+        except ImportError:
+            pass
+    text = str(err)
+    m = re.search(r"Target variable: <Variable path=([^,]+),", text)
+    shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", text)
+    if m and shapes:
+        return (f"--weights {path}: the weights belong to another architecture than the card next to them "
+                f"(layer {m.group(1)}: the card builds shape {shapes.group(1)}, the file holds "
+                f"{shapes.group(2)}); use the NAME.json card saved with these weights")
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"--weights {weights}: {first}"
+
+
+def _check_input_file(path: Path, what: str) -> None:
+    """A one-line error for a missing input or a folder given as input."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not an MRC file; give the file itself")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+
+
+def _check_header(tomo: Path, args, min_radius_nm: float) -> list[str]:
+    """Validate a tomogram from its header alone (no data read); returns warnings."""
+    from cryoves import io as cio
+    from cryoves import validate
+
+    _check_input_file(tomo, "tomogram")
+    info = cio.read_mrc_header(tomo)
+    if len(info.shape) != 3:
+        raise ValueError(f"{tomo} holds {len(info.shape)}-D data of shape {info.shape}; cryoves segments "
+                         f"3-D tomograms")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read_tomogram repeats them
+        vs = cio.voxel_size_from_header(info, args.voxel_size)
+    return validate.check_shape(info.shape, vs, min_radius_nm=min_radius_nm, name=tomo.name)
+
+
+def _segment_one(tomo_path: Path, mask_path, folder: Path, args, get_params, get_model, formats) -> dict:
+    """Read, segment, check and write one tomogram; returns its run record. Raises ValueError/OSError.
+
+    The tomogram is read (and its values checked) before the pipeline and the model are loaded,
+    so that bad data are reported within a second or two.
+    """
     from cryoves import __version__
     from cryoves import io as cio
-    from cryoves.pipeline import segment
+    from cryoves.export import export_results
 
     stem = _stem(tomo_path)
     timings = {}
+    notes: list[str] = []
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tomogram, vs = cio.read_tomogram(tomo_path, args.voxel_size)
-    for w in caught:
-        _warn(str(w.message))
+    notes += [str(w.message) for w in caught]
     mask = None
     if mask_path is not None:
         mask, mask_vs = cio.read_labels(mask_path, check_shape=tomogram.shape)
         if mask_vs is not None and abs(mask_vs - vs) > 0.01 * vs:
-            _warn(f"{mask_path.name}: header voxel size {mask_vs:g} nm differs from the tomogram's {vs:g} nm")
+            notes.append(f"{mask_path.name}: header voxel size {mask_vs:g} nm differs from the tomogram's {vs:g} nm")
     timings["read"] = time.perf_counter() - t0
+    params = get_params()
+    model = get_model()
+    from cryoves.pipeline import segment
+
+    if args.invert:
+        import numpy as np
+
+        tomogram = np.negative(tomogram, dtype=np.float32)  # a new array: the input stays as it is
 
     bars = _Bars(stem, args.quiet)
     try:
-        result = segment(tomogram, vs, model, params=params, mask=mask,
-                         keep_intermediates=args.save_intermediates, progress=bars)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = segment(tomogram, vs, model, params=params, mask=mask,
+                             keep_intermediates=args.save_intermediates, progress=bars)
     finally:
         bars.close()
+    for w in caught:
+        msg = str(w.message)
+        if issubclass(w.category, UserWarning) and msg not in notes:
+            notes.append(msg)
+    if args.invert:
+        from cryoves.validate import INVERT_HINT
+
+        notes = [n.replace(INVERT_HINT, "this run used --invert: try without it") for n in notes]
     timings.update({k: v for k, v in result.timings.items() if k != "total"})
+    for n in notes:
+        _warn(f"{tomo_path.name}: {n}")
 
     t0 = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
-    ow = args.overwrite
     table, shape = result.table, tuple(tomogram.shape)
-    if "csv" in formats:
-        cio.write_vesicles_csv(paths["csv"], table, overwrite=ow)
-    if "labels" in formats:
-        cio.write_labels_mrc(paths["labels"], result.labels, vs, overwrite=ow)
-    if "pyto" in formats:
-        region = az = None
-        if mask is not None:
-            import numpy as np
-
-            region = mask != 0
-            values = set(np.unique(mask).tolist())
-            if 2 in values and values <= {0, 1, 2}:
-                az = mask == 2
-        cio.write_pyto_labels(paths["pyto"], table, shape, vs, mask=region, active_zone=az, overwrite=ow)
-    if "star" in formats:
-        cio.write_star(paths["star"], table, tomo_name=stem, overwrite=ow)
-    if "mod" in formats:
-        cio.write_imod_model(paths["mod"], table, shape, vs, overwrite=ow)
+    volumes = {}
     if args.save_intermediates:
-        cio.write_mrc(paths["probability"], result.probability, vs, overwrite=ow,
-                      label=f"cryoves {__version__} vesicle probability")
+        volumes["probability"] = result.probability
         for s, vol in result.stage_labels.items():
-            cio.write_labels_mrc(paths[f"labels_{s}"], vol, vs, overwrite=ow,
-                                 label=f"cryoves {__version__} labels after stage {s}")
-    timings["write"] = time.perf_counter() - t0
-    summary = {
+            volumes[f"labels_{s}"] = vol
+    record = {
         "cryoves_version": __version__,
         "tomogram": str(tomo_path.resolve()),
         "mask": None if mask_path is None else str(Path(mask_path).resolve()),
         "shape": list(shape),
         "voxel_size_nm": vs,
+        "inverted": bool(args.invert),
         "weights": None if model is None else str(getattr(model, "path", None) or getattr(model.card, "name", "")),
         "threshold": result.threshold if result.threshold == result.threshold else None,
         "n_accepted": result.n_accepted,
         "n_removed": result.n_removed,
         "removed_by_stage": result.removed_by_stage(),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "warnings": notes,
         "params": params.to_dict(),
-        "outputs": {k: p.name for k, p in paths.items() if k != "json"},
     }
-    from cryoves.io import _atomic_text  # same atomic, no-clobber rules as every writer
 
-    with _atomic_text(paths["json"], ow) as fh:
-        json.dump(summary, fh, indent=2)
-        fh.write("\n")
-    return summary
+    def final_record():  # called by export_results once every other file is written
+        timings["write"] = time.perf_counter() - t0
+        record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        return record
+
+    export_results(folder, stem, table, shape=shape, voxel_size=vs, formats=formats, mask=mask,
+                   labels=result.labels, volumes=volumes, record=final_record, overwrite=True)
+    return record
+
+
+def _summary_table(rows) -> str:
+    """Fixed-width table: tomogram, status, vesicles, seconds, note."""
+    head = ("tomogram", "status", "vesicles", "time (s)", "note")
+    body = [(str(r[0]), r[1], "" if r[2] is None else str(r[2]), "" if r[3] is None else f"{r[3]:.1f}", r[4])
+            for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head[:4])]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head[:4], widths)) + "  " + head[4]]
+    for b in body:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(b[:4], widths)) + "  " + b[4])
+    return "\n".join(lines)
+
+
+def _remove_if_empty(folders) -> None:
+    for f in folders:
+        try:
+            f.rmdir()  # only succeeds when empty
+        except OSError:
+            pass
 
 
 def run(args) -> int:
     """Run ``cryoves segment``; returns the exit status (0 ok, 1 some tomograms failed)."""
     from cryoves import io as cio
-    from cryoves.pipeline import SegmentParams
+    from cryoves import validate
+    from cryoves.export import remove_stale_staging, result_state
 
+    t_start = time.perf_counter()
     formats = _parse_formats(args.formats)
     tomos = [Path(t) for t in args.tomograms]
     masks = [Path(m) for m in args.mask] if args.mask else [None] * len(tomos)
     if len(masks) != len(tomos):
         raise CliError(f"--mask given {len(masks)} time(s) for {len(tomos)} tomogram(s); give one mask per "
                        f"tomogram, in the same order")
-    try:
-        changes = {"tta": args.tta}
-        if args.p_threshold is not None:
-            changes["p_threshold"] = args.p_threshold
-        if args.min_radius_nm is not None:
-            changes["min_radius_nm"] = args.min_radius_nm
-        params = SegmentParams().replace(**changes)
-    except ValueError as err:
-        raise CliError(str(err).replace("SegmentParams.p_threshold", "--p-threshold")
-                       .replace("SegmentParams.min_radius_nm", "--min-radius-nm")) from None
-    if args.voxel_size is not None and not (args.voxel_size > 0):
-        raise CliError(f"--voxel-size must be a positive number of nm, got {args.voxel_size}")
+    if args.voxel_size is not None:
+        try:
+            validate.check_voxel_size(args.voxel_size, name="--voxel-size")
+        except (TypeError, ValueError) as err:
+            raise CliError(str(err)) from None
+    min_radius = HELP_DEFAULTS["min_radius_nm"] if args.min_radius_nm is None else args.min_radius_nm
+    if not min_radius > 0 or min_radius != min_radius or min_radius == float("inf"):
+        raise CliError(f"--min-radius-nm must be a positive, finite number of nm, got {args.min_radius_nm}")
+    single = len(tomos) == 1
+    _info(args, f"checking {len(tomos)} tomogram(s)" + ("" if single else f" -> {args.out}"))
 
     # inputs: never written to, whatever the output names
     for p in tomos + [m for m in masks if m is not None]:
@@ -265,71 +377,147 @@ def run(args) -> int:
         raise CliError(f"several tomograms share the name {', '.join(dup)}: their outputs would collide "
                        f"(DIR/<name>/); rename or run them separately")
 
-    # output folder: checked before any computation
+    # every input header, before the output folder is made and before any heavy import
+    failures: dict[Path, str] = {}
+    for tomo, mask in zip(tomos, masks):
+        try:
+            _check_header(tomo, args, min_radius)  # its warnings come again, with the model's field of view
+            if mask is not None:
+                _check_input_file(mask, "mask")
+        except (ValueError, OSError, TypeError) as err:
+            msg = str(err)
+            if single:
+                raise CliError(msg) from None
+            if str(tomo) not in msg and tomo.name not in msg:
+                msg = f"{tomo}: {msg}"
+            print(f"cryoves segment: error: {msg}", file=sys.stderr)
+            failures[tomo] = msg
+
+    # output folder and earlier results: checked before any computation
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"output path {out} exists and is not a folder")
+    created = [] if out.exists() else [out] + [p for p in out.parents if not p.exists()]
+    try:
+        return _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_start,
+                            result_state, remove_stale_staging, created)
+    finally:
+        _remove_if_empty([out / s for s in stems if not single] + created)
+
+
+def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_start, result_state,
+                 remove_stale_staging, created) -> int:
+    from cryoves import io as cio
+    from cryoves.export import output_names
+
     try:
         cio.check_output_dir(out)
     except OSError as err:
         raise CliError(str(err)) from None
-    single = len(tomos) == 1
     plan = []
+    skipped = []
     for tomo, mask, stem in zip(tomos, masks, stems):
         folder = out if single else out / stem
         paths = output_paths(stem, folder, formats, args.save_intermediates)
-        plan.append((tomo, mask, folder, paths))
-    if not args.overwrite:
-        clashes = [(t, [p for p in paths.values() if p.exists()]) for t, _, _, paths in plan]
-        clashes = [(t, ps) for t, ps in clashes if ps]
-        if clashes:
-            lines = "; ".join(f"{t.name}: {', '.join(p.name for p in ps)}" for t, ps in clashes)
-            raise CliError(f"result files already exist in {out} ({lines}); pass --overwrite to replace them "
-                           f"or choose another --out")
-    for tomo, mask, _, paths in plan:
         for p in paths.values():
             if cio.is_protected(p):
                 raise CliError(f"output {p} would replace the input file {p.name}; choose another --out")
+        if tomo in failures:
+            continue
+        remove_stale_staging(folder)
+        names = output_names(stem, formats, _INTERMEDIATES if args.save_intermediates else ())
+        state = result_state(folder, stem, names)
+        if state.status == "complete" and not args.overwrite:
+            if single:
+                raise CliError(f"result files already exist in {folder} "
+                               f"({', '.join(p.name for p in state.files)}); pass --overwrite to replace them "
+                               f"or choose another --out")
+            if state.covers(names):
+                _info(args, f"{tomo.name}: finished results in {folder}, skipped (--overwrite redoes them)")
+                skipped.append(tomo)
+                continue
+            msg = (f"{tomo}: results of an earlier run with other formats exist in {folder}; "
+                   f"pass --overwrite to replace them")
+            print(f"cryoves segment: error: {msg}", file=sys.stderr)
+            failures[tomo] = msg
+            continue
+        if state.status == "incomplete":
+            _warn(f"{tomo.name}: the results in {folder} are incomplete ({state.reason}); redoing them")
+        plan.append((tomo, mask, folder))
 
-    # inputs that do not exist fail now, the others are read one by one
-    model = None
-    failures: list[tuple[Path, str]] = []
-    summaries = []
-    t_start = time.perf_counter()
-    for i, (tomo, mask, folder, paths) in enumerate(plan):
-        if not args.quiet and not single:
-            print(f"[{i + 1}/{len(plan)}] {tomo}", file=sys.stderr)
+    params_box = []
+
+    def get_params():  # the pipeline is imported only now (1.5-3 s), after the first tomogram is read
+        if not params_box:
+            from cryoves.pipeline import SegmentParams
+
+            try:
+                changes = {"tta": args.tta}
+                if args.p_threshold is not None:
+                    changes["p_threshold"] = args.p_threshold
+                if args.min_radius_nm is not None:
+                    changes["min_radius_nm"] = args.min_radius_nm
+                params_box.append(SegmentParams().replace(**changes))
+            except ValueError as err:
+                raise CliError(str(err).replace("SegmentParams.p_threshold", "--p-threshold")
+                               .replace("SegmentParams.min_radius_nm", "--min-radius-nm")) from None
+        return params_box[0]
+
+    model_box = []
+
+    def get_model():
+        if not model_box:
+            _info(args, "loading the U-Net")
+            model_box.append(_load_model(args.weights))
+        return model_box[0]
+
+    records = {}
+    times = {}
+    for i, (tomo, mask, folder) in enumerate(plan):
+        _info(args, f"[{i + 1}/{len(plan)}] {tomo}" if not single else f"reading {tomo}")
+        t0 = time.perf_counter()
         try:
-            if not tomo.is_file():
-                raise FileNotFoundError(f"tomogram file not found: {tomo}")
-            if mask is not None and not mask.is_file():
-                raise FileNotFoundError(f"mask file not found: {mask}")
-            cio.read_mrc_header(tomo)  # fail fast on non-MRC / truncated files before loading the model
-            if model is None:
-                model = _load_model(args.weights)
-            summaries.append((tomo, folder, _segment_one(tomo, mask, folder, paths, args, params, model, formats)))
+            records[tomo] = _segment_one(tomo, mask, folder, args, get_params, get_model, formats)
+            times[tomo] = time.perf_counter() - t0
         except CliError:
             raise
         except (ValueError, OSError, TypeError) as err:
             msg = str(err)
             if single:
                 raise CliError(msg) from None
-            if str(tomo) not in msg:
+            if str(tomo) not in msg and tomo.name not in msg:
                 msg = f"{tomo}: {msg}"
             print(f"cryoves segment: error: {msg}", file=sys.stderr)
-            failures.append((tomo, msg))
+            failures[tomo] = msg
 
-    for tomo, folder, s in summaries:
+    for tomo, s in records.items():
         t = s["timings_s"]
         removed = ", ".join(f"{n} by {st}" for st, n in s["removed_by_stage"].items())
         thr = f"{s['threshold']:.2f}" if s["threshold"] is not None else "none"
+        folder = out if single else out / _stem(tomo)
         print(f"{tomo.name}: {s['n_accepted']} vesicles found, {s['n_removed']} removed"
               + (f" ({removed})" if removed else "") + f"; threshold {thr}; voxel {s['voxel_size_nm']:g} nm")
         print("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+        for w in s["warnings"]:
+            print(f"  warning: {w}")
         print(f"  results in {folder}")
     if not single:
-        print(f"{len(summaries)} of {len(plan)} tomograms segmented in {time.perf_counter() - t_start:.1f} s")
+        rows = []
+        for tomo in tomos:
+            if tomo in records:
+                r = records[tomo]
+                rows.append((tomo.name, "done", r["n_accepted"], times[tomo],
+                             f"{len(r['warnings'])} warning(s)" if r["warnings"] else ""))
+            elif tomo in skipped:
+                rows.append((tomo.name, "skipped", None, None, "finished earlier"))
+            else:
+                rows.append((tomo.name, "FAILED", None, None, failures.get(tomo, "")))
+        print(_summary_table(rows))
+        print(f"{len(records)} of {len(tomos)} tomograms segmented, {len(skipped)} skipped, {len(failures)} "
+              f"failed in {time.perf_counter() - t_start:.1f} s")
     if failures:
         print(f"cryoves segment: {len(failures)} tomogram(s) failed:", file=sys.stderr)
-        for tomo, msg in failures:
+        for tomo, msg in failures.items():
             print(f"  {msg}", file=sys.stderr)
         return 1
     return 0

@@ -1,6 +1,7 @@
 """``cryoves simulate``: write a simulated tomogram with its ground truth to a folder.
 
-Files written (atomically: temporary file in the same folder, then ``os.replace``):
+Files written by :mod:`cryoves.io` (atomically: temporary file in the same folder, then
+``os.replace``):
 
 - ``tomogram.mrc``  float32, voxel size in the header (Angstrom, as MRC requires)
 - ``labels.mrc``    uint16 vesicle labels (filled spheres of outer radius)
@@ -12,19 +13,14 @@ Files written (atomically: temporary file in the same folder, then ``os.replace`
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from cryoves.cli import CliError
-
-OUTPUT_FILES = ("tomogram.mrc", "labels.mrc", "mask.mrc", "vesicles.csv", "params.json")
 
 #: columns of vesicles.csv, in order: ``VesicleTable.to_dict(nm=True)`` (the format of
 #: ``cryoves.io.write_vesicles_csv``)
@@ -121,71 +117,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _temp_name(path: Path) -> str:
-    """A fresh temporary name next to ``path`` (same folder, so ``os.replace`` is atomic)."""
-    return str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _write_mrc(path: Path, data: np.ndarray, voxel_size: float) -> None:
-    """Write ``data`` as MRC atomically; voxel size in nm -> header in Angstrom.
-
-    Private stop-gap until ``cryoves.io.write_mrc`` exists.
-    """
-    import mrcfile
-
-    path = Path(path)
-    tmp = _temp_name(path)
-    try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(data))
-            mrc.voxel_size = float(voxel_size) * 10.0
-            mrc.update_header_stats()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "x", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def vesicles_csv_text(table) -> str:
-    """The vesicle table as CSV text: every column of ``table.to_dict(nm=True)``.
+    """The vesicle table as CSV text: :func:`cryoves.io.vesicles_csv_text` (kept for callers)."""
+    from cryoves.io import vesicles_csv_text as _text
 
-    Floats are written with full precision (``repr``), the same format as
-    ``cryoves.io.write_vesicles_csv``, so ``cryoves.io.read_vesicles_csv`` gives back the
-    same table.
-    """
-    import io
-
-    cols = table.to_dict(nm=True)
-    names = list(cols)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(names)
-    for i in range(len(table)):
-        row = []
-        for name in names:
-            val = cols[name][i]
-            if isinstance(val, (float, np.floating)):
-                row.append(repr(float(val)))
-            elif isinstance(val, (int, np.integer)):
-                row.append(str(int(val)))
-            else:
-                row.append(str(val))
-        w.writerow(row)
-    return buf.getvalue()
+    return _text(table)
 
 
 def _progress_printer(quiet: bool):
@@ -265,7 +201,7 @@ def run(args) -> int:
         "seconds": round(elapsed, 2),
         "params": sim.params.to_dict(),
     }
-    _write_text(outdir / "params.json", json.dumps(meta, indent=2) + "\n")
+    cio.atomic_write_text(outdir / "params.json", json.dumps(meta, indent=2) + "\n", overwrite=ow)
     if not args.quiet:
         print(f"simulated {shape} at {v} nm with {len(sim.table)} vesicles in {elapsed:.1f} s -> {outdir}")
     return 0

@@ -41,8 +41,25 @@ def _layer_name(path: Path) -> str:
     return Path(name).stem
 
 
+def _readable_volume(path) -> bool:
+    """True if ``path`` is an MRC file whose header :mod:`cryoves.io` reads and that holds 3-D data."""
+    from cryoves.io import read_mrc_header
+
+    try:
+        p = Path(path)
+        if not p.is_file() or p.stat().st_size == 0:
+            return False
+        return len(read_mrc_header(p).shape) == 3
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def napari_get_reader(path):
-    """Return :func:`read_mrc` if ``path`` (or every path of a list) is an MRC file, else None.
+    """Return :func:`read_mrc` if ``path`` (or every path of a list) is a readable 3-D MRC file, else None.
+
+    The name must end like an MRC file and the header must read as 3-D data (napari's
+    convention: a reader returns None for what it cannot read, so that another reader can try;
+    a text file, a PNG, an empty file, a 2-D image or a folder named ``*.mrc`` get None).
 
     Parameters
     ----------
@@ -54,7 +71,7 @@ def napari_get_reader(path):
     callable or None
     """
     paths = path if isinstance(path, (list, tuple)) else [path]
-    if not paths or not all(_is_mrc(p) for p in paths):
+    if not paths or not all(_is_mrc(p) and _readable_volume(p) for p in paths):
         return None
     return read_mrc
 
@@ -89,7 +106,7 @@ def _lazy_volume(path: Path):
 
     raw = np.memmap(path, dtype=info.dtype, mode="r", offset=info.data_offset, shape=tuple(info.shape))
     data = da.from_array(raw, chunks=(1,) + tuple(info.shape[1:])).astype(np.float32)
-    vs = io._voxel_size_from_header(info, None, path)
+    vs = io.voxel_size_from_header(info)
     io.protect_path(path)
     return data, vs
 

@@ -2,31 +2,29 @@
 
 napari calls a single-layer writer as ``writer(path, data, attributes) -> [written paths]``;
 ``attributes`` is the layer state (``scale``, ``metadata``, ``features``, ``size`` ...).
-All writing is done by :mod:`cryoves.io` (atomic writes, voxel size in the header).
+Every format is written by :func:`cryoves.export.write_format` (the same code as the command
+line and the Export widget: atomic writes, voxel size in the header).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from cryoves.napari._layers import SHAPE_KEY, VOXEL_KEY, table_from_points
+from cryoves.export import write_format
+from cryoves.napari._layers import SHAPE_KEY, VOXEL_KEY, table_from_points, voxel_size_of
 
 __all__ = ["write_labels_mrc", "write_image_mrc", "write_vesicles_csv", "write_vesicles_star",
            "write_vesicles_imod"]
 
 
 def _voxel_size(attributes: dict[str, Any]) -> float | None:
-    meta = attributes.get("metadata") or {}
-    vs = meta.get(VOXEL_KEY)
-    if vs:
-        return float(vs)
-    scale = np.asarray(attributes.get("scale", [1.0]), dtype=float)
-    if len(scale) and np.allclose(scale, scale[-1]) and not np.isclose(scale[-1], 1.0):
-        return float(scale[-1])
-    return None
+    """The layer's voxel size (nm) as :func:`cryoves.napari._layers.voxel_size_of` reads it."""
+    layer = SimpleNamespace(metadata=attributes.get("metadata") or {}, scale=attributes.get("scale", [1.0]))
+    return voxel_size_of(layer)
 
 
 def _require_vs(attributes) -> float:
@@ -59,10 +57,9 @@ def write_labels_mrc(path: str, data: Any, attributes: dict) -> list[str]:
     list of str
         The written path.
     """
-    from cryoves.io import write_labels_mrc as _write
-
     path = _with_ext(path, ".mrc")
-    _write(path, np.asarray(data), _require_vs(attributes), overwrite=True)
+    write_format("labels", path, None, labels=np.asarray(data), voxel_size=_require_vs(attributes),
+                 overwrite=True)
     return [path]
 
 
@@ -85,31 +82,25 @@ def _table(data, attributes):
 
 def write_vesicles_csv(path: str, data: Any, attributes: dict) -> list[str]:
     """Write a vesicles Points layer (the vesicle table) to CSV (voxels and nm columns)."""
-    from cryoves.io import write_vesicles_csv as _write
-
     path = _with_ext(path, ".csv")
-    _write(path, _table(data, attributes), overwrite=True)
+    write_format("csv", path, _table(data, attributes), overwrite=True)
     return [path]
 
 
 def write_vesicles_star(path: str, data: Any, attributes: dict) -> list[str]:
     """Write a vesicles Points layer to a RELION-style STAR file (accepted vesicles)."""
-    from cryoves.io import write_star
-
     path = _with_ext(path, ".star")
-    write_star(path, _table(data, attributes), overwrite=True)
+    write_format("star", path, _table(data, attributes), overwrite=True)
     return [path]
 
 
 def write_vesicles_imod(path: str, data: Any, attributes: dict) -> list[str]:
     """Write a vesicles Points layer to an IMOD model (``.mod``), one sphere per vesicle."""
-    from cryoves.io import write_imod_model
-
     path = _with_ext(path, ".mod")
     meta = attributes.get("metadata") or {}
     shape = meta.get(SHAPE_KEY)
     if shape is None:
         raise ValueError("the IMOD model needs the tomogram's shape, which this layer does not record; "
                          "use the cryoves Export widget with the tomogram open")
-    write_imod_model(path, _table(data, attributes), tuple(shape), overwrite=True)
+    write_format("mod", path, _table(data, attributes), shape=tuple(shape), overwrite=True)
     return [path]
