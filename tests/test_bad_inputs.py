@@ -198,8 +198,8 @@ def test_cli_bad_weights_are_one_line(tmp_path, tomo, random_weights, capsys):
     new_model(name="wide", voxel_size_nm=2.2, seed=0, n_filter_base=8).save(d / "other")
     for name in ("text", "cut", "other"):
         shutil.copy(card, d / f"{name}.json")  # the small model's card next to each file
-    expect = {"text": "is not an HDF5 weights file", "cut": "is a truncated HDF5 file",
-              "other": "the weights belong to another architecture than the card next to them (layer "}
+    expect = {"text": "is not a valid HDF5 weights file", "cut": "is not a valid HDF5 weights file (truncated",
+              "other": "do not fit the architecture in its card"}
     for name, part in expect.items():
         weights = d / f"{name}.weights.h5"
         before = _sha(weights)

@@ -33,7 +33,6 @@ import datetime as _dt
 import json
 import os
 import re
-import secrets
 import tempfile
 import threading
 import warnings
@@ -573,7 +572,9 @@ class UNetModel:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        _atomic_write_text(card_path, self.card.to_json())
+        from cryoves.io import atomic_write_text
+
+        atomic_write_text(card_path, self.card.to_json(), overwrite=True)
         self.path = weights_path
         return weights_path
 
@@ -584,33 +585,6 @@ def _stem(p: Path) -> Path:
         if name.endswith(suffix):
             return p.parent / name[: -len(suffix)]
     return p
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and move it into place.
-
-    The temporary file is created with mode 0666 filtered by the process umask (0644 under the
-    usual umask 022), as ``open()`` would create ``path`` itself — not with the owner-only
-    0600 of :func:`tempfile.mkstemp`.
-    """
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:  # pragma: no cover - 48 random bits
-            continue
-        break
-    else:  # pragma: no cover
-        raise FileExistsError(f"cannot create a temporary file next to {path}")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _layers_of(model, class_name: str):

@@ -184,34 +184,11 @@ def _load_model(weights):
 
 
 def _weights_error(weights, err: Exception) -> str:
-    """A one-line message for weights that cannot be loaded (Keras' own can run to 150 lines)."""
-    import re
-
-    path = Path(str(weights)).expanduser()
-    if path.is_file():
-        try:
-            import h5py
-
-            if not h5py.is_hdf5(path):
-                return (f"--weights {path} is not an HDF5 weights file (empty, or another format); "
-                        f"copy or download it again")
-            with h5py.File(path, "r"):
-                pass
-        except OSError as h5err:
-            why = "truncated" if "truncated" in str(h5err) else "unreadable"
-            return (f"--weights {path} is a {why} HDF5 file ({str(h5err).splitlines()[0]}); "
-                    f"copy or download it again")
-        except ImportError:
-            pass
-    text = str(err)
-    m = re.search(r"Target variable: <Variable path=([^,]+),", text)
-    shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", text)
-    if m and shapes:
-        return (f"--weights {path}: the weights belong to another architecture than the card next to them "
-                f"(layer {m.group(1)}: the card builds shape {shapes.group(1)}, the file holds "
-                f"{shapes.group(2)}); use the NAME.json card saved with these weights")
-    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-    return f"--weights {weights}: {first}"
+    """The first line of the loader's message (:func:`cryoves.model.load_model` words its errors
+    in one line naming the file), prefixed with the option."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return f"--weights: {first}"
 
 
 def _check_input_file(path: Path, what: str) -> None:
