@@ -285,16 +285,16 @@ def _stress_cases() -> list[SuiteCase]:
         _case("fine-1.2nm-ctf-corrected", (128, 256, 256), 1.2, 70005, dose=120.0, defocus_um=-5.0,
               ctf_correction=True, defocus_spread_um=1.0),
         _case("coarse-2.8nm", (80, 176, 176), 2.8, 70006, dose=60.0, defocus_um=-9.0, tilt_range=50.0),
-        _case("thick-ice-1.6nm", (112, 256, 256), 1.6, 70007, extra_ice_nm=350.0, ice_crowding=0.6, dose=80.0),
-        _case("dense-touching-1.8nm", (112, 256, 256), 1.8, 70008, vesicle_fraction=0.16, cluster_jitter=0.0,
+        _case("thick-ice-1.6nm", (112, 256, 256), 1.6, 70007, extra_ice_nm=220.0, ice_crowding=0.3, dose=80.0),
+        _case("dense-touching-1.8nm", (96, 192, 192), 1.8, 70008, vesicle_fraction=0.16, cluster_jitter=0.0,
               radius_mean_nm=19.0, radius_sd_nm=2.0, connector_probability=0.8),
         _case("wide-radius-lumen-2.0nm", (112, 256, 256), 2.0, 70009, radius_mean_nm=22.0, radius_sd_nm=6.0,
               radius_min_nm=14.0, radius_max_nm=32.0, lumen_texture=0.12, lumen_contrast=0.3,
               membrane_thickness_nm=4.2, membrane_thickness_sd_nm=0.4),
         # renderings that random_params never draws (cryoves.simulate.HELD_OUT_FROM_TRAINING)
         _case("unseen-sirt-slab-2.0nm", (112, 224, 224), 2.0, 70010, reconstruction="sirt", sirt_iterations=12,
-              membrane_model="slab", leaflet_width=0.08, headgroup_separation=0.68, noise_correlation_px=1.0,
-              dose=90.0),
+              membrane_model="slab", leaflet_width=0.08, headgroup_separation=0.68, noise_correlation_px=0.7,
+              dose=100.0),
         _case("unseen-binned-shepp-2.2nm", (72, 176, 176), 2.2, 70011, recon_binning=2, recon_filter="shepp-logan",
               membrane_model="slab", bilayer_asymmetry=0.3, membrane_blur_nm=0.5, noise_correlation_px=0.8,
               read_noise_e=3.0, dose=100.0),
@@ -321,7 +321,7 @@ def evaluation_suite(kind: str = "default") -> list[SuiteCase]:
         distractors, a narrow tilt range (seeds 50001-50007). ``"stress"``: cases beyond the
         training distribution (seeds 70001-70011): low dose (25 and 50 e/A^2) at 200 kV without
         CTF correction and with radiation damage, a +-40 deg tilt range, sparse vesicles in
-        crowded cytosol, fine (1.2 nm) and coarse (2.8 nm) voxels, 350 nm of extra ice, dense
+        crowded cytosol, fine (1.2 nm) and coarse (2.8 nm) voxels, 220 nm of extra ice, dense
         touching vesicles, radii 14-32 nm with textured lumens, and two renderings held out of
         :func:`cryoves.simulate.random_params` (SIRT with slab-shaped leaflets and correlated
         noise; finer-grid reconstruction binned 2x with the Shepp-Logan filter). ``"quick"``:

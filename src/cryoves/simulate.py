@@ -535,7 +535,7 @@ def random_params(rng: np.random.Generator | int | None = None, *,
         # the inelastic mean free path is shorter at 200 kV
         mean_free_path_nm=float(rng.uniform(250.0, 450.0)) * (0.8 if voltage < 250 else 1.0),
         extra_ice_nm=maybe(0.5, float(rng.uniform(0.0, 300.0))),
-        ice_crowding=float(rng.uniform(0.0, 0.6)),
+        ice_crowding=float(rng.uniform(0.0, 0.4)),
         damage_bfactor_per_dose=maybe(0.6, float(rng.uniform(0.0, 25.0))),
         tilt_scheme=str(rng.choice(["dose-symmetric", "sequential"])),
         alignment_shift_nm=maybe(0.6, float(rng.uniform(0.0, 1.5))),
