@@ -73,6 +73,8 @@ def add_parser(sub):
                    help="voxel size of --tomogram in nm (default: from the MRC header)")
     p.add_argument("--report", default=None, metavar="FILE.md",
                    help="also write the tables as Markdown to this file (default: print only)")
+    p.add_argument("--json", default=None, metavar="FILE.json",
+                   help="also write every row (all metrics, per stage) as JSON to this file (default: none)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation in prediction (default: off)")
     return p
 
@@ -215,20 +217,36 @@ def run(args) -> int:
     print(table)
     print()
     print(stage_table)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    source = f"`{Path(args.tomogram).name}`" if args.tomogram else f"suite `{args.suite}`"
+    header = (f"Measured {stamp}, commit {_git_commit()}, {machine}; {source}"
+              f"{', TTA' if args.tta else ''}; simulation {sim_seconds:.0f} s.")
     if args.report:
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        machine = f"{platform.machine()}, {os.cpu_count()} cores"
-        source = f"`{args.tomogram}`" if args.tomogram else f"suite `{args.suite}`"
-        text = (f"Measured {stamp}, commit {_git_commit()}, {machine}; {source}"
-                f"{', TTA' if args.tta else ''}; simulation {sim_seconds:.0f} s.\n\n{table}\n\n"
+        text = (f"{header}\n\n{table}\n\n"
                 f"True vesicles per stage: found after the stage (−lost by it, +false ones let through).\n\n"
                 f"{stage_table}\n")
-        out = Path(args.report)
-        tmp = out.with_name(out.name + ".tmp")
-        try:
-            tmp.write_text(text)
-            tmp.replace(out)
-        except OSError as err:
-            raise CliError(f"cannot write --report {out}: {err}") from err
-        print(f"report written to {out}", file=sys.stderr)
+        _write_atomic(Path(args.report), text, "--report")
+        print(f"report written to {args.report}", file=sys.stderr)
+    if args.json:
+        import json
+
+        import numpy as np
+
+        def plain(v):
+            return v.item() if isinstance(v, np.generic) else v
+
+        payload = {"header": header, "suite": None if args.tomogram else args.suite, "tta": bool(args.tta),
+                   "simulation_seconds": sim_seconds,
+                   "rows": [{k: plain(v) for k, v in r.items()} for r in rows]}
+        _write_atomic(Path(args.json), json.dumps(payload, indent=1, allow_nan=True) + "\n", "--json")
     return 0
+
+
+def _write_atomic(out: Path, text: str, option: str) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(out)
+    except OSError as err:
+        raise CliError(f"cannot write {option} {out}: {err}") from err
