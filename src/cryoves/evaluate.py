@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from cryoves.table import VesicleTable
 
@@ -88,6 +87,8 @@ def match_vesicles(pred: VesicleTable, truth: VesicleTable, *, accepted_only: bo
         raise ValueError("both tables need a voxel_size to report distances in nm")
     if not np.isclose(pred.voxel_size, truth.voxel_size, rtol=1e-3):
         raise ValueError(f"tables are on different grids: {pred.voxel_size} vs {truth.voxel_size} nm")
+    from scipy.spatial import cKDTree   # here, so that importing this module stays light
+
     if accepted_only:
         pred, truth = pred.accepted(), truth.accepted()
     vs = truth.voxel_size

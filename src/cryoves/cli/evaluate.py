@@ -40,14 +40,22 @@ found after it, how many it lost (found before, not after) and how many false on
 through.
 
 Suites (simulated and held out: never used for training or tuning):
-  default  7 cases like the training data (seeds 50001-50007)
-  stress   11 cases beyond the training data: low dose at 200 kV, narrow tilt, sparse
-           vesicles in crowded cytosol, fine and coarse voxels, thick ice, dense touching
-           vesicles, radii 14-32 nm, and 2 renderings never used in training
-  quick    2 small cases for a smoke test
+{suites}
 
 Run time per weights file on 2 CPU cores, simulation included: quick {quick},
-default {default}, stress {stress}.""".format(**RUN_TIME)
+default {default}, stress {stress}."""
+
+
+def _description() -> str:
+    import textwrap
+
+    from cryoves.evaluate import SUITES
+
+    lines = []
+    for name, text in SUITES.items():
+        lines += textwrap.wrap(text, width=88, initial_indent=f"  {name:<8} ", subsequent_indent=" " * 11)
+    return _DESCRIPTION.format(suites="\n".join(lines), **RUN_TIME)
+
 
 _EPILOG = """\
 Examples:
@@ -59,7 +67,7 @@ Examples:
 def add_parser(sub):
     p = sub.add_parser(
         "evaluate", help="measure accuracy (Dice per stage, F1, δd, Δc, true vesicles lost per stage)",
-        description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=_description(), epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", action="append", default=None, metavar="PATH|default",
                    help="weights to evaluate; repeat to compare side by side ('default' = the weights shipped "
                         "with cryoves; default: only those)")
@@ -67,8 +75,10 @@ def add_parser(sub):
                    help="held-out simulated suite (default: default; ignored with --tomogram)")
     p.add_argument("--case", action="append", default=None, metavar="NAME",
                    help="evaluate only this case of the suite; repeat for several (default: every case)")
-    p.add_argument("--tomogram", metavar="TOMO.mrc", help="evaluate on this tomogram instead of a suite")
-    p.add_argument("--truth", metavar="VESICLES.csv", help="ground-truth vesicle table for --tomogram")
+    p.add_argument("--tomogram", metavar="TOMO.mrc",
+                   help="evaluate on this tomogram instead of a suite (default: none, the suite is used)")
+    p.add_argument("--truth", metavar="VESICLES.csv",
+                   help="ground-truth vesicle table for --tomogram (required with it; default: none)")
     p.add_argument("--voxel-size", type=float, default=None, metavar="NM",
                    help="voxel size of --tomogram in nm (default: from the MRC header)")
     p.add_argument("--report", default=None, metavar="FILE.md",
