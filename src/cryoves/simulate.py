@@ -570,10 +570,10 @@ def random_params(rng: np.random.Generator | int | None = None, *,
         radial_cutoff=float(rng.uniform(0.3, 0.5)),
         invert_contrast=False,
     )
-    if p["snr"] is not None:
-        p["read_noise_e"] = 0.0
     p["tilt_step"] = min(p["tilt_step"], p["tilt_range"])
     p.update(fixed)
+    if p["snr"] is not None and "read_noise_e" not in fixed:
+        p["read_noise_e"] = 0.0        # read noise belongs to dose-based noise
     return SimulationParams(**p)
 
 
