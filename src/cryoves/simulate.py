@@ -23,6 +23,14 @@ physics of cryo-ET rather than drawing spheres in noise:
 4. **Reconstruction**: weighted back-projection (ramp filter with IMOD's radial
    Gaussian fall-off, pixel-driven linear-interpolation back-projector).
 
+Optional physics, all off by default (see :class:`SimulationParams`): 200 kV, ice beyond
+the volume, radiation damage growing with the accumulated dose, tilt-series alignment
+error, per-tilt defocus, phase flipping, detector read noise and correlated noise, other
+bilayer profiles (leaflet width, head-group separation, asymmetry, blur, flat-topped
+leaflets), textured lumens, SIRT, Hamming and Shepp-Logan filters, and reconstruction on a
+finer grid then binning. :func:`random_params` draws most of them for training and never
+the ones in :data:`HELD_OUT_FROM_TRAINING`.
+
 The result shows what real tomograms show: membranes and proteins dark (low values),
 bright Fresnel fringes next to membranes, grainy noise and the missing-wedge elongation
 along Z (membranes facing the beam fade).
