@@ -78,7 +78,8 @@ def _fmt(v):
 def suite_cases_table(kind: str) -> str:
     """Markdown: every case of a suite with the simulator settings that differ from the defaults."""
     default = SimulationParams()
-    lines = ["| case | shape (voxels) | voxel (nm) | seed | settings other than the defaults |", "|---|---|---|---|---|"]
+    lines = ["| case | shape (voxels) | voxel (nm) | seed | settings other than the defaults |",
+             "|---|---|---|---|---|"]
     for c in evaluation_suite(kind):
         changed = ", ".join(f"{k}={_fmt(v)}" for k, v in c.params.items() if getattr(default, k) != v) or "—"
         lines.append(f"| {c.name} | {' x '.join(map(str, c.shape))} | {c.voxel_size:g} | {c.seed} | {changed} |")

@@ -394,7 +394,8 @@ class SimulationParams:
                               ("reconstruction", _RECONSTRUCTIONS), ("recon_filter", _RECON_FILTERS)):
             check(name, isinstance(getattr(self, name), str) and getattr(self, name) in choices,
                   f"one of {', '.join(repr(c) for c in choices)}")
-        check("leaflet_width", 0.04 <= num("leaflet_width") <= 0.25, "a fraction of the bilayer thickness, 0.04 to 0.25")
+        check("leaflet_width", 0.04 <= num("leaflet_width") <= 0.25,
+              "a fraction of the bilayer thickness, 0.04 to 0.25")
         check("headgroup_separation", 0.3 <= num("headgroup_separation") <= 0.8,
               "a fraction of the bilayer thickness, 0.3 to 0.8")
         check("bilayer_asymmetry", -0.6 <= num("bilayer_asymmetry") <= 0.6, "-0.6 to 0.6")
