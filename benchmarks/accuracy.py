@@ -7,8 +7,8 @@ through the same pipeline, side by side. Writes docs/accuracy.md.
                                   [--reference PATH | --no-reference]
 
 The reference weights are looked for in ../shared/reference/cryovesnet-weights/weights.h5
-beside the repository. Run time (2 CPU cores): about 3 min (default) and 8 min (stress) per
-weights file.
+beside the repository. Run time per weights file, measured on 2 CPU cores shared with other
+jobs: about 5 min (default) and 13 min (stress), simulation included.
 """
 
 import argparse
@@ -45,8 +45,10 @@ threshold, a true vesicle counts as *found* when a segment covers its centre vox
 refinement and outlier removal, when an accepted sphere matches it by the paper's rule. Each
 cell reads `found (−lost, +false)`: true vesicles found after the stage, true vesicles found
 before it and not after it (for the probability map: not found by the network at all), and
-segments or spheres that match no true vesicle. The outlier column shows how many true vesicles
-the outlier rules removed.
+segments or spheres that match no true vesicle. A segment that covers only part of a vesicle
+(its membrane, say) does not count, but refinement starts from it and can still fit the sphere,
+so the found count can rise again at refinement. The outlier column shows how many true
+vesicles the outlier rules removed.
 
 **What these suites can and cannot say.** Both suites are simulated by `cryoves.simulate`
 and held out: their seeds and settings are never used for training or tuning. The default

@@ -24,11 +24,12 @@ _METRICS = [("dice_probability", "Dice prob."), ("dice_global", "Dice global"), 
 _STAGE_TITLES = {"probability": "prob. > 0.5", "global": "global", "adaptive": "adaptive", "refine": "refine",
                  "outliers": "outliers (final)"}
 
-#: measured run time of one weights file per suite (simulation included), 2 shared CPU cores
+#: measured run time of one weights file per suite (simulation included) on 2 CPU cores that
+#: were shared with other jobs (load average about 13); an idle machine needs less
 RUN_TIME = {
     "quick": "about 1 min",
-    "default": "about 3 min",
-    "stress": "about 8 min",
+    "default": "about 5 min",
+    "stress": "about 13 min",
 }
 
 _DESCRIPTION = """\
@@ -42,8 +43,8 @@ through.
 Suites (simulated and held out: never used for training or tuning):
 {suites}
 
-Run time per weights file on 2 CPU cores, simulation included: quick {quick},
-default {default}, stress {stress}."""
+Run time per weights file, simulation included, measured on 2 busy shared CPU cores
+(less on an idle machine): quick {quick}, default {default}, stress {stress}."""
 
 
 def _description() -> str:
