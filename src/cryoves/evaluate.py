@@ -5,6 +5,10 @@
   other sphere (one-to-one, closest pairs first); TP / FP / FN and F1;
   ``delta_d`` = mean over TP of ``1 - min(dP, dGT) / max(dP, dGT)`` (d = diameter);
   ``delta_c`` = mean distance between matched centres, in nm.
+
+Beyond the paper: :func:`stage_truth_counts` follows every true vesicle through the pipeline
+stages (found, lost, false ones let through), and :func:`evaluation_suite` holds the held-out
+simulated suites (``"default"``, ``"stress"``, ``"quick"``) that ``cryoves evaluate`` runs.
 """
 
 from __future__ import annotations
