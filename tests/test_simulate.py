@@ -282,6 +282,7 @@ def test_random_params_valid_and_reproducible():
     assert random_params(3) == random_params(3)
     assert len({p.seed for p in drawn}) == len(drawn)
     assert random_params(1, snr_range=(0.05, 0.5)).snr is not None
+    assert all(random_params(i, snr=2.0).read_noise_e == 0 for i in range(10))
     fixed = random_params(1, voxel_size=1.7, n_vesicles=5)
     assert fixed.voxel_size == 1.7 and fixed.n_vesicles == 5
     sim = simulate_tomogram(shape=(40, 80, 80), params=random_params(7, voxel_size_range=(2.0, 2.5)))

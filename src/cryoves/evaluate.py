@@ -5,6 +5,10 @@
   other sphere (one-to-one, closest pairs first); TP / FP / FN and F1;
   ``delta_d`` = mean over TP of ``1 - min(dP, dGT) / max(dP, dGT)`` (d = diameter);
   ``delta_c`` = mean distance between matched centres, in nm.
+
+Beyond the paper: :func:`stage_truth_counts` follows every true vesicle through the pipeline
+stages (found, lost, false ones let through), and :func:`evaluation_suite` holds the held-out
+simulated suites (``"default"``, ``"stress"``, ``"quick"``) that ``cryoves evaluate`` runs.
 """
 
 from __future__ import annotations
@@ -12,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from cryoves.table import VesicleTable
 
-__all__ = ["dice", "match_vesicles", "VesicleMatch", "stage_dice"]
+__all__ = ["dice", "match_vesicles", "VesicleMatch", "stage_dice", "stage_truth_counts", "evaluate_segmentation",
+           "SuiteCase", "evaluation_suite", "simulate_case", "summarize", "SUITES"]
 
 
 def dice(pred, truth) -> float:
@@ -87,6 +91,8 @@ def match_vesicles(pred: VesicleTable, truth: VesicleTable, *, accepted_only: bo
         raise ValueError("both tables need a voxel_size to report distances in nm")
     if not np.isclose(pred.voxel_size, truth.voxel_size, rtol=1e-3):
         raise ValueError(f"tables are on different grids: {pred.voxel_size} vs {truth.voxel_size} nm")
+    from scipy.spatial import cKDTree   # here, so that importing this module stays light
+
     if accepted_only:
         pred, truth = pred.accepted(), truth.accepted()
     vs = truth.voxel_size
@@ -147,11 +153,92 @@ def stage_dice(stage_masks: dict, truth_labels) -> dict:
 STAGES = ("probability", "global", "adaptive", "refine", "outliers")
 
 
-def evaluate_segmentation(result, truth_table: VesicleTable, truth_labels) -> dict:
-    """Per-stage Dice and per-vesicle metrics of a :class:`cryoves.pipeline.SegmentationResult`.
+def _centre_ids(vol: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Label value at the voxel nearest to each centre (0 outside the volume)."""
+    idx = np.round(np.asarray(centers, float)).astype(np.int64).reshape(-1, 3)
+    inside = np.all((idx >= 0) & (idx < np.array(vol.shape)), axis=1)
+    out = np.zeros(len(idx), dtype=np.int64)
+    if np.any(inside):
+        out[inside] = vol[idx[inside, 0], idx[inside, 1], idx[inside, 2]]
+    return out
 
-    Returns a flat dict: ``dice_<stage>`` for each stage present, and ``tp, fp, fn,
-    precision, recall, f1, delta_d, delta_c_nm, n_truth, n_pred`` of the final table.
+
+def stage_truth_counts(result, truth_table: VesicleTable) -> dict:
+    """What each stage did to the true vesicles: found, lost (removed) and false ones let through.
+
+    A true vesicle is *found* after a segmentation stage (``"global"``, ``"adaptive"``, or the
+    probability map binarised at 0.5, named ``"probability"``) when a segment covers the
+    voxel of its centre; after a sphere stage (``"refine"``, ``"outliers"`` = final, the
+    stages with a table in ``result.stage_tables``) when an accepted sphere matches it by the
+    paper's criterion (:func:`match_vesicles`). Segments that cover no true centre, and
+    accepted spheres that match no true vesicle, are *false*.
+
+    Parameters
+    ----------
+    result : cryoves.pipeline.SegmentationResult
+        With ``stage_labels`` (``segment(..., keep_intermediates=True)``, the default) and
+        ``stage_tables``; stages missing from both are skipped.
+    truth_table : VesicleTable
+        The true vesicles (accepted rows are used).
+
+    Returns
+    -------
+    dict
+        For each stage, in pipeline order: ``found_<stage>`` (true vesicles found after it),
+        ``lost_<stage>`` (true vesicles found before it and not after it; for the first stage,
+        the true vesicles it did not find), ``fp_<stage>`` (false segments or spheres after it).
+    """
+    from scipy import ndimage as ndi
+
+    truth = truth_table.accepted()
+    n = len(truth)
+    stages: list[tuple[str, np.ndarray, int]] = []
+    prob = getattr(result, "probability", None)
+    if prob is not None:
+        comp, _ = ndi.label(np.asarray(prob) > 0.5)
+        ids = _centre_ids(comp, truth.centers)
+        n_false = len(set(np.unique(comp).tolist()) - {0} - set(ids.tolist()))
+        stages.append(("probability", ids != 0, n_false))
+    tables = dict(getattr(result, "stage_tables", None) or {})
+    names = list((getattr(result, "stage_labels", None) or {}).keys())
+    names += [k for k in tables if k not in names]
+    for name in names:
+        if name in tables:
+            m = match_vesicles(tables[name], truth_table)
+            found = np.zeros(n, dtype=bool)
+            found[m.pairs[:, 1]] = True
+            stages.append((name, found, m.fp))
+        else:
+            vol = np.asarray(result.stage_labels[name])
+            ids = _centre_ids(vol, truth.centers)
+            n_false = len(set(np.unique(vol).tolist()) - {0} - set(ids.tolist()))
+            stages.append((name, ids != 0, n_false))
+    out = {}
+    before = np.ones(n, dtype=bool)
+    for name, found, n_false in stages:
+        out[f"found_{name}"] = int(found.sum())
+        out[f"lost_{name}"] = int(np.sum(before & ~found))
+        out[f"fp_{name}"] = int(n_false)
+        before = found
+    return out
+
+
+def evaluate_segmentation(result, truth_table: VesicleTable, truth_labels) -> dict:
+    """Per-stage Dice, per-stage truth bookkeeping and per-vesicle metrics of a segmentation.
+
+    Parameters
+    ----------
+    result : cryoves.pipeline.SegmentationResult
+    truth_table : VesicleTable
+    truth_labels : ndarray
+        The true vesicles as a label volume (non-zero = vesicle).
+
+    Returns
+    -------
+    dict
+        ``dice_<stage>`` for each stage present; ``found_<stage>``, ``lost_<stage>``,
+        ``fp_<stage>`` from :func:`stage_truth_counts`; and ``tp, fp, fn, precision, recall,
+        f1, delta_d, delta_c_nm, n_truth, n_pred`` of the final table.
     """
     masks = {}
     if getattr(result, "probability", None) is not None:
@@ -160,6 +247,7 @@ def evaluate_segmentation(result, truth_table: VesicleTable, truth_labels) -> di
         masks[name] = vol
     masks.setdefault("outliers", result.labels)
     out = {f"dice_{k}": v for k, v in stage_dice(masks, truth_labels).items()}
+    out.update(stage_truth_counts(result, truth_table))
     m = match_vesicles(result.table, truth_table)
     out.update(m.as_dict())
     out["n_truth"] = int(np.sum(truth_table["status"] == "accepted"))
@@ -182,11 +270,71 @@ class SuiteCase:
         return tuple(int(round(s / self.voxel_size / 4) * 4) for s in self.shape_nm)
 
 
-def evaluation_suite(kind: str = "default") -> list[SuiteCase]:
-    """The held-out simulated suite (seeds ≥ 50000, never used in training).
+def _case(name: str, shape: tuple, voxel_size: float, seed: int, **params) -> SuiteCase:
+    """A case given by its shape in voxels (multiples of 4)."""
+    return SuiteCase(name, tuple(s * voxel_size for s in shape), voxel_size, seed, params)
 
-    ``"default"``: several voxel sizes 1.0–2.4 nm, low SNR, dense touching vesicles, many
-    distractors, a narrow tilt range. ``"quick"``: two small cases for smoke tests.
+
+def _stress_cases() -> list[SuiteCase]:
+    # 200 kV: a shorter inelastic mean free path than the 350 nm assumed at 300 kV
+    kv200 = dict(voltage_kv=200.0, mean_free_path_nm=280.0)
+    return [
+        _case("low-dose-25e-1.6nm", (112, 256, 256), 1.6, 70001, dose=25.0, defocus_um=-10.0,
+              damage_bfactor_per_dose=20.0, alignment_shift_nm=0.5, **kv200),
+        _case("low-dose-50e-2.2nm", (96, 224, 224), 2.2, 70002, dose=50.0, defocus_um=-8.0, extra_ice_nm=120.0,
+              damage_bfactor_per_dose=20.0, tilt_scheme="sequential", **kv200),
+        _case("narrow-tilt-40deg-1.8nm", (112, 256, 256), 1.8, 70003, tilt_range=40.0, dose=80.0,
+              alignment_shift_nm=0.8, alignment_rotation_deg=0.3),
+        _case("sparse-crowded-2.2nm", (104, 256, 256), 2.2, 70004, vesicle_fraction=0.012, cluster_jitter=3.0,
+              crowding=2.2, n_endosomes=2, n_dense_core=2, n_ellipsoids=4, n_tubes=3, n_microtubules=2, dose=70.0),
+        _case("fine-1.2nm-ctf-corrected", (128, 256, 256), 1.2, 70005, dose=120.0, defocus_um=-5.0,
+              ctf_correction=True, defocus_spread_um=1.0),
+        _case("coarse-2.8nm", (80, 176, 176), 2.8, 70006, dose=60.0, defocus_um=-9.0, tilt_range=50.0),
+        _case("thick-ice-1.6nm", (112, 256, 256), 1.6, 70007, extra_ice_nm=220.0, ice_crowding=0.3, dose=80.0),
+        _case("dense-touching-1.8nm", (96, 192, 192), 1.8, 70008, vesicle_fraction=0.16, cluster_jitter=0.0,
+              radius_mean_nm=19.0, radius_sd_nm=2.0, connector_probability=0.8),
+        _case("wide-radius-lumen-2.0nm", (112, 256, 256), 2.0, 70009, radius_mean_nm=22.0, radius_sd_nm=6.0,
+              radius_min_nm=14.0, radius_max_nm=32.0, lumen_texture=0.12, lumen_contrast=0.3,
+              membrane_thickness_nm=4.2, membrane_thickness_sd_nm=0.4),
+        # renderings that random_params never draws (cryoves.simulate.HELD_OUT_FROM_TRAINING)
+        _case("unseen-sirt-slab-2.0nm", (112, 224, 224), 2.0, 70010, reconstruction="sirt", sirt_iterations=12,
+              membrane_model="slab", leaflet_width=0.08, headgroup_separation=0.68, noise_correlation_px=0.7,
+              dose=100.0),
+        _case("unseen-binned-shepp-2.2nm", (72, 176, 176), 2.2, 70011, recon_binning=2, recon_filter="shepp-logan",
+              membrane_model="slab", bilayer_asymmetry=0.3, membrane_blur_nm=0.5, noise_correlation_px=0.8,
+              read_noise_e=3.0, dose=100.0),
+    ]
+
+
+#: the suites of :func:`evaluation_suite` and what each is for
+SUITES = {
+    "default": "7 held-out simulations like the training data (seeds 50001-50007)",
+    "stress": "11 simulations beyond the training data: low dose at 200 kV, narrow tilt, sparse vesicles in "
+              "crowded cytosol, fine and coarse voxels, thick ice, dense touching vesicles, radii 14-32 nm, "
+              "and renderings never used in training (seeds 70001-70011)",
+    "quick": "2 small cases for smoke tests (seeds 50101-50102)",
+}
+
+
+def evaluation_suite(kind: str = "default") -> list[SuiteCase]:
+    """A held-out simulated suite; none of its seeds or settings is used in training or tuning.
+
+    Parameters
+    ----------
+    kind : {"default", "stress", "quick"}
+        ``"default"``: several voxel sizes 1.0-2.4 nm, low SNR, dense touching vesicles, many
+        distractors, a narrow tilt range (seeds 50001-50007). ``"stress"``: cases beyond the
+        training distribution (seeds 70001-70011): low dose (25 and 50 e/A^2) at 200 kV without
+        CTF correction and with radiation damage, a +-40 deg tilt range, sparse vesicles in
+        crowded cytosol, fine (1.2 nm) and coarse (2.8 nm) voxels, 220 nm of extra ice, dense
+        touching vesicles, radii 14-32 nm with textured lumens, and two renderings held out of
+        :func:`cryoves.simulate.random_params` (SIRT with slab-shaped leaflets and correlated
+        noise; finer-grid reconstruction binned 2x with the Shepp-Logan filter). ``"quick"``:
+        two small cases for smoke tests.
+
+    Returns
+    -------
+    list of SuiteCase
     """
     size = (150, 300, 300)
     cases = [
@@ -201,13 +349,15 @@ def evaluation_suite(kind: str = "default") -> list[SuiteCase]:
     ]
     if kind == "default":
         return cases
+    if kind == "stress":
+        return _stress_cases()
     if kind == "quick":
         return [SuiteCase("quick-1.6nm", (100, 200, 200), 1.6, 50101, {}),
                 SuiteCase("quick-2.2nm", (100, 200, 200), 2.2, 50102, {"tilt_range": 50.0, "dose": 60.0})]
-    raise ValueError(f"unknown suite {kind!r}; choose 'default' or 'quick'")
+    raise ValueError(f"unknown suite {kind!r}; choose one of {', '.join(repr(k) for k in SUITES)}")
 
 
-def simulate_case(case: SuiteCase):
+def simulate_case(case: SuiteCase, progress=None):
     """Simulate one suite case (unknown simulator settings raise a clear error)."""
     from cryoves.simulate import SimulationParams, simulate_tomogram
 
@@ -216,10 +366,29 @@ def simulate_case(case: SuiteCase):
     if unknown:
         raise ValueError(f"suite case {case.name}: simulator has no setting {sorted(unknown)}")
     params = SimulationParams(**case.params) if case.params else None
-    return simulate_tomogram(shape=case.shape, voxel_size=case.voxel_size, seed=case.seed, params=params)
+    return simulate_tomogram(shape=case.shape, voxel_size=case.voxel_size, seed=case.seed, params=params,
+                             progress=progress)
+
+
+def _is_count(key: str) -> bool:
+    return key in ("tp", "fp", "fn", "n_truth", "n_pred") or key.startswith(("found_", "lost_", "fp_"))
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Mean of every numeric metric over rows (NaNs ignored)."""
-    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float, np.floating, np.integer))] if rows else []
-    return {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
+    """Aggregate per-case rows: counts (TP, FP, FN, GT, found/lost/false per stage) are summed,
+    every other numeric metric is averaged (NaNs ignored)."""
+    if not rows:
+        return {}
+    keys = []
+    for r in rows:
+        keys += [k for k, v in r.items() if k not in keys and isinstance(v, (int, float, np.floating, np.integer))
+                 and not isinstance(v, bool)]
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if k in r]
+        if _is_count(k):
+            out[k] = int(np.sum(vals))
+        else:
+            arr = np.asarray(vals, dtype=float)
+            out[k] = float(np.nanmean(arr)) if np.any(np.isfinite(arr)) else float("nan")
+    return out

@@ -23,6 +23,14 @@ physics of cryo-ET rather than drawing spheres in noise:
 4. **Reconstruction**: weighted back-projection (ramp filter with IMOD's radial
    Gaussian fall-off, pixel-driven linear-interpolation back-projector).
 
+Optional physics, all off by default (see :class:`SimulationParams`): 200 kV, ice beyond
+the volume, radiation damage growing with the accumulated dose, tilt-series alignment
+error, per-tilt defocus, phase flipping, detector read noise and correlated noise, other
+bilayer profiles (leaflet width, head-group separation, asymmetry, blur, flat-topped
+leaflets), textured lumens, SIRT, Hamming and Shepp-Logan filters, and reconstruction on a
+finer grid then binning. :func:`random_params` draws most of them for training and never
+the ones in :data:`HELD_OUT_FROM_TRAINING`.
+
 The result shows what real tomograms show: membranes and proteins dark (low values),
 bright Fresnel fringes next to membranes, grainy noise and the missing-wedge elongation
 along Z (membranes facing the beam fade).
@@ -386,7 +394,8 @@ class SimulationParams:
                               ("reconstruction", _RECONSTRUCTIONS), ("recon_filter", _RECON_FILTERS)):
             check(name, isinstance(getattr(self, name), str) and getattr(self, name) in choices,
                   f"one of {', '.join(repr(c) for c in choices)}")
-        check("leaflet_width", 0.04 <= num("leaflet_width") <= 0.25, "a fraction of the bilayer thickness, 0.04 to 0.25")
+        check("leaflet_width", 0.04 <= num("leaflet_width") <= 0.25,
+              "a fraction of the bilayer thickness, 0.04 to 0.25")
         check("headgroup_separation", 0.3 <= num("headgroup_separation") <= 0.8,
               "a fraction of the bilayer thickness, 0.3 to 0.8")
         check("bilayer_asymmetry", -0.6 <= num("bilayer_asymmetry") <= 0.6, "-0.6 to 0.6")
@@ -535,7 +544,7 @@ def random_params(rng: np.random.Generator | int | None = None, *,
         # the inelastic mean free path is shorter at 200 kV
         mean_free_path_nm=float(rng.uniform(250.0, 450.0)) * (0.8 if voltage < 250 else 1.0),
         extra_ice_nm=maybe(0.5, float(rng.uniform(0.0, 300.0))),
-        ice_crowding=float(rng.uniform(0.0, 0.6)),
+        ice_crowding=float(rng.uniform(0.0, 0.4)),
         damage_bfactor_per_dose=maybe(0.6, float(rng.uniform(0.0, 25.0))),
         tilt_scheme=str(rng.choice(["dose-symmetric", "sequential"])),
         alignment_shift_nm=maybe(0.6, float(rng.uniform(0.0, 1.5))),
@@ -570,10 +579,10 @@ def random_params(rng: np.random.Generator | int | None = None, *,
         radial_cutoff=float(rng.uniform(0.3, 0.5)),
         invert_contrast=False,
     )
-    if p["snr"] is not None:
-        p["read_noise_e"] = 0.0
     p["tilt_step"] = min(p["tilt_step"], p["tilt_range"])
     p.update(fixed)
+    if p["snr"] is not None and "read_noise_e" not in fixed:
+        p["read_noise_e"] = 0.0        # read noise belongs to dose-based noise
     return SimulationParams(**p)
 
 
