@@ -21,6 +21,7 @@ from pathlib import Path
 from cryoves.cli import main
 from cryoves.evaluate import SUITES, evaluation_suite
 from cryoves.simulate import SimulationParams
+from cryoves.io import atomic_write_text
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "cryovesnet-weights" / "weights.h5"
 
@@ -158,9 +159,7 @@ def main_(argv=None) -> int:
     text = "\n".join(parts)
     if a.report:
         out = Path(a.report)
-        tmp_out = out.with_name(out.name + ".tmp")
-        tmp_out.write_text(text)
-        tmp_out.replace(out)
+        atomic_write_text(out, text, overwrite=True)
         print(f"written {out}", file=sys.stderr)
     else:
         print(text)

@@ -255,9 +255,9 @@ def run(args) -> int:
 
 
 def _write_atomic(out: Path, text: str, option: str) -> None:
-    tmp = out.with_name(out.name + ".tmp")
+    from cryoves.io import atomic_write_text
+
     try:
-        tmp.write_text(text)
-        tmp.replace(out)
+        atomic_write_text(out, text, overwrite=True)
     except OSError as err:
         raise CliError(f"cannot write {option} {out}: {err}") from err
