@@ -1,6 +1,6 @@
 """Screenshots of the plugin in action, saved to docs/img/napari_*.png (used by docs/napari.md).
 
-Run under Xvfb: ``xvfb-run -a python -m pytest -q tests/napari/test_screenshots.py``.
+Run: ``python -m pytest -q tests/napari/test_screenshots.py`` (pytest-xvfb provides the display).
 The full-pipeline screenshot uses the real network when weights are available (default,
 else the CryoVesNet reference weights), which also checks that TensorFlow and napari's
 OpenGL canvas live in one process; otherwise the pipeline reuses a ground-truth-derived
