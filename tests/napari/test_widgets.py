@@ -399,12 +399,23 @@ def test_outlier_preview_is_display_only_and_removed_on_close(segmented_viewer, 
     assert ow.flagged.sum() > 0
     assert not np.allclose(pts.border_color, colors)
     assert pts.features.equals(features)
+    # the layer is rewritten with fewer rows while the preview is on (e.g. a stage rerun)
+    from cryoves.napari._results import show_vesicles
+
+    table = table_from_points(pts)
+    show_vesicles(viewer, table.select(np.arange(1, len(table))), NAME, viewer.layers[NAME].data.shape)
+    assert len(pts.data) == len(colors) - 1
+    colors, features = np.array(pts.border_color, copy=True), pts.features.copy()
+    viewer.add_points(np.zeros((1, 3)), name="another layer")  # napari refreshes the widget
+    ow.p_threshold.value = 0.8
+    assert len(ow.flagged) == len(pts.data) and ow.flagged.sum() > 0
     close_dock(qtbot, ow)
     np.testing.assert_allclose(pts.border_color, colors)  # the red preview is gone
     assert pts.features.equals(features)
     viewer.layers.selection.active = pts  # layer events after closing do not bring the preview back
     viewer.add_points(np.zeros((1, 3)), name="other")
     np.testing.assert_allclose(pts.border_color, colors)
+    assert pts.features.equals(features)
 
 
 def test_rerun_never_replaces_an_edited_vesicle_layer(segmented_viewer, qtbot):

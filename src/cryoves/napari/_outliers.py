@@ -122,7 +122,8 @@ class OutlierWidget(StageWidget):
         accepted = status == "accepted"
         flagged = accepted & np.isfinite(p) & (p < thr)
         self.flagged = flagged
-        if self._saved is None:
+        if self._saved is None or self._saved[0] is not layer or len(self._saved[1]) != len(flagged):
+            # first preview of this layer, or the layer was rewritten meanwhile: its colours now
             self._saved = (layer, np.array(layer.border_color, copy=True))
         if len(flagged):
             colors = self._saved[1].copy()
