@@ -9,6 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The napari tests run with the Qt binding that cryoves[napari] installs (Qt6) even where an
+# older PyQt5 is still installed beside it (qtpy would pick PyQt5 first).
+if "QT_API" not in os.environ:
+    import importlib.util
+
+    if importlib.util.find_spec("PyQt6") is not None:
+        os.environ["QT_API"] = "pyqt6"
+
 #: Shape and voxel size of the small simulated tomogram used by plumbing tests.
 SMALL_SHAPE = (48, 96, 96)
 SMALL_VOXEL_NM = 2.2
@@ -44,7 +52,8 @@ def unwritable_dir(tmp_path):
 @pytest.fixture(scope="session")
 def small_simulation():
     """A small simulated tomogram with ground truth (cryoves.simulate), made once per session."""
-    simulate = pytest.importorskip("cryoves.simulate")
+    from cryoves import simulate
+
     return simulate.simulate_tomogram(SMALL_SHAPE, SMALL_VOXEL_NM, seed=7)
 
 
@@ -88,7 +97,8 @@ def oracle_probability(small_simulation):
 @pytest.fixture(scope="session")
 def random_model():
     """A small randomly initialised U-Net (plumbing tests only: its predictions are meaningless)."""
-    model_mod = pytest.importorskip("cryoves.model")
+    from cryoves import model as model_mod
+
     return model_mod.new_model(name="random-test", voxel_size_nm=SMALL_VOXEL_NM, seed=0, n_filter_base=4)
 
 
@@ -113,13 +123,25 @@ def reference_weights():
 # TensorFlow's and Qt/Mesa's native libraries can crash while the interpreter tears down
 # (seen intermittently after every test had passed: "239 passed", then SIGSEGV, exit 139).
 # After pytest has finished and reported, leave with pytest's own exit status instead of
-# running that teardown. CRYOVES_TEST_HARD_EXIT=0 restores the normal interpreter exit.
+# running that teardown. os._exit skips the atexit handlers, among them the one by which
+# pytest-xvfb stops its Xvfb server, so that server is stopped here first.
+# CRYOVES_TEST_HARD_EXIT=0 restores the normal interpreter exit.
 # --------------------------------------------------------------------------------------
 _SESSION = {}
 
 
 def pytest_sessionfinish(session, exitstatus):
     _SESSION["status"] = int(exitstatus)
+
+
+def _stop_virtual_display() -> None:
+    """Stop the Xvfb server that pytest-xvfb started for this run (if any)."""
+    import sys
+
+    plugin = sys.modules.get("pytest_xvfb")
+    if plugin is not None and getattr(plugin, "xvfb_instance", None) is not None:
+        plugin.shutdown_xvfb()
+        plugin.xvfb_instance = None
 
 
 @pytest.hookimpl(trylast=True)
@@ -130,7 +152,7 @@ def pytest_unconfigure(config):
         return
     if "tensorflow" not in sys.modules:
         return
-    # let the remaining unconfigure hooks (Xvfb shutdown by pytest-xvfb, ...) run first: trylast
     sys.stdout.flush()
     sys.stderr.flush()
+    _stop_virtual_display()
     os._exit(_SESSION["status"])

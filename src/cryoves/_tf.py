@@ -9,17 +9,59 @@ whichever is imported first. :func:`import_tensorflow` loads TensorFlow with
 Every module of cryoves that needs TensorFlow or Keras calls :func:`import_tensorflow`
 or :func:`import_keras` (lazily, inside functions), never ``import tensorflow`` at
 module level, so ``import cryoves`` stays fast and TensorFlow-free.
+
+The import is quiet: ``TF_CPP_MIN_LOG_LEVEL`` is set before it, and the lines TensorFlow's
+native libraries write straight to the stderr file descriptor while they load, before their
+logging is configured (the absl "All log messages before absl::InitializeLog()" warning and
+the oneDNN notice, once per library, i.e. twice), are filtered out; any other output of the
+import still reaches stderr. Python-side absl logging is limited to errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
+import tempfile
 import types
 
 __all__ = ["import_tensorflow", "import_keras"]
 
 _FLAGS_MODULE = "tensorflow.python.pywrap_dlopen_global_flags"
+
+#: Start-up lines of TensorFlow's native libraries that say nothing to a user.
+_CHATTER = re.compile(r"All log messages before absl::InitializeLog\(\)|oneDNN custom operations are on"
+                      r"|cpu_feature_guard|rebuild TensorFlow with the appropriate compiler flags"
+                      r"|^To enable the following instructions")
+
+
+@contextlib.contextmanager
+def _filtered_native_stderr():
+    """Route the stderr file descriptor to a file meanwhile; re-emit all but :data:`_CHATTER` lines."""
+    try:
+        fd = sys.__stderr__.fileno() if sys.__stderr__ is not None else 2
+        saved = os.dup(fd)
+    except (OSError, ValueError, AttributeError):  # no real stderr (e.g. some GUI launchers)
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        for stream in (sys.stderr, sys.__stderr__):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.__stderr__.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            keep = [line for line in text.splitlines() if line.strip() and not _CHATTER.search(line)]
+            if keep:
+                sys.stderr.write("\n".join(keep) + "\n")
 
 
 def import_tensorflow():
@@ -39,7 +81,8 @@ def import_tensorflow():
         sys.modules[_FLAGS_MODULE] = stub
         sys.setdlopenflags(os.RTLD_LAZY | os.RTLD_LOCAL | os.RTLD_DEEPBIND)
     try:
-        import tensorflow as tf
+        with _filtered_native_stderr():
+            import tensorflow as tf
     except ImportError as err:  # pragma: no cover - depends on the installation
         raise ImportError(
             "cryoves needs TensorFlow for the U-Net (pip install tensorflow-cpu, or "
@@ -51,6 +94,10 @@ def import_tensorflow():
                 sys.modules.pop(_FLAGS_MODULE, None)
             else:  # pragma: no cover
                 sys.modules[_FLAGS_MODULE] = saved_module
+    with contextlib.suppress(Exception):  # absl's Python logging: errors only
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
     return tf
 
 

@@ -1,4 +1,4 @@
-"""Fixtures of the napari plugin tests (run under Xvfb: ``xvfb-run -a python -m pytest tests/napari``).
+"""Fixtures of the napari plugin tests (``python -m pytest tests/napari``; pytest-xvfb provides the display).
 
 The widget tests work on a crop of the bundled sample tomogram so they stay fast on two CPU
 cores; the post-processing widgets get a probability map derived from the ground truth (a
@@ -26,7 +26,7 @@ def _display_ok() -> bool:
 def pytest_collection_modifyitems(config, items):
     if _display_ok():
         return
-    skip = pytest.mark.skip(reason="napari needs a display: run under xvfb-run -a")
+    skip = pytest.mark.skip(reason="napari needs a display: install pytest-xvfb and Xvfb (bash .ci/setup)")
     for item in items:
         if "tests/napari" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(skip)

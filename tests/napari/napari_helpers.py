@@ -60,6 +60,21 @@ def wait_done(qtbot, widget, timeout=120_000):
     return widget.runner.last_outcome
 
 
+def click(qtbot, button):
+    """Click a magicgui PushButton with the mouse, through Qt (as a user does)."""
+    from qtpy.QtCore import Qt
+
+    qtbot.mouseClick(button.native, Qt.MouseButton.LeftButton)
+
+
+def close_dock(qtbot, widget):
+    """Close a dock widget with the close button of its title bar (as a user does)."""
+    from qtpy.QtCore import Qt
+
+    dock_widget = widget.parent()
+    qtbot.mouseClick(dock_widget.title.close_button, Qt.MouseButton.LeftButton)
+
+
 def dock(viewer, widget_cls):
     w = widget_cls(viewer)
     viewer.window.add_dock_widget(w, name=f"{w.display_name} (cryoves)")

@@ -227,7 +227,8 @@ def test_plugin_modules_do_not_import_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys, json; import cryoves.napari._widgets, cryoves.napari._reader, "
+    code = ("import sys, json; import cryoves.napari._pipeline, cryoves.napari._predict, cryoves.napari._threshold, "
+            "cryoves.napari._refine, cryoves.napari._outliers, cryoves.napari._export, cryoves.napari._reader, "
             "cryoves.napari._writer, cryoves.napari._sample_data, cryoves.napari._params; "
             "import cryoves.napari._params as p; p._defaults(); "
             "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in ('tensorflow', 'keras'))))")

@@ -17,6 +17,21 @@ from cryoves import __version__
 COMMANDS = ("segment", "simulate", "train", "evaluate")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` that shows every option's default (unless its help already says it or there is none).
+
+    Descriptions keep their line breaks (write them as plain text, not reST).
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or "default" in text.lower() or action.required
+                or action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
 class CliError(Exception):
     """An error with a message meant for the user (printed without a traceback)."""
 

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from cryoves.cli import CliError
+from cryoves.cli import CliError, HelpFormatter
 
 
 def add_parser(sub):
     p = sub.add_parser(
         "train",
-        help="train or fine-tune the vesicle U-Net",
+        help="train or fine-tune the vesicle U-Net (defaults: ~75 min on 2 CPU cores)",
         description=(
-            "Train the U-Net on domain-randomised simulated tomograms, or fine-tune existing weights "
-            "(ours or the reference CryoVesNet weights.h5) on your own labelled tomograms. "
-            "Writes OUT.weights.h5, OUT.json (model card), OUT_history.json and OUT_history.png."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+            "Train the U-Net on domain-randomised simulated tomograms, or fine-tune existing weights\n"
+            "(ours or the reference CryoVesNet weights.h5) on your own labelled tomograms.\n"
+            "Writes OUT.weights.h5, OUT.json (model card), OUT_history.json and OUT_history.png.\n\n"
+            "Run time: with the defaults (30 epochs x 100 batches of 4 patches of 48^3 voxels) about\n"
+            "75 min on 2 CPU cores (1.5 s per batch measured); it grows with epochs x steps x batch size\n"
+            "(patch^3). Progress goes to stderr, as plain lines when it is not a terminal (a log file)."),
+        formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output path stem, e.g. weights/my_model")
-    p.add_argument("--data", action="append", default=[], metavar="TOMO.mrc:LABELS",
+    p.add_argument("--data", action="append", default=None, metavar="TOMO.mrc:LABELS",
                    help="a labelled tomogram: LABELS is a label/mask MRC (non-zero = vesicle) or a vesicle "
-                        "table CSV written by cryoves; repeat for several")
-    p.add_argument("--val-data", action="append", default=[], metavar="TOMO.mrc:LABELS",
-                   help="held-out labelled tomogram(s) for validation")
+                        "table CSV written by cryoves; repeat for several (default: none)")
+    p.add_argument("--val-data", action="append", default=None, metavar="TOMO.mrc:LABELS",
+                   help="held-out labelled tomogram(s) for validation (default: none)")
     p.add_argument("--simulated", type=int, default=0, metavar="N",
                    help="add N simulated, domain-randomised training tomograms")
     p.add_argument("--val-simulated", type=int, default=0, metavar="N",
@@ -33,17 +35,17 @@ def add_parser(sub):
     p.add_argument("--model-voxel-size", type=float, default=None,
                    help="voxel size (nm) the network works at; default: that of --init-weights, else 2.2")
     p.add_argument("--voxel-size", type=float, default=None,
-                   help="override the header voxel size (nm) of every --data tomogram")
+                   help="override the header voxel size (nm) of every --data tomogram; default: each file's header")
     p.add_argument("--smooth-sigma", type=float, default=None, metavar="SIGMA",
                    help="Gaussian smoothing (voxels at the model's voxel size) applied before normalisation, "
                         "in training and at every prediction (recorded in the model card); default: that of "
                         "--init-weights, else none")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (run time grows linearly)")
     p.add_argument("--steps", type=int, default=100, help="batches per epoch")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="patches per batch")
     p.add_argument("--patch", type=int, default=48, help="patch edge (voxels, multiple of 4)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (use ~1e-4 to fine-tune)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (patches, simulation, initial weights)")
     p.add_argument("--overwrite", action="store_true", help="replace existing OUT files")
     return p
 
@@ -83,6 +85,8 @@ def run(args) -> int:
         raise CliError(f"{targets[0]} exists; pass --overwrite to replace it")
     if not out.parent.exists():
         raise CliError(f"output folder {out.parent} does not exist")
+    args.data = args.data or []
+    args.val_data = args.val_data or []
     if not (args.data or args.simulated):
         raise CliError("nothing to train on: give --data TOMO.mrc:LABELS and/or --simulated N")
     try:
@@ -105,16 +109,10 @@ def run(args) -> int:
     mvs = model.card.voxel_size_nm
     prep = model.card.preprocessing
 
-    from tqdm import tqdm
+    from cryoves._progress import ConsoleProgress
 
-    bars = {}
-
-    def progress(stage, done, total):
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, unit="step" if stage == "train" else "vol")
-        bar.n = done
-        bar.refresh()
+    progress = ConsoleProgress(sys.stderr, labels={"train": "training (batches)", "simulate": "simulating",
+                                                    "simulate-val": "simulating (validation)"})
 
     train_vols = _load_pairs(args.data, args.voxel_size, mvs, prep)
     val_vols = _load_pairs(args.val_data, args.voxel_size, mvs, prep)
@@ -131,8 +129,7 @@ def run(args) -> int:
         card_updates["source"] = f"fine-tuned from {args.init_weights} ({model.card.source})"
     model, history = train_model(train_vols, val_vols or None, model=model, params=params, out_stem=out,
                                  card_updates=card_updates, progress=progress)
-    for bar in bars.values():
-        bar.close()
+    progress.close()
     print(f"best validation Dice {history.best_val_dice:.3f} at epoch {history.best_epoch + 1}; "
           f"{history.seconds / 60:.1f} min; weights in {targets[0]}")
     return 0

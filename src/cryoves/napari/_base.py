@@ -12,7 +12,11 @@ from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 from cryoves.napari._layers import ROLE_KEY, TOMO_KEY, base_name, layer_name, voxel_size_of
 from cryoves.napari._runner import TaskRunner
 
-__all__ = ["StageWidget", "default_of", "float_field", "optional_checkbox"]
+__all__ = ["StageWidget", "default_of", "float_field", "optional_checkbox", "tomogram_array", "materialize",
+           "check_probability"]
+
+#: Roles of layers that are never a tomogram (not listed in the tomogram pickers).
+NOT_TOMOGRAM = ("probability",)
 
 
 def default_of(func: Callable, name: str):
@@ -52,6 +56,8 @@ class StageWidget(QWidget):
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):  # noqa: F821 - napari injects it
         super().__init__()
         self.viewer = napari_viewer
+        self.closed = False
+        self._had_parent = False
         self._combos: list[ComboBox] = []
         self.main = Container(labels=True)
         self.advanced = Container(labels=True)
@@ -86,8 +92,52 @@ class StageWidget(QWidget):
         self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Maximum)
         self.runner = TaskRunner([self.run_button, *self.extra_buttons], self.cancel_button,
                                  self.progress_bar, self.status)
-        self.run_button.changed.connect(self._run_clicked)
+        self.run_button.changed.connect(self.guarded(self.run))
         self.reset_choices()
+
+    # -- closing -----------------------------------------------------------------------
+    def event(self, ev):
+        from qtpy.QtCore import QEvent
+
+        if ev.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._had_parent = True
+            elif self._had_parent:  # taken out of its dock: napari closed the dock widget
+                self.close_down()
+        return super().event(ev)
+
+    def closeEvent(self, ev):  # noqa: N802 - Qt name
+        self.close_down()
+        super().closeEvent(ev)
+
+    def close_down(self) -> None:
+        """The dock was closed: cancel the running task (its result is dropped) and clean up."""
+        if self.closed:
+            return
+        self.closed = True
+        self.runner.shutdown()
+        self.on_close()
+
+    def on_close(self) -> None:
+        """Subclass hook: undo what the widget shows in the viewer (previews)."""
+
+    def guarded(self, action: Callable[[], None]) -> Callable:
+        """A button handler that runs ``action`` and turns invalid input into a one-line message."""
+        def clicked(*_):
+            if self.closed:
+                return
+            try:
+                action()
+            except Exception as exc:  # noqa: BLE001 - invalid input: clear message, no traceback
+                from napari.utils.notifications import show_error
+
+                from cryoves.napari._runner import describe_error
+
+                msg = describe_error(exc)
+                self.status.value = msg
+                show_error(f"cryoves: {msg}")
+
+        return clicked
 
     def add_fields(self, stage: str) -> None:
         """Add the shared parameter fields of ``stage`` (see :mod:`cryoves.napari._params`)."""
@@ -118,18 +168,6 @@ class StageWidget(QWidget):
         """Start the stage (called by the main button)."""
         raise NotImplementedError
 
-    def _run_clicked(self, *_):
-        try:
-            self.run()
-        except Exception as exc:  # noqa: BLE001 - invalid input: clear message, no traceback
-            from napari.utils.notifications import show_error
-
-            from cryoves.napari._runner import describe_error
-
-            msg = describe_error(exc)
-            self.status.value = msg
-            show_error(f"cryoves: {msg}")
-
     # -- layer pickers ---------------------------------------------------------------------
     def layer_combo(self, label: str, layer_type: str, tooltip: str, *, roles: Sequence[str] = (),
                     exclude_roles: Sequence[str] = (), nullable: bool = False, name: str | None = None
@@ -155,8 +193,17 @@ class StageWidget(QWidget):
         self._combos.append(combo)
         return combo
 
+    def tomogram_combo(self) -> ComboBox:
+        """The tomogram picker (every widget's first layer picker; probability maps not listed)."""
+        combo = self.layer_combo("Tomogram", "Image", "The tomogram (membranes dark)",
+                                 exclude_roles=NOT_TOMOGRAM)
+        combo.changed.connect(self.autoselect)
+        return combo
+
     def reset_choices(self, *_):
         """Refresh every layer picker (napari calls this when layers change)."""
+        if self.closed:
+            return
         for w in (self.main, self.advanced):
             w.reset_choices()
         self.autoselect()
@@ -208,6 +255,40 @@ class StageWidget(QWidget):
                 f"the voxel size of layer {layer.name!r} is unknown: enter it (nm) in the Predict "
                 "widget, or open the tomogram from an MRC file whose header has it")
         return vs
+
+
+def tomogram_array(layer) -> np.ndarray:
+    """The (highest resolution) 3-D data of an image layer; a clear error if it is not 3-D."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    if data.ndim != 3:
+        raise ValueError(f"layer {layer.name!r} is {data.ndim}-D; cryoves needs a 3-D volume (Z, Y, X)")
+    return data
+
+
+def materialize(data) -> np.ndarray:
+    """A numpy array (computes a lazy dask array; memory maps stay memory maps). Worker thread only."""
+    if hasattr(data, "compute") and not isinstance(data, np.ndarray):
+        return np.asarray(data.compute())
+    return data
+
+
+def check_probability(layer) -> np.ndarray:
+    """The data of ``layer`` if it is a probability map, else a ValueError that says why not.
+
+    A probability map is a layer written by Predict (role ``"probability"``) or any 3-D image
+    whose values lie in [0, 1] (e.g. a map opened from a file); a tomogram is refused at once.
+    """
+    data = tomogram_array(layer)
+    role = layer.metadata.get(ROLE_KEY)
+    if role == "probability":
+        return data
+    lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"layer {layer.name!r} is not a probability map: its values lie in "
+                         f"{lo:.3g}..{hi:.3g}, not 0..1 (choose the output of Predict)")
+    return data
 
 
 def optional_checkbox(text: str, value: bool, tooltip: str) -> CheckBox:

@@ -13,8 +13,7 @@ from typing import Any
 
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
 
-__all__ = ["SPECS", "make_field", "params_from", "adaptive_kwargs", "refine_kwargs", "outlier_kwargs",
-           "predict_kwargs", "STAGE_FIELDS"]
+__all__ = ["SPECS", "make_field", "params_from", "stage_kwargs", "default_value", "STAGE_FIELDS"]
 
 # name -> (label, tooltip, kind, options)
 SPECS: dict[str, tuple[str, str, str, dict]] = {
@@ -100,6 +99,11 @@ def _defaults() -> dict[str, Any]:
     return d
 
 
+def default_value(name: str):
+    """The pipeline's default of parameter ``name`` (a :class:`SegmentParams` attribute)."""
+    return _defaults()[name]
+
+
 def make_field(name: str, value=None):
     """The widget for parameter ``name`` with the pipeline's default (or ``value``)."""
     label, tip, kind, opts = SPECS[name]
@@ -134,6 +138,29 @@ def params_from(fields: dict) -> "SegmentParams":  # noqa: F821
         lo, hi = SegmentParams().extent_range
         changes["extent_range"] = (float(values.get("extent_lo", lo)), float(values.get("extent_hi", hi)))
     return SegmentParams().replace(**changes)
+
+
+def stage_kwargs(p, stage: str, voxel_size: float | None = None) -> dict:
+    """Keyword arguments of the core function of ``stage``, as :func:`cryoves.pipeline.segment` passes them.
+
+    The one place where the widgets turn parameters into stage arguments.
+
+    Parameters
+    ----------
+    p : SegmentParams
+    stage : {"predict", "adaptive", "refine", "outliers"}
+    voxel_size : float, optional
+        Voxel size (nm) of the tomogram (needed by ``"refine"``).
+    """
+    if stage == "predict":
+        return predict_kwargs(p)
+    if stage == "adaptive":
+        return adaptive_kwargs(p)
+    if stage == "refine":
+        return refine_kwargs(p, voxel_size)
+    if stage == "outliers":
+        return outlier_kwargs(p)
+    raise ValueError(f"unknown stage {stage!r}")
 
 
 def predict_kwargs(p) -> dict:

@@ -88,7 +88,8 @@ class TaskRunner:
         self._pbar = None
         self._stage = None
         self._t0 = 0.0
-        self.last_outcome: str | None = None  # "ok", "cancelled", "error"
+        self._discard = False  # set by shutdown(): the result of the running task is dropped
+        self.last_outcome: str | None = None  # "ok", "cancelled", "error", "discarded"
         self.last_error: str | None = None
         cancel_button.changed.connect(self.cancel)
 
@@ -103,6 +104,18 @@ class TaskRunner:
         if self.busy:
             self._cancel.set()
             self._status.value = "Cancelling…"
+
+    def shutdown(self) -> None:
+        """The widget is going away: cancel the running task and drop its result.
+
+        Whatever the task returns later never reaches ``on_done`` (so a closed dock widget
+        cannot overwrite layers), and no new task can start.
+        """
+        self._discard = True
+        self._cancel.set()
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
 
     # -- running ----------------------------------------------------------------------
     def start(self, func: Callable[[Callable], Any], on_done: Callable[[Any], str | None], desc: str,
@@ -125,7 +138,7 @@ class TaskRunner:
         bool
             False if another task is still running (nothing started).
         """
-        if self.busy:
+        if self.busy or self._discard:
             return False
         from napari.qt.threading import create_worker
 
@@ -168,7 +181,7 @@ class TaskRunner:
             return ("error", exc)
 
     def _on_progress(self, stage: str, done: int, total: int) -> None:
-        if self.worker is None:  # a late report after the task ended
+        if self.worker is None or self._discard:  # a late report after the task ended
             return
         words = STAGE_WORDS.get(stage, stage.replace("_", " ").capitalize())
         self._bar.max = max(total, 0)
@@ -198,6 +211,11 @@ class TaskRunner:
         from napari.utils.notifications import show_error, show_info
 
         kind, value = outcome
+        if self._discard:  # the widget was closed meanwhile: touch nothing
+            self.worker = None
+            self.last_outcome = "discarded"
+            log.info("cryoves: %s ended after its widget was closed (%s); result dropped", self._desc, kind)
+            return
         elapsed = time.perf_counter() - self._t0
         self._finish_ui()
         self.last_outcome = kind

@@ -1,0 +1,107 @@
+"""Find vesicles (full pipeline): every stage with one button, the same layers as stage by stage."""
+
+from __future__ import annotations
+
+import numpy as np
+from magicgui.widgets import Label
+
+from cryoves.napari._base import StageWidget, check_probability, materialize, tomogram_array
+from cryoves.napari._layers import base_name
+from cryoves.napari._params import SPECS, make_field
+from cryoves.napari._results import show_segmentation
+from cryoves.napari._service import get_model, run_in_tf_thread
+from cryoves.napari._weights_panel import WeightsPanel
+
+__all__ = ["PipelineWidget"]
+
+#: The parameter groups under *Advanced parameters*, in stage order.
+GROUPS = (("1. Prediction", ("tile", "tta")),
+          ("2. Threshold", ("connectivity", "adaptive", "min_radius_nm", "z_split", "extent_split",
+                            "extent_lo", "extent_hi", "grow_min")),
+          ("3. Sphere fitting", ("refine_min_radius_nm", "refine_max_radius_nm", "refine_max_iter",
+                                 "sigma_vox", "radius_method", "capture")),
+          ("4. Outliers", ("outliers", "p_threshold", "outlier_max_iter", "grow_vox",
+                           "remove_overlaps", "robust", "max_rounds")))
+
+
+class PipelineWidget(StageWidget):
+    """All stages on the chosen tomogram with one button (:func:`cryoves.pipeline.segment`).
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+    """
+
+    display_name = "Find vesicles (full pipeline)"
+    run_text = "Find vesicles"
+
+    def build(self):
+        self.tomogram = self.tomogram_combo()
+        self.panel = WeightsPanel(self.tomogram)
+        self.probability = self.layer_combo(
+            "Reuse probability", "Image", "Optional: an existing probability map of this tomogram (values "
+            "0..1); the network is then skipped", nullable=True, name="probability")
+        self.mask = self.layer_combo(
+            "Region mask", "Labels", "Optional: only look for vesicles inside this region (non-zero "
+            "voxels), e.g. the presynaptic cytoplasm; same shape as the tomogram", nullable=True,
+            exclude_roles=("labels_global", "labels_adaptive", "vesicle_labels", "truth_labels"), name="mask")
+        self.main.extend([self.tomogram, *self.panel.widgets])
+        self.advanced.extend([self.probability, self.mask])
+        for title, names in GROUPS:
+            self.advanced.append(Label(value=f"<b>{title}</b>", label=""))
+            for name in names:
+                if name not in SPECS:
+                    raise KeyError(f"no field definition for parameter {name!r}")
+                self.fields[name] = make_field(name)
+                self.advanced.append(self.fields[name])
+
+    def reset_choices(self, *_):
+        super().reset_choices()
+        if hasattr(self, "panel") and not self.closed:
+            self.panel.refresh()
+
+    def autoselect(self, *_):
+        # never pre-select a probability map or a mask: reusing one is an explicit choice
+        pass
+
+    def run(self):
+        layer = self.require(self.tomogram, "tomogram")
+        data = tomogram_array(layer)
+        vs = self.panel.voxel_size_for(layer)
+        prob = None
+        if self.probability.value is not None:
+            prob = check_probability(self.probability.value)
+            if prob.shape != data.shape:
+                raise ValueError(f"probability {prob.shape} and tomogram {data.shape} differ in shape")
+        mask = None
+        if self.mask.value is not None:
+            mask = np.asarray(self.mask.value.data)
+            if mask.shape != data.shape:
+                raise ValueError(f"region mask {mask.shape} and tomogram {data.shape} differ in shape")
+        path = self.panel.require_weights() if prob is None else None
+        params = self.params()
+        self.panel.record(layer, vs)
+        name = base_name(layer)
+
+        def pipeline(progress):
+            from cryoves.pipeline import segment
+
+            model = get_model(path) if prob is None else None
+            return segment(materialize(data), vs, model, params=params, mask=mask,
+                           probability=None if prob is None else materialize(prob), progress=progress)
+
+        def work(progress):
+            if prob is not None:  # no network: run right here
+                return pipeline(progress)
+            return run_in_tf_thread(pipeline, progress)
+
+        def done(result):
+            show_segmentation(self.viewer, result, name, data.shape, vs)
+            line = f"{result.n_accepted} vesicles found"
+            if result.n_removed:
+                line += f" ({result.n_removed} candidates rejected, kept as hidden points for review)"
+            if np.isfinite(result.threshold):
+                line += f"; global threshold {result.threshold:.2f}"
+            return line
+
+        self.runner.start(work, done, "Vesicle segmentation")
