@@ -138,15 +138,17 @@ def test_stage_by_stage(sample_viewer, qtbot, sample, tmp_path):
     from cryoves.io import read_labels, read_vesicles_csv
 
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert len(written) == 5
+    # the command line's file names, one set with its run record written last
+    ends = ["_labels.mrc", "_pyto.mrc", "_segment.json", "_vesicles.csv", "_vesicles.mod", "_vesicles.star"]
+    assert len(written) == 6 and all(any(w.endswith(e) for w in written) for e in ends), written
     csv = read_vesicles_csv(next(tmp_path.glob("*_vesicles.csv")))
     assert len(csv.accepted()) == len(after.accepted())
-    lab, lvs = read_labels(next(tmp_path.glob("*_vesicle_labels.mrc")))
+    lab, lvs = read_labels(next(tmp_path.glob("*_labels.mrc")))
     assert lvs == pytest.approx(vs) and lab.shape == viewer.layers[NAME].data.shape
     # exporting again without 'Overwrite' is refused with a clear message, nothing raised
     click(qtbot, ew.run_button)
     assert wait_done(qtbot, ew) == "error"
-    assert "already exist" in ew.runner.last_error
+    assert "Overwrite" in ew.runner.last_error
 
 
 def test_threshold_slider_relabels_live(sample_viewer, qtbot):
@@ -247,7 +249,7 @@ def test_predict_widget_with_real_weights(make_napari_viewer, qtbot, crop, weigh
     name = add_crop_layers(viewer, small, with_probability=False)
     pw = dock(viewer, PredictWidget)
     pw.panel.weights.value = weights_path
-    assert "trained at" in pw.panel.weights_label.value
+    assert "nm voxels" in pw.panel.weights_label.value
     assert pw.panel.voxel_size.value == pytest.approx(crop["voxel_size"])
     assert "rescaled" in pw.panel.rescale_label.value
     click(qtbot, pw.run_button)

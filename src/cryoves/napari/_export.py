@@ -82,7 +82,9 @@ class ExportWidget(StageWidget):
 
 def export_vesicles(table, folder, base, shape, *, labels=True, csv=True, star=False, mod=False,
                     pyto=False, overwrite=False, progress=None) -> list[str]:
-    """Write a vesicle table in the chosen formats with :mod:`cryoves.io`.
+    """Write a vesicle table in the chosen formats as one set, with the file names of the
+    command line (:func:`cryoves.export.export_results`: staged, committed together, a run
+    record written last).
 
     Parameters
     ----------
@@ -96,45 +98,23 @@ def export_vesicles(table, folder, base, shape, *, labels=True, csv=True, star=F
     labels, csv, star, mod, pyto : bool
         Formats to write.
     overwrite : bool
-        Replace existing files (otherwise an existing file is an error).
+        Replace an existing complete set (otherwise it is an error and nothing is written).
     progress : callable, optional
         ``progress(stage, done, total)``.
 
     Returns
     -------
     list of str
-        The written files.
+        The written files (the run record last).
     """
-    from cryoves import io
-    from cryoves.table import render_labels
+    from cryoves.export import export_results
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs = [k for k, v in (("labels", labels), ("csv", csv), ("star", star), ("mod", mod), ("pyto", pyto)) if v]
-    names = {"labels": f"{base}_vesicle_labels.mrc", "csv": f"{base}_vesicles.csv",
-             "star": f"{base}_vesicles.star", "mod": f"{base}_vesicles.mod", "pyto": f"{base}_pyto_labels.mrc"}
-    if not overwrite:
-        exist = [names[j] for j in jobs if (folder / names[j]).exists()]
-        if exist:
-            raise FileExistsError(f"{', '.join(exist)} already exist in {folder}; tick 'Overwrite' or "
-                                  "choose another file name")
-    out = []
-    vs = table.voxel_size
-    for i, job in enumerate(jobs):
-        if progress is not None:
-            progress("export", i, len(jobs))
-        p = folder / names[job]
-        if job == "labels":
-            io.write_labels_mrc(p, render_labels(table, shape), vs, overwrite=overwrite)
-        elif job == "csv":
-            io.write_vesicles_csv(p, table, overwrite=overwrite)
-        elif job == "star":
-            io.write_star(p, table, tomo_name=base, overwrite=overwrite)
-        elif job == "mod":
-            io.write_imod_model(p, table, tuple(shape), vs, overwrite=overwrite)
-        else:
-            io.write_pyto_labels(p, table, tuple(shape), vs, overwrite=overwrite)
-        out.append(str(p))
-    if progress is not None:
-        progress("export", len(jobs), len(jobs))
-    return out
+    formats = [k for k, v in (("csv", csv), ("labels", labels), ("pyto", pyto), ("star", star),
+                              ("mod", mod)) if v]
+    try:
+        paths = export_results(folder, base, table, shape=None if shape is None else tuple(shape),
+                               formats=formats, record={"source": "cryoves napari plugin"},
+                               overwrite=overwrite, progress=progress)
+    except FileExistsError as err:
+        raise FileExistsError(f"{err}; tick 'Overwrite' or choose another file name") from None
+    return [str(p) for p in paths.values()]

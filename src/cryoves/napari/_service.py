@@ -14,16 +14,12 @@ and :func:`get_model` (a loaded model, cached).
 from __future__ import annotations
 
 import threading
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 __all__ = ["run_in_tf_thread", "get_model", "describe_weights", "weights_path"]
 
 _LOCK = threading.Lock()
 _EXECUTOR = None
-_MODELS: dict[str, Any] = {}
-#: Training voxel size (nm) of the reference CryoVesNet weights.h5 (no model card).
-REFERENCE_WEIGHTS_VOXEL_NM = 2.2
 
 
 def run_in_tf_thread(fn: Callable, *args, **kwargs):
@@ -59,7 +55,8 @@ def weights_path(value) -> str | None:
 
 
 def get_model(path: str | None):
-    """The U-Net of the weights at ``path`` (None: default weights), loaded once per file.
+    """The U-Net of the weights at ``path`` (None: default weights), from the core's one model
+    cache (:func:`cryoves.model.get_model`).
 
     Only inside :func:`run_in_tf_thread`: the model is used in that thread only.
     """
@@ -68,17 +65,14 @@ def get_model(path: str | None):
     from cryoves._tf import import_tensorflow
 
     import_tensorflow()
-    from cryoves.model import load_model
+    from cryoves import model as _model
 
-    key = str(Path(path).expanduser().resolve()) if path else "<default>"
-    if key not in _MODELS:
-        _MODELS.clear()  # keep one network in memory
-        _MODELS[key] = load_model(path)
-    return _MODELS[key]
+    return _model.get_model(path)
 
 
 def describe_weights(path: str | None) -> tuple[float | None, str]:
-    """Training voxel size and a one-line description of the weights at ``path`` (no TensorFlow).
+    """Training voxel size and a one-line description of the weights at ``path`` (no TensorFlow),
+    from :func:`cryoves.model.describe_weights`.
 
     Parameters
     ----------
@@ -88,38 +82,14 @@ def describe_weights(path: str | None) -> tuple[float | None, str]:
     Returns
     -------
     voxel_size_nm : float or None
-        None if the weights cannot be used (the description says why).
+        None if the weights cannot be used (the description says why, in one line).
     description : str
     """
     from cryoves import model as _model
 
     try:
-        p = Path(path).expanduser() if path else _model.default_weights_path()
-    except FileNotFoundError:
-        return None, ("No default weights are installed with cryoves: choose a weights file "
-                      "(cryoves NAME.weights.h5, or the CryoVesNet weights.h5).")
-    if not p.exists():
-        return None, f"Weights file not found: {p}"
-    if p.is_dir():
-        cands = sorted(p.glob("*.weights.h5")) + sorted(p.glob("*.h5"))
-        if not cands:
-            return None, f"No weights (*.h5) in folder {p}"
-        return describe_weights(str(cands[0]))
-    if p.name.endswith(".weights.h5"):
-        card = p.parent / (p.name[: -len(".weights.h5")] + ".json")
-        if card.is_file():
-            try:
-                c = _model.ModelCard.from_json(card)
-                return float(c.voxel_size_nm), f"{c.name} (trained at {c.voxel_size_nm:.2f} nm)"
-            except Exception as exc:  # noqa: BLE001 - any broken card: say which file
-                return None, f"Invalid model card {card.name}: {exc}"
-    try:
-        import h5py
-
-        with h5py.File(p, "r") as fh:
-            if "model_config" in fh.attrs:
-                return REFERENCE_WEIGHTS_VOXEL_NM, (
-                    f"CryoVesNet reference weights {p.name} (trained at {REFERENCE_WEIGHTS_VOXEL_NM:.1f} nm)")
-    except OSError as exc:
-        return None, f"Not an HDF5 weights file: {p.name} ({exc})"
-    return None, f"{p.name} is neither cryoves weights (with a .json card) nor CryoVesNet weights"
+        info = _model.describe_weights(path)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        text = str(exc).strip()
+        return None, (text.splitlines()[0] if text else type(exc).__name__)
+    return float(info["voxel_size_nm"]), info["summary"]
