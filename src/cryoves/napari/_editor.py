@@ -172,6 +172,8 @@ class EditorWidget(QWidget):
         self.restore_frame.setVisible(False)
 
         # modes
+        self.mode_help = Label(value=MODES["navigate"][1])
+        self.mode_help.native.setWordWrap(True)
         self.mode_frame = QFrame()
         ml = QHBoxLayout(self.mode_frame)
         ml.setContentsMargins(0, 0, 0, 0)
@@ -185,8 +187,6 @@ class EditorWidget(QWidget):
             ml.addWidget(b)
             b.toggled.connect(lambda on, m=mode: on and self.set_mode(m))
         self.mode_buttons["navigate"].setChecked(True)
-        self.mode_help = Label(value=MODES["navigate"][1])
-        self.mode_help.native.setWordWrap(True)
 
         self.plain_radius = FloatSpinBox(value=15.0, min=1.0, max=100.0, step=0.5, label="Plain sphere radius (nm)",
                                          tooltip="Radius of a plain sphere, added where no membrane could be fitted")
@@ -630,8 +630,9 @@ class EditorWidget(QWidget):
                 self.select(vid)
 
     def _drag_box(self, event, p0):
+        kw = {"units": tuple(self._tomo_layer.units)[-2:]} if hasattr(self._tomo_layer, "units") else {}
         shapes = self.viewer.add_shapes(name="cryoves remove box", edge_color="#ff3030", face_color="transparent",
-                                        edge_width=1.0, scale=self._tomo_layer.scale[-2:], ndim=2)
+                                        edge_width=1.0, scale=self._tomo_layer.scale[-2:], ndim=2, **kw)
         self.viewer.layers.selection.active = self.points
         p1 = p0
         yield
@@ -685,8 +686,8 @@ class EditorWidget(QWidget):
                 self._syncing = False
             moved = True
             yield
-        if moved:
-            p = self._to_data(event.position)
+        p = self._to_data(event.position)
+        if moved or np.linalg.norm(p[1:] - p0[1:]) > 0.5:
             new = start.copy()
             new[1:] += p[1:] - p0[1:]
             self._guard(lambda: ed.move(vid, new))()
