@@ -515,7 +515,7 @@ def test_csv_round_trip_exact(tmp_path):
     p = cio.write_vesicles_csv(tmp_path / "v.csv", t)
     header = p.read_text().splitlines()[0].split(",")
     assert header == ["id", "z", "y", "x", "radius", "thickness", "density", "pvalue", "stage", "status",
-                      "note", "z_nm", "y_nm", "x_nm", "radius_nm", "thickness_nm", "voxel_size_nm"]
+                      "note", "reviewed", "z_nm", "y_nm", "x_nm", "radius_nm", "thickness_nm", "voxel_size_nm"]
     back = cio.read_vesicles_csv(p)
     assert back == t
     assert back["note"][1] == t["note"][1] and np.isnan(back["pvalue"][2])

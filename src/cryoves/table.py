@@ -28,6 +28,13 @@ status : str
     ``"accepted"`` (part of the result) or ``"removed"`` (kept for review only).
 note : str
     Free text; why a row was removed, e.g. ``"outlier p=0.012"``.
+reviewed : str
+    Verdict of a human review (:class:`cryoves.edit.VesicleEditor`): ``""`` (not reviewed),
+    ``"accepted"`` or ``"rejected"``.
+
+Rows are addressed by their stable ``id`` in the row-level operations (:meth:`VesicleTable.add_row`,
+:meth:`~VesicleTable.update_row`, :meth:`~VesicleTable.set_status`, :meth:`~VesicleTable.row_index_of`,
+:meth:`~VesicleTable.row`); none of them renumbers.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["VesicleTable", "render_labels", "check_voxel_size", "COLUMNS", "STATUSES"]
+__all__ = ["VesicleTable", "render_labels", "check_voxel_size", "COLUMNS", "STATUSES", "REVIEW_VERDICTS"]
 
 #: Column name -> numpy dtype, in canonical order.
 COLUMNS: dict[str, object] = {
@@ -51,6 +58,7 @@ COLUMNS: dict[str, object] = {
     "stage": object,
     "status": object,
     "note": object,
+    "reviewed": object,
 }
 _DEFAULTS = {
     "thickness": np.nan,
@@ -59,8 +67,11 @@ _DEFAULTS = {
     "stage": "",
     "status": "accepted",
     "note": "",
+    "reviewed": "",
 }
 STATUSES = ("accepted", "removed")
+#: Values of the ``reviewed`` column ("" = not reviewed yet).
+REVIEW_VERDICTS = ("", "accepted", "rejected")
 _LENGTH_COLUMNS = ("z", "y", "x", "radius", "thickness")
 
 
@@ -87,6 +98,46 @@ def _as_column(name: str, values, n: int) -> np.ndarray:
         arr[:] = [str(v) for v in values]
         return arr
     return np.asarray(values, dtype=dtype).reshape(-1).copy()
+
+
+def _as_id(vesicle_id) -> int:
+    if isinstance(vesicle_id, (bool, np.bool_)) or not isinstance(vesicle_id, (int, np.integer)):
+        try:
+            f = float(vesicle_id)
+        except (TypeError, ValueError):
+            raise TypeError(f"a vesicle id must be an integer, got {vesicle_id!r}") from None
+        if not f.is_integer() or isinstance(vesicle_id, (bool, np.bool_)):
+            raise TypeError(f"a vesicle id must be an integer, got {vesicle_id!r}")
+        return int(f)
+    return int(vesicle_id)
+
+
+def _scalar(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def _check_row(values: Mapping) -> dict:
+    """Validate and convert the values of one row (column name -> scalar)."""
+    unknown = set(values) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown vesicle-table columns: {sorted(unknown)}; known: {list(COLUMNS)}")
+    out = {}
+    for name, v in values.items():
+        dtype = COLUMNS[name]
+        if name == "id":
+            out[name] = _as_id(v)
+        elif dtype is object:
+            out[name] = "" if v is None else str(v)
+        else:
+            try:
+                out[name] = float(v)
+            except (TypeError, ValueError):
+                raise TypeError(f"column {name!r} takes a number, got {v!r}") from None
+    if "status" in out and out["status"] not in STATUSES:
+        raise ValueError(f"invalid status {out['status']!r}; allowed: {STATUSES}")
+    if "reviewed" in out and out["reviewed"] not in REVIEW_VERDICTS:
+        raise ValueError(f"invalid reviewed value {out['reviewed']!r}; allowed: {REVIEW_VERDICTS}")
+    return out
 
 
 class VesicleTable:
@@ -137,6 +188,9 @@ class VesicleTable:
         bad = set(np.unique(cols["status"])) - set(STATUSES) if n else set()
         if bad:
             raise ValueError(f"invalid status values {sorted(bad)}; allowed: {STATUSES}")
+        bad = set(np.unique(cols["reviewed"])) - set(REVIEW_VERDICTS) if n else set()
+        if bad:
+            raise ValueError(f"invalid reviewed values {sorted(bad)}; allowed: {REVIEW_VERDICTS}")
         if voxel_size is not None:
             voxel_size = check_voxel_size(voxel_size)
         self._cols = cols
@@ -185,6 +239,8 @@ class VesicleTable:
             raise ValueError(f"column {name!r} has {len(arr)} values for {len(self)} rows")
         if name == "status" and len(arr) and set(np.unique(arr)) - set(STATUSES):
             raise ValueError(f"invalid status values; allowed: {STATUSES}")
+        if name == "reviewed" and len(arr) and set(np.unique(arr)) - set(REVIEW_VERDICTS):
+            raise ValueError(f"invalid reviewed values; allowed: {REVIEW_VERDICTS}")
         self._cols[name] = arr
 
     def __iter__(self):
@@ -236,8 +292,7 @@ class VesicleTable:
     def rows(self):
         """Iterate over rows as dicts (slow path; for display and writers)."""
         for i in range(len(self)):
-            yield {name: (self._cols[name][i].item() if hasattr(self._cols[name][i], "item") else self._cols[name][i])
-                   for name in COLUMNS}
+            yield {name: _scalar(self._cols[name][i]) for name in COLUMNS}
 
     def to_dict(self, nm: bool = True) -> dict[str, np.ndarray]:
         """Columns as a dict (copies); with ``nm=True`` adds ``<col>_nm`` and ``voxel_size_nm``."""
@@ -246,6 +301,79 @@ class VesicleTable:
             for name in _LENGTH_COLUMNS:
                 out[f"{name}_nm"] = self.nm(name)
             out["voxel_size_nm"] = np.full(len(self), self.voxel_size)
+        return out
+
+    # -- row-level operations (rows addressed by stable id; nothing is renumbered) -------
+    def row_index_of(self, vesicle_id) -> int:
+        """Row index of the vesicle with id ``vesicle_id`` (KeyError if absent)."""
+        idx = np.flatnonzero(self._cols["id"] == _as_id(vesicle_id))
+        if len(idx) == 0:
+            raise KeyError(f"no vesicle with id {vesicle_id} in the table")
+        if len(idx) > 1:
+            raise ValueError(f"vesicle id {vesicle_id} occurs {len(idx)} times in the table; "
+                             f"make the ids unique first (VesicleTable.renumbered)")
+        return int(idx[0])
+
+    def has_id(self, vesicle_id) -> bool:
+        """True if a row (of any status) has id ``vesicle_id``."""
+        return bool(np.any(self._cols["id"] == _as_id(vesicle_id)))
+
+    def row(self, vesicle_id) -> dict:
+        """The row of vesicle ``vesicle_id`` as a dict of Python scalars (every column)."""
+        i = self.row_index_of(vesicle_id)
+        return {name: _scalar(self._cols[name][i]) for name in COLUMNS}
+
+    def add_row(self, values: Mapping | None = None, /, **kw) -> int:
+        """Append one row and return its id.
+
+        ``z, y, x, radius`` are required; other columns take their defaults. Without an ``id``
+        the row gets :meth:`next_id`; an id already in the table is refused (ids are unique and
+        never reused for another vesicle while its row exists).
+
+        Examples
+        --------
+        >>> t = VesicleTable.empty(voxel_size=1.0)
+        >>> t.add_row(z=5, y=6, x=7, radius=4, stage="editor"), t.add_row(z=9, y=9, x=9, radius=3)
+        (1, 2)
+        """
+        row = _check_row({**(values or {}), **kw})
+        missing = [n for n in ("z", "y", "x", "radius") if n not in row]
+        if missing:
+            raise ValueError(f"add_row needs column(s) {missing}")
+        vid = int(row.pop("id")) if "id" in row else self.next_id()
+        if self.has_id(vid):
+            raise ValueError(f"a vesicle with id {vid} is already in the table")
+        full = {name: _DEFAULTS.get(name) for name in COLUMNS}
+        full.update(row, id=vid)
+        for name, dtype in COLUMNS.items():
+            one = np.empty(1, dtype=dtype)
+            one[0] = full[name]
+            self._cols[name] = np.concatenate([self._cols[name], one])
+        return vid
+
+    def update_row(self, vesicle_id, values: Mapping | None = None, /, **kw) -> None:
+        """Set some columns of the row of vesicle ``vesicle_id`` in place (the id cannot change)."""
+        row = _check_row({**(values or {}), **kw})
+        if "id" in row and int(row["id"]) != _as_id(vesicle_id):
+            raise ValueError(f"update_row cannot change the id of vesicle {vesicle_id} (ids are stable)")
+        i = self.row_index_of(vesicle_id)
+        for name, v in row.items():
+            self._cols[name][i] = v
+
+    def set_status(self, vesicle_id, status: str, note: str | None = None) -> None:
+        """Set the ``status`` (and optionally the ``note``) of vesicle ``vesicle_id``."""
+        self.update_row(vesicle_id, status=status, **({} if note is None else {"note": note}))
+
+    def drop_row(self, vesicle_id) -> dict:
+        """Delete the row of vesicle ``vesicle_id`` entirely and return it (as :meth:`row`).
+
+        Only for undoing an addition: a vesicle removed from the result keeps its row with
+        status ``"removed"`` (:meth:`set_status`). The other rows keep their order and ids.
+        """
+        i = self.row_index_of(vesicle_id)
+        out = {name: _scalar(self._cols[name][i]) for name in COLUMNS}
+        for name in COLUMNS:
+            self._cols[name] = np.delete(self._cols[name], i)
         return out
 
     # -- derived tables -----------------------------------------------------------
@@ -291,8 +419,61 @@ class VesicleTable:
         return t
 
 
+def _sphere_bounds(centers: np.ndarray, radii: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sphere: valid flag and the clipped voxel bounds ``[lo, hi)`` of its bounding box."""
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, 3)
+    radii = np.asarray(radii, dtype=np.float64).reshape(-1)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(radii) & (radii > 0) & np.all(np.isfinite(centers), axis=1)
+    c = np.where(ok[:, None], centers, 0.0)
+    r = np.where(ok, radii, 0.0)[:, None]
+    lo = np.maximum(np.floor(c - r).astype(np.int64), 0)
+    hi = np.minimum(np.ceil(c + r).astype(np.int64) + 1, np.asarray(shape, dtype=np.int64))
+    ok &= np.all(hi > lo, axis=1)
+    return ok, lo, hi
+
+
+def _render_region(label_values, centers, radii, shape, lo_r, hi_r, dtype) -> np.ndarray:
+    """Labels of the region ``[lo_r, hi_r)`` of a volume of ``shape`` (see :func:`render_labels`)."""
+    lo_r = np.asarray(lo_r, dtype=np.int64)
+    hi_r = np.asarray(hi_r, dtype=np.int64)
+    out = np.zeros(tuple(hi_r - lo_r), dtype=dtype)
+    ok, lo, hi = _sphere_bounds(centers, radii, shape)
+    lo = np.maximum(lo, lo_r)
+    hi = np.minimum(hi, hi_r)
+    ok &= np.all(hi > lo, axis=1)
+    idx = np.flatnonzero(ok)
+    if len(idx) == 0:
+        return out
+    best = np.full(out.shape, np.inf, dtype=np.float32)
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, 3)
+    radii = np.asarray(radii, dtype=np.float64).reshape(-1)
+    for k in idx:  # row order: the same voxel values whatever the region
+        a, b, c, r = lo[k], hi[k], centers[k], radii[k]
+        zz, yy, xx = np.ogrid[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
+        rel = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) / r
+        box = tuple(slice(int(p - q), int(e - q)) for p, e, q in zip(a, b, lo_r))
+        take = (rel <= 1.0) & (rel < best[box])
+        best[box][take] = rel[take]
+        out[box][take] = label_values[k]
+    return out
+
+
+def _region_bounds(region, shape) -> tuple[np.ndarray, np.ndarray]:
+    if len(region) != 3:
+        raise ValueError(f"region must be 3 slices (Z, Y, X), got {region!r}")
+    lo, hi = [], []
+    for sl, n in zip(region, shape):
+        if not isinstance(sl, slice) or sl.step not in (None, 1):
+            raise ValueError(f"region must be 3 slices with step 1, got {region!r}")
+        a, b, _ = sl.indices(n)
+        lo.append(a)
+        hi.append(max(a, b))
+    return np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
+
+
 def render_labels(table: VesicleTable, shape: Sequence[int], *, accepted_only: bool = True,
-                  ids: np.ndarray | None = None, dtype=np.uint16) -> np.ndarray:
+                  ids: np.ndarray | None = None, dtype=np.uint16, region=None) -> np.ndarray:
     """Render the vesicles of ``table`` as filled spheres, one label per vesicle.
 
     Parameters
@@ -306,13 +487,18 @@ def render_labels(table: VesicleTable, shape: Sequence[int], *, accepted_only: b
         Label value per row (default: the table's ``id`` column).
     dtype : numpy dtype
         Output dtype (uint16 by default, as written to MRC).
+    region : tuple of 3 slices, optional
+        Render only this region of the volume (returns an array of the region's shape, equal to
+        ``render_labels(table, shape)[region]``; this is how the editor repaints one sphere's box).
 
     Returns
     -------
     labels : ndarray of ``dtype``
         0 = background. Where spheres overlap, a voxel goes to the sphere whose surface
         is relatively farthest (smallest distance / radius), so touching vesicles split
-        along the plane between them.
+        along the plane between them; on a tie the earlier row wins. The label of a voxel
+        depends only on the spheres that contain it, so any region renders the same values.
+        Large volumes are rendered slab by slab (bounded extra memory).
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3:
@@ -323,19 +509,13 @@ def render_labels(table: VesicleTable, shape: Sequence[int], *, accepted_only: b
         raise ValueError(f"label id {label_values.max()} does not fit in {np.dtype(dtype).name}")
     centers = table.centers[sel]
     radii = table.radii[sel]
+    if region is not None:
+        lo, hi = _region_bounds(region, shape)
+        return _render_region(label_values, centers, radii, shape, lo, hi, dtype)
     labels = np.zeros(shape, dtype=dtype)
-    best = np.full(shape, np.inf, dtype=np.float32)
-    for lab, c, r in zip(label_values, centers, radii):
-        if not (np.isfinite(r) and r > 0 and np.all(np.isfinite(c))):
-            continue
-        lo = np.maximum(np.floor(c - r).astype(int), 0)
-        hi = np.minimum(np.ceil(c + r).astype(int) + 1, shape)
-        if np.any(hi <= lo):
-            continue
-        zz, yy, xx = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        rel = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) / r
-        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-        take = (rel <= 1.0) & (rel < best[box])
-        best[box][take] = rel[take]
-        labels[box][take] = lab
+    slab = max(1, int(2 ** 24 // max(1, shape[1] * shape[2])))
+    for z0 in range(0, shape[0], slab):
+        z1 = min(shape[0], z0 + slab)
+        labels[z0:z1] = _render_region(label_values, centers, radii, shape, (z0, 0, 0), (z1, shape[1], shape[2]),
+                                       dtype)
     return labels

@@ -29,7 +29,7 @@ OUTPUT_FILES = ("tomogram.mrc", "labels.mrc", "mask.mrc", "vesicles.csv", "param
 #: columns of vesicles.csv, in order: ``VesicleTable.to_dict(nm=True)`` (the format of
 #: ``cryoves.io.write_vesicles_csv``)
 CSV_COLUMNS = ("id", "z", "y", "x", "radius", "thickness", "density", "pvalue", "stage", "status",
-               "note", "z_nm", "y_nm", "x_nm", "radius_nm", "thickness_nm", "voxel_size_nm")
+               "note", "reviewed", "z_nm", "y_nm", "x_nm", "radius_nm", "thickness_nm", "voxel_size_nm")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
