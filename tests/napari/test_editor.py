@@ -218,7 +218,7 @@ def test_no_membrane_offers_a_plain_sphere(edit_setup, qtbot):
     t = ed.table
     assert len(t) == n + 1
     assert t.radii[-1] == pytest.approx(12.0 / tomo.metadata["voxel_size_nm"])
-    np.testing.assert_allclose(t.centers[-1], spot)
+    np.testing.assert_allclose(t.centers[-1], spot, atol=0.5)  # where the click landed (pixel rounding)
 
 
 def test_napari_points_tools_go_through_the_editor(edit_setup, qtbot):
@@ -285,11 +285,14 @@ def test_edits_survive_and_are_offered_back(edit_setup, qtbot):
     labels = np.array(ed.labels)
     assert ed.n_edits == 2
     log = w._paths.log
-    assert log.is_file() and w._paths.autosave.is_file()
-    # the dock closes: bindings are gone
+    assert log.is_file()
+    # the dock closes: the autosave is finished, bindings are gone
     from napari.utils.key_bindings import coerce_keybinding
 
     w.close_editor()
+    from cryoves.io import read_vesicles_csv
+
+    assert read_vesicles_csv(w._paths.autosave) == edited
     assert coerce_keybinding("I") not in viewer.keymap
     assert coerce_keybinding("A") not in w.points.keymap
     viewer.window.remove_dock_widget(w)
@@ -301,7 +304,7 @@ def test_edits_survive_and_are_offered_back(edit_setup, qtbot):
     viewer.window.add_dock_widget(w2, name="6. Edit vesicles (cryoves) 2")
     w2.folder.value = str(w._paths.folder)
     qtbot.mouseClick(w2.start_button.native, Qt.LeftButton)
-    assert w2.editor is None and w2.restore_frame.isVisible()  # the question, in the widget
+    assert w2.editor is None and not w2.restore_frame.isHidden(), w2.status.value  # the question, in the widget
     assert "2 edit(s)" in w2.restore_label.value
     qtbot.mouseClick(w2.restore_button.native, Qt.LeftButton)
     assert w2.editor is not None

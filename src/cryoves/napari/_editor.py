@@ -450,6 +450,11 @@ class EditorWidget(QWidget):
                 except Exception:  # noqa: BLE001
                     pass
         self._unbind_layer_keys()
+        if self.editor is not None:
+            try:
+                self.editor.close()  # finishes the autosave, closes the log
+            except Exception as exc:  # noqa: BLE001
+                self._error(exc)
         if self.labels_layer is not None:
             try:
                 self.labels_layer.editable = True

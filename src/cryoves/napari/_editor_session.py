@@ -80,11 +80,11 @@ class EditPaths:
         return self.folder / f"{self.stem}_vesicles_autosave.csv"
 
     def n_logged(self) -> int:
-        """Number of edits in the log (0 when there is none or no base table to replay it on)."""
+        """Number of logged operations (edits, undos, redos; 0 without a log or a base table to replay it on)."""
         if not (self.log.is_file() and self.base.is_file()):
             return 0
-        with open(self.log, "rb") as fh:
-            return sum(1 for line in fh if line.strip())
+        with open(self.log, "rb") as fh:  # edits, undos and redos; not the header line
+            return sum(1 for line in fh if b'"op":' in line)
 
     def when(self) -> str:
         """Local time of the last logged edit."""
