@@ -336,3 +336,38 @@ def test_display_outline_ids_rejected(edit_setup, qtbot):
     assert not pts.shown[i]
     w.show_rejected.value = True
     assert pts.shown[i]
+
+
+def test_finetune_on_corrections_then_repredict(edit_setup, qtbot, random_weights):
+    """Fine-tuning runs in the TensorFlow worker with progress and cancel, saves weights + card, re-predicts."""
+    import json
+
+    from napari_helpers import wait_done
+
+    viewer, w, tomo, truth, missed, start = edit_setup
+    w.weights.value = str(random_weights)
+    w.minutes.value = 0.05
+    qtbot.mouseClick(w.finetune_button.native, Qt.LeftButton)
+    assert w.runner.busy and w.cancel_button.enabled
+    qtbot.mouseClick(w.cancel_button.native, Qt.LeftButton)
+    assert wait_done(qtbot, w, timeout=300_000) == "cancelled", w.status.value
+    assert not w.repredict_button.enabled
+
+    w.minutes.value = 0.05  # soft budget: one epoch at least
+    qtbot.mouseClick(w.finetune_button.native, Qt.LeftButton)
+    assert wait_done(qtbot, w, timeout=600_000) == "ok", w.status.value
+    folder = w._paths.folder
+    weights = folder / "sample_tomogram_finetuned.weights.h5"
+    card = json.loads((folder / "sample_tomogram_finetuned.json").read_text())
+    assert weights.is_file() and "finetuned" in card["name"]
+    assert "corrected vesicles of sample tomogram" in card["training_data"]
+    assert card["metrics"]["epochs_run"] >= 1
+    assert w.repredict_button.enabled
+
+    qtbot.mouseClick(w.repredict_button.native, Qt.LeftButton)
+    assert wait_done(qtbot, w, timeout=600_000) == "ok", w.status.value
+    prob = viewer.layers[layer_name(NAME, "probability")]
+    assert prob.data.shape == tomo.data.shape
+    assert 0.0 <= float(prob.data.min()) and float(prob.data.max()) <= 1.0
+    assert prob.metadata["cryoves_role"] == "probability"
+    assert w.editor is not None and w.points is viewer.layers[layer_name(NAME, "vesicles")]  # edits kept

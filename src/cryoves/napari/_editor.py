@@ -222,7 +222,7 @@ class EditorWidget(QWidget):
         self.weights = FileEdit(mode="r", filter="*.h5", value="", label="Weights",
                                 tooltip="The U-Net to fine-tune. Empty: the default weights shipped with cryoves")
         self.minutes = FloatSpinBox(value=5.0, min=0.05, max=120.0, step=0.5, label="Minutes",
-                                    tooltip="Training time budget; the best weights so far are kept")
+                                    tooltip="Training time budget (at least one short epoch is run); the best weights so far are kept")
         self.finetune_button = PushButton(text="Fine-tune on corrections",
                                           tooltip="Train the model on this tomogram's corrected vesicles")
         self.repredict_button = PushButton(text="Re-predict", enabled=False,
@@ -999,10 +999,16 @@ class EditorWidget(QWidget):
                                     learning_rate=1e-4, n_validation_patches=8)
             t0 = time.monotonic()
 
+            first_epoch = Path(str(stem) + ".weights.h5")
+            if first_epoch.exists():  # an older fine-tuning of this tomogram: keep it aside
+                first_epoch.replace(first_epoch.with_name(first_epoch.name.replace(
+                    ".weights.h5", time.strftime(".%Y%m%d-%H%M%S.weights.h5"))))
+
             def prog(stage, done, total):
                 elapsed = time.monotonic() - t0
                 progress("fine-tune", int(min(elapsed, seconds)), int(seconds))  # raises Cancelled
-                if elapsed > seconds:
+                # the budget is soft: at least one epoch is completed (and its weights saved)
+                if elapsed > seconds and first_epoch.exists():
                     raise _TimeUp()
 
             updates = {"name": f"{card.name}-finetuned", "source": f"fine-tuned from {card.name} by the cryoves editor",
@@ -1012,10 +1018,9 @@ class EditorWidget(QWidget):
                 train_model([vol], model=model, params=params, out_stem=stem, card_updates=updates, progress=prog)
             except _TimeUp:
                 pass
-            path = Path(str(stem) + ".weights.h5")
-            if not path.is_file():
-                raise ValueError("the time budget ended before the first epoch: give it more minutes")
-            return path
+            if not first_epoch.is_file():
+                raise ValueError(f"fine-tuning saved no weights in {first_epoch.parent}")
+            return first_epoch
 
         def work(progress):
             return run_in_tf_thread(train, progress)
