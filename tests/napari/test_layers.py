@@ -91,3 +91,25 @@ def test_update_points_in_place(layer):
     assert list(layer.shown) == [True, True, True]
     update_points(layer, t)  # remembered
     assert list(layer.shown) == [True, True, True]
+
+
+def test_update_points_only_changed_rows(layer):
+    """The fast path rewrites the changed rows only, and ends equal to a full update."""
+    t = _table()
+    t["x"] = np.where(t.ids == 2, t["x"] + 3.0, t["x"])
+    t["radius"] = np.where(t.ids == 2, 5.0, t["radius"])
+    t["status"] = np.where(t.ids == 2, "removed", t["status"])
+    update_points(layer, t, edited_ids=[2], changed_ids=[2])
+    assert table_from_points(layer) == t
+    assert list(layer.shown) == [True, False, False]
+    assert layer.features["radius_nm"].tolist() == pytest.approx(t.nm("radius").tolist())
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    np.testing.assert_allclose(layer.border_color[2], transform_color(OUTLINE_COLORS["edited"])[0])
+    update_points(layer, t, edited_ids=[4], changed_ids=[4])  # the highlight moves on
+    np.testing.assert_allclose(layer.border_color[2], transform_color(OUTLINE_COLORS["removed"])[0])
+    np.testing.assert_allclose(layer.border_color[0], transform_color(OUTLINE_COLORS["edited"])[0])
+    # a row added: the fast path does not apply, the full update does
+    t2 = VesicleTable.concat([t, VesicleTable.from_arrays([[3, 3, 3]], [2.0], voxel_size=1.5, id=[11])])
+    update_points(layer, t2, changed_ids=[11])
+    assert table_from_points(layer) == t2

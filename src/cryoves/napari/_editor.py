@@ -760,8 +760,11 @@ class EditorWidget(QWidget):
         if self.editor is None:
             return
         try:
+            t0 = time.perf_counter()
             self._repaint(event.box)
-            self._refresh_points(edited_ids=tuple(event.ids))
+            t1 = time.perf_counter()
+            self._refresh_points(edited_ids=tuple(event.ids), changed_ids=tuple(event.ids))
+            self.last_timing.update(labels=t1 - t0, points=time.perf_counter() - t1)
             if self.points is not None:
                 self.points.metadata[EDITED_KEY] = True
             self._update_undo_buttons()
@@ -785,13 +788,13 @@ class EditorWidget(QWidget):
                     return  # the change is not on the displayed slice
         lab.refresh(thumbnail=False, extent=False, highlight=False)
 
-    def _refresh_points(self, edited_ids=()) -> None:
+    def _refresh_points(self, edited_ids=(), changed_ids=None) -> None:
         if self.points is None or self.editor is None:
             return
         self._syncing = True
         try:
             update_points(self.points, self.editor.table, edited_ids=edited_ids,
-                          show_removed=bool(self.show_rejected.value))
+                          show_removed=bool(self.show_rejected.value), changed_ids=changed_ids)
             self._last_ids = np.asarray(self.editor.table.ids).copy()
         finally:
             self._syncing = False
