@@ -56,6 +56,16 @@ def drag(qtbot, viewer, layer, a, b, modifier=Qt.NoModifier, steps=4):
     qtbot.mouseRelease(w, Qt.LeftButton, modifier, pb)
 
 
+def pixel(viewer, layer, zyx, half=2):
+    """The mean RGB of the rendered canvas around the data point ``zyx`` (what the user sees)."""
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    p = canvas_pos(viewer, layer, zyx)
+    native = canvas_widget(viewer)
+    fy, fx = shot.shape[0] / native.height(), shot.shape[1] / native.width()
+    y, x = int(round(p.y() * fy)), int(round(p.x() * fx))
+    return shot[y - half:y + half + 1, x - half:x + half + 1, :3].reshape(-1, 3).mean(axis=0)
+
+
 def key(qtbot, viewer, k, modifier=Qt.NoModifier):
     qtbot.keyClick(canvas_widget(viewer), k, modifier)
 
@@ -114,7 +124,10 @@ def test_add_remove_undo_redo_by_mouse_and_keys(edit_setup, qtbot):
     key(qtbot, viewer, Qt.Key_I)
     assert w.mode == "add"
     target = missed.centers[0]
+    show_slice(viewer, tomo, target[0])
+    seen_before = pixel(viewer, tomo, target)
     click(qtbot, viewer, tomo, target)
+    assert np.abs(pixel(viewer, tomo, target) - seen_before).max() > 10  # the new label is drawn at once
     t = ed.table
     assert len(t) == len(start) + 1, w.status.value
     new_id = int(t.ids[-1])
@@ -133,7 +146,11 @@ def test_add_remove_undo_redo_by_mouse_and_keys(edit_setup, qtbot):
     key(qtbot, viewer, Qt.Key_X)
     victim = start.row(int(start.ids[5]))
     vid = int(victim["id"])
+    vc = [victim["z"], victim["y"], victim["x"]]
+    show_slice(viewer, tomo, vc[0])
+    seen_labelled = pixel(viewer, tomo, vc)
     click(qtbot, viewer, tomo, [victim["z"], victim["y"] + 0.3 * victim["radius"], victim["x"]])
+    assert np.abs(pixel(viewer, tomo, vc) - seen_labelled).max() > 10  # erased on screen at once
     row = ed.row(vid)
     assert row["status"] == "removed"
     assert not np.any(lab.data == vid)
@@ -146,6 +163,8 @@ def test_add_remove_undo_redo_by_mouse_and_keys(edit_setup, qtbot):
     key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier)
     assert ed.table == table0  # bit for bit
     np.testing.assert_array_equal(lab.data, labels_before)
+    show_slice(viewer, tomo, target[0])
+    np.testing.assert_allclose(pixel(viewer, tomo, target), seen_before, atol=2)  # and erased on screen
     assert table_from_points(pts) == table0
     key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)
     assert ed.row(new_id)["status"] == "accepted"

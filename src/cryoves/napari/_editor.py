@@ -786,7 +786,8 @@ class EditorWidget(QWidget):
                 s = box[ax]
                 if not (s.start or 0) <= step[ax] < (s.stop if s.stop is not None else np.inf):
                     return  # the change is not on the displayed slice
-        lab.refresh(thumbnail=False, extent=False, highlight=False)
+        if not _repaint_region(lab, box):
+            lab.refresh(thumbnail=False, extent=False, highlight=False)
 
     def _refresh_points(self, edited_ids=(), changed_ids=None) -> None:
         if self.points is None or self.editor is None:
@@ -1064,6 +1065,31 @@ class EditorWidget(QWidget):
                     "vesicles layer is kept)")
 
         self.runner.start(work, done, "Re-prediction")
+
+
+def _repaint_region(lab, box) -> bool:
+    """Redraw only the part of the displayed labels slice inside ``box`` (2D view, plain labels).
+
+    The labels layer's data is the editor's array, so the displayed slice (a view of it) already
+    holds the new values; this converts the changed rectangle to texture values and sends it as
+    napari's own partial ``labels_update`` (as its paint brush does), without re-slicing and
+    re-uploading the whole plane. Returns False when that does not apply (then refresh fully).
+    """
+    try:
+        if lab.contour or not isinstance(lab.data, np.ndarray) or lab._slice_input.ndisplay != 2:
+            return False
+        image = lab._slice.image
+        disp = list(lab._slice_input.displayed)
+        region = tuple(box[d] for d in disp)
+        raw = image.raw
+        if raw.ndim != 2 or not np.shares_memory(raw, lab.data):
+            return False
+        image.view[region] = lab.colormap._data_to_texture(raw[region])
+        lab.events.labels_update(data=image.view[region], offset=tuple(int(r.start or 0) for r in region))
+        return True
+    except Exception:  # noqa: BLE001 - napari internals changed: fall back to a full refresh
+        log.debug("cryoves editor: partial labels update unavailable", exc_info=True)
+        return False
 
 
 def _section(title: str) -> QWidget:
