@@ -113,3 +113,16 @@ def test_update_points_only_changed_rows(layer):
     t2 = VesicleTable.concat([t, VesicleTable.from_arrays([[3, 3, 3]], [2.0], voxel_size=1.5, id=[11])])
     update_points(layer, t2, changed_ids=[11])
     assert table_from_points(layer) == t2
+
+
+def test_update_points_append_and_drop_rows(layer):
+    """An appended row (add) and a dropped last row (its undo) take the cheap path and stay exact."""
+    t = _table()
+    t2 = VesicleTable.concat([t, VesicleTable.from_arrays([[3, 4, 5], [6, 6, 6]], [2.0, 3.5], voxel_size=1.5,
+                                                          id=[11, 12], stage="editor")])
+    update_points(layer, t2, edited_ids=[11, 12], changed_ids=[11, 12])
+    assert table_from_points(layer) == t2
+    assert list(layer.shown) == [True, False, True, True, True]
+    update_points(layer, t, changed_ids=[11, 12])
+    assert table_from_points(layer) == t
+    assert list(layer.shown) == [True, False, True]

@@ -274,9 +274,20 @@ def update_points(layer, table: VesicleTable, *, edited_ids=(), show_removed: bo
     same_view = bool(layer.metadata.get("cryoves_show_removed", False)) == bool(show_removed)
     layer.metadata["cryoves_show_removed"] = bool(show_removed)
     layer.metadata[VOXEL_KEY] = table.voxel_size
-    if changed_ids is not None and same_view and _rows_match(layer, table):
-        _update_rows(layer, table, changed_ids, edited_ids, show_removed)
-        return
+    if changed_ids is not None and same_view:
+        n, m = len(layer.data), len(table)
+        if m != n and min(n, m) > 0 and _rows_match(layer, table, min(n, m)):
+            # rows appended (an add, a redo) or dropped at the end (its undo): napari's own add /
+            # remove of those rows is much cheaper than rebuilding every array of the layer
+            if m > n:
+                layer.add(table.centers[n:])
+                changed_ids = set(int(i) for i in changed_ids) | set(int(i) for i in table.ids[n:])
+            else:
+                layer.selected_data = set(range(m, n))
+                layer.remove_selected()
+        if _rows_match(layer, table):
+            _update_rows(layer, table, changed_ids, edited_ids, show_removed)
+            return
     status = np.asarray(table["status"], dtype=str)
     with layer.events.blocker_all():
         layer.data = table.centers if len(table) else np.empty((0, 3))
@@ -289,10 +300,15 @@ def update_points(layer, table: VesicleTable, *, edited_ids=(), show_removed: bo
     layer.refresh()
 
 
-def _rows_match(layer, table: VesicleTable) -> bool:
+def _rows_match(layer, table: VesicleTable, n: int | None = None) -> bool:
+    """The layer's first ``n`` rows (default: all, and as many as the table's) hold the table's first ids."""
     f = layer.features
-    return (len(layer.data) == len(table) and "id" in f and len(f) == len(table)
-            and np.array_equal(np.asarray(f["id"]), table.ids))
+    if n is None:
+        if len(layer.data) != len(table):
+            return False
+        n = len(table)
+    return ("id" in f and len(f) == len(layer.data) >= n
+            and np.array_equal(np.asarray(f["id"])[:n], table.ids[:n]))
 
 
 def _update_rows(layer, table: VesicleTable, changed_ids, edited_ids, show_removed) -> None:
