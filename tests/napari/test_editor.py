@@ -66,6 +66,15 @@ def pixel(viewer, layer, zyx, half=2):
     return shot[y - half:y + half + 1, x - half:x + half + 1, :3].reshape(-1, 3).mean(axis=0)
 
 
+def without_labels(viewer, lab, layer, zyx):
+    """The canvas around ``zyx`` with the labels layer hidden (what "no label there" looks like)."""
+    lab.visible = False
+    try:
+        return pixel(viewer, layer, zyx)
+    finally:
+        lab.visible = True
+
+
 def key(qtbot, viewer, k, modifier=Qt.NoModifier):
     qtbot.keyClick(canvas_widget(viewer), k, modifier)
 
@@ -127,7 +136,8 @@ def test_add_remove_undo_redo_by_mouse_and_keys(edit_setup, qtbot):
     show_slice(viewer, tomo, target[0])
     seen_before = pixel(viewer, tomo, target)
     click(qtbot, viewer, tomo, target)
-    assert np.abs(pixel(viewer, tomo, target) - seen_before).max() > 10  # the new label is drawn at once
+    seen_added = pixel(viewer, tomo, target)
+    assert np.abs(seen_added - seen_before).max() > 10  # the new label is drawn at once
     t = ed.table
     assert len(t) == len(start) + 1, w.status.value
     new_id = int(t.ids[-1])
@@ -148,9 +158,10 @@ def test_add_remove_undo_redo_by_mouse_and_keys(edit_setup, qtbot):
     vid = int(victim["id"])
     vc = [victim["z"], victim["y"], victim["x"]]
     show_slice(viewer, tomo, vc[0])
-    seen_labelled = pixel(viewer, tomo, vc)
+    bare = without_labels(viewer, lab, tomo, vc)
+    assert np.abs(pixel(viewer, tomo, vc) - bare).max() > 10  # labelled on screen
     click(qtbot, viewer, tomo, [victim["z"], victim["y"] + 0.3 * victim["radius"], victim["x"]])
-    assert np.abs(pixel(viewer, tomo, vc) - seen_labelled).max() > 10  # erased on screen at once
+    np.testing.assert_allclose(pixel(viewer, tomo, vc), bare, atol=2)  # erased on screen at once
     row = ed.row(vid)
     assert row["status"] == "removed"
     assert not np.any(lab.data == vid)
@@ -390,3 +401,19 @@ def test_finetune_on_corrections_then_repredict(edit_setup, qtbot, random_weight
     assert 0.0 <= float(prob.data.min()) and float(prob.data.max()) <= 1.0
     assert prob.metadata["cryoves_role"] == "probability"
     assert w.editor is not None and w.points is viewer.layers[layer_name(NAME, "vesicles")]  # edits kept
+
+
+def test_an_edit_repaints_the_displayed_labels(edit_setup, qtbot):
+    """Any edit (here an undo through the editor, no mouse event, no re-slice) is drawn at once."""
+    viewer, w, tomo, truth, missed, start = edit_setup
+    lab = w.labels_layer
+    r = start.row(int(start.ids[10]))
+    c = [r["z"], r["y"], r["x"]]
+    show_slice(viewer, tomo, c[0])
+    bare = without_labels(viewer, lab, tomo, c)
+    labelled = pixel(viewer, tomo, c)
+    assert np.abs(labelled - bare).max() > 10
+    w.editor.remove([int(r["id"])])
+    np.testing.assert_allclose(pixel(viewer, tomo, c), bare, atol=2)
+    w.editor.undo()
+    np.testing.assert_allclose(pixel(viewer, tomo, c), labelled, atol=2)

@@ -105,10 +105,16 @@ def test_update_points_only_changed_rows(layer):
     assert layer.features["radius_nm"].tolist() == pytest.approx(t.nm("radius").tolist())
     from napari.utils.colormaps.standardize_color import transform_color
 
-    np.testing.assert_allclose(layer.border_color[2], transform_color(OUTLINE_COLORS["edited"])[0])
-    update_points(layer, t, edited_ids=[4], changed_ids=[4])  # the highlight moves on
     np.testing.assert_allclose(layer.border_color[2], transform_color(OUTLINE_COLORS["removed"])[0])
+    update_points(layer, t, edited_ids=[4], changed_ids=[4])  # the highlight goes to the last edit
     np.testing.assert_allclose(layer.border_color[0], transform_color(OUTLINE_COLORS["edited"])[0])
+    t["status"] = np.where(t.ids == 2, "accepted", t["status"])
+    t["reviewed"] = np.where(t.ids == 2, "accepted", t["reviewed"])
+    update_points(layer, t, edited_ids=[2], changed_ids=[2])
+    np.testing.assert_allclose(layer.border_color[2], transform_color(OUTLINE_COLORS["edited"])[0])
+    np.testing.assert_allclose(layer.border_color[0], transform_color(OUTLINE_COLORS["accepted"])[0])
+    update_points(layer, t, changed_ids=[2])
+    np.testing.assert_allclose(layer.border_color[2], transform_color(OUTLINE_COLORS["reviewed"])[0])
     # a row added: the fast path does not apply, the full update does
     t2 = VesicleTable.concat([t, VesicleTable.from_arrays([[3, 3, 3]], [2.0], voxel_size=1.5, id=[11])])
     update_points(layer, t2, changed_ids=[11])

@@ -184,7 +184,7 @@ def table_features(table: VesicleTable):
 
 
 def outline_colors(table: VesicleTable, edited_ids=()) -> np.ndarray:
-    """(N, 4) RGBA outline colour per row: removed / reviewed / accepted, then the just-edited ids."""
+    """(N, 4) RGBA outline colour per row: accepted, reviewed (accepted in review), removed, just edited."""
     from napari.utils.colormaps.standardize_color import transform_color
 
     palette = {k: transform_color(v)[0] for k, v in OUTLINE_COLORS.items()}
@@ -194,9 +194,10 @@ def outline_colors(table: VesicleTable, edited_ids=()) -> np.ndarray:
         return out
     if "reviewed" in table.columns:
         out[np.asarray(table["reviewed"], dtype=str) == "accepted"] = palette["reviewed"]
-    out[np.asarray(table["status"], dtype=str) == "removed"] = palette["removed"]
-    if len(edited_ids):
-        out[np.isin(table.ids, np.asarray(list(edited_ids), dtype=np.int64))] = palette["edited"]
+    removed = np.asarray(table["status"], dtype=str) == "removed"
+    out[removed] = palette["removed"]
+    if len(edited_ids):  # a removed vesicle stays red: "just edited" marks what is now part of the result
+        out[np.isin(table.ids, np.asarray(list(edited_ids), dtype=np.int64)) & ~removed] = palette["edited"]
     return out
 
 
