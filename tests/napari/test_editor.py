@@ -319,13 +319,14 @@ def test_edits_survive_and_are_offered_back(edit_setup, qtbot):
     # the dock closes: the autosave is finished, bindings are gone
     from napari.utils.key_bindings import coerce_keybinding
 
-    w.close_editor()
+    assert coerce_keybinding("I") in viewer.keymap and coerce_keybinding("A") in w.points.keymap
+    viewer.window.remove_dock_widget(w)  # what the dock's close button does
     from cryoves.io import read_vesicles_csv
 
     assert read_vesicles_csv(w._paths.autosave) == edited
     assert coerce_keybinding("I") not in viewer.keymap
     assert coerce_keybinding("A") not in w.points.keymap
-    viewer.window.remove_dock_widget(w)
+    assert w._on_mouse not in viewer.mouse_drag_callbacks
 
     # reopen: the editor finds the log and offers it back (answered programmatically here)
     from cryoves.napari._editor import EditorWidget

@@ -471,8 +471,21 @@ class EditorWidget(QWidget):
         self.close_editor()
         super().closeEvent(event)
 
+    def event(self, ev):  # noqa: D102 - Qt API
+        from qtpy.QtCore import QEvent
+
+        if ev.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):  # napari closed the dock: it only un-parents the widget
+                self.close_editor()
+        return super().event(ev)
+
     def close_editor(self) -> None:
         """Remove every binding and callback of the widget (its dock is closing)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         if self.editor is not None:
             self.finish()
         self.runner.cancel()
