@@ -812,9 +812,8 @@ class EditorWidget(QWidget):
             self._last_ids = np.asarray(self.editor.table.ids).copy()
         finally:
             self._syncing = False
-        if self._selected_id is not None:
-            i = self._index(self._selected_id)
-            self.points.selected_data = {i} if i is not None else set()
+        i = self._index(self._selected_id) if self._selected_id is not None else None
+        self.points.selected_data = {i} if i is not None else set()
         set_thick_slicing(self.viewer, self.points)
 
     def _update_undo_buttons(self) -> None:

@@ -163,8 +163,8 @@ def labels_kwargs(voxel_size: float | None, name: str, role: str, tomogram: str,
 #: vesicles the last edit touched.
 OUTLINE_COLORS = {"accepted": "#ffd700", "reviewed": "#39e639", "removed": "#ff3030", "edited": "#ff4dff"}
 STATUS_COLORS = {"accepted": OUTLINE_COLORS["accepted"], "removed": OUTLINE_COLORS["removed"]}
-#: Default outline width of the vesicle discs, screen pixels.
-OUTLINE_PX = 1.5
+#: Outline width of the vesicle discs in voxels (the editor keeps it a fixed number of screen pixels).
+OUTLINE_VOXELS = 0.5
 
 
 def table_features(table: VesicleTable):
@@ -239,7 +239,7 @@ def points_layer_data(table: VesicleTable, tomogram: str, shape, *, name: str | 
         "shown": np.ones(len(table), bool) if show_removed else status == "accepted",
         "face_color": "transparent",
         "border_color": outline_colors(table) if len(table) else OUTLINE_COLORS["accepted"],
-        "border_width": OUTLINE_PX,
+        "border_width": OUTLINE_VOXELS,
         "border_width_is_relative": False,
         "projection_mode": "rescale_spherical",
         "metadata": layer_meta(vs, role, tomogram, **{SHAPE_KEY: tuple(int(s) for s in shape)}),
@@ -331,6 +331,9 @@ def _update_rows(layer, table: VesicleTable, changed_ids, edited_ids, show_remov
         layer.size[rows] = _sizes(sub)
         layer.shown[rows] = True if show_removed else np.asarray(sub["status"], dtype=str) == "accepted"
         layer.border_color[rows] = outline_colors(sub, edited_ids)
+        others = np.setdiff1d(np.arange(len(layer.data)), rows)
+        if len(others):  # appended rows get napari's default width: use the others' (set for the zoom)
+            layer.border_width[rows] = layer.border_width[others[0]]
     layer.metadata["cryoves_edited_ids"] = tuple(int(i) for i in edited_ids)
     layer.refresh(thumbnail=False, extent=False)  # the thumbnail of 1000s of points is slow
 
