@@ -369,6 +369,7 @@ def test_display_outline_ids_rejected(edit_setup, qtbot):
     assert pts.shown[i]
 
 
+@pytest.mark.slow
 def test_finetune_on_corrections_then_repredict(edit_setup, qtbot, random_weights):
     """Fine-tuning runs in the TensorFlow worker with progress and cancel, saves weights + card, re-predicts."""
     import json

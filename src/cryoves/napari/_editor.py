@@ -136,7 +136,6 @@ class EditorWidget(QWidget):
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.layers.selection.events.active.connect(self._enforce_mouse)
         _camera(self.viewer).events.zoom.connect(self._update_outline_width)
-        self.destroyed.connect(lambda *_: None)
 
     # ------------------------------------------------------------------ layout
     def _build(self):
@@ -829,6 +828,10 @@ class EditorWidget(QWidget):
         zoom = float(_camera(self.viewer).zoom) or 1.0
         scale = abs(float(pts.scale[-1])) or 1.0
         width = float(self.outline_px.value) / (zoom * scale)
+        current = np.asarray(pts.border_width, dtype=float)
+        if (not pts.border_width_is_relative and len(current)
+                and np.allclose(current, current[0]) and abs(current[0] - width) <= 0.1 * width):
+            return  # within 10 %: not worth rewriting every point while the wheel zooms
         pts.border_width_is_relative = False
         pts.border_width = width
 
