@@ -24,7 +24,7 @@ def test_manifest_is_valid_and_complete():
     assert {tuple(w.layer_types) for w in contrib.writers} >= {("labels",), ("points",)}
     assert {e for w in contrib.writers for e in w.filename_extensions} >= {".mrc", ".csv", ".star", ".mod"}
     assert {s.key for s in contrib.sample_data} == {"synapse", "synapse_truth"}
-    assert len(contrib.widgets) == 6
+    assert len(contrib.widgets) == 7  # 5 stages, the full pipeline, the editor
     # every command points at something importable
     import importlib
 
