@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cryoves.edit import EditEvent, NoMembraneFound, VesicleEditor
+from cryoves.edit import DuplicateVesicle, EditEvent, NoMembraneFound, VesicleEditor, edit_log_info
 from cryoves.io import read_vesicles_csv
 from cryoves.table import COLUMNS, VesicleTable, render_labels
 
@@ -101,6 +101,12 @@ def test_add_at_fits_paints_and_gets_next_id(scene):
     outside[box] = False
     assert np.array_equal(ed.labels[outside], render_labels(base, SHAPE)[outside])
     assert ed.add_at(centers[k + 1]) == vid + 1
+    # clicking on a vesicle already there fits it again: refused, nothing changes
+    n = ed.n_edits
+    with pytest.raises(DuplicateVesicle, match="vesicle 3 already") as info:
+        ed.add_at(centers[2] + 1.0)
+    assert info.value.existing_id == 3 and abs(info.value.fit["radius"] - radii[2]) < 1
+    assert ed.n_edits == n
 
 
 def test_add_at_without_membrane_raises_and_changes_nothing(scene, tmp_path):
@@ -123,6 +129,11 @@ def test_add_at_without_membrane_raises_and_changes_nothing(scene, tmp_path):
         ed.add_at((-3, 10, 10))
     with pytest.raises(ValueError, match="positive"):
         ed.add_sphere((10, 10, 10), -2)
+    with pytest.raises(ValueError, match="max_diameter_nm"):
+        ed.add_sphere((10, 10, 10), 2 * 50.0 / VOXEL + 1)     # a runaway radius, not a vesicle
+    with pytest.raises(ValueError, match="max_diameter_nm"):
+        ed.resize(vid, 1000)
+    assert ed.n_edits == 1
 
 
 def test_remove_keeps_row_and_undo_brings_it_back(scene):
@@ -222,14 +233,21 @@ def test_refit_without_membrane_raises(scene):
     assert ed.n_edits == 1 and ed.row(vid)["radius"] == 8.0
 
 
-def test_inputs_not_modified(scene):
+def test_inputs_not_modified(scene, tmp_path):
     tomo, centers, radii, base = scene
     before = base.copy()
-    ed = editor(scene)
+    path = tmp_path / "tomo.f32"
+    tomo.tofile(path)
+    digest = path.read_bytes()
+    mm = np.memmap(path, dtype=np.float32, mode="r", shape=tomo.shape)   # a memory-mapped tomogram
+    ed = VesicleEditor(mm, base, VOXEL)
     ed.remove(1)
-    ed.add_sphere((30, 30, 30), 5)
+    vid = ed.add_at(centers[N_BASE])
+    ed.refit(vid)
     ed.set_reviewed(2, "rejected")
     assert same_table(base, before)
+    del mm
+    assert path.read_bytes() == digest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +308,7 @@ def _random_edits(ed: VesicleEditor, centers, rng, n_edits: int) -> None:
             else:
                 lo = rng.uniform(0, np.array(SHAPE) - 1)
                 ed.remove_in_box(lo, lo + rng.uniform(5, 40, 3))
-        except NoMembraneFound:
+        except (NoMembraneFound, DuplicateVesicle):
             pass
 
 
@@ -334,6 +352,10 @@ def test_log_and_restore_same_state(scene, tmp_path):
     assert [json.loads(x)["op"] for x in lines[-6:]] == ["undo"] * 5 + ["redo"]
     t1, lab1 = ed.table, ed.labels.copy()
     ed.close()
+    info = edit_log_info(log)
+    assert (info.n_operations, info.n_edits, info.shape, info.base_rows, info.torn_tail) == \
+        (46, ed.n_edits, SHAPE, N_BASE, False)
+    assert ed.n_edits == 36
     with pytest.raises(FileExistsError, match="restore"):
         editor(scene, log_path=log)
     back = VesicleEditor.restore(tomo, VOXEL, log, base, autosave_path=tmp_path / "vesicles.csv")
@@ -346,6 +368,14 @@ def test_log_and_restore_same_state(scene, tmp_path):
     # ... and these undos were appended to the same log
     again = VesicleEditor.restore(tomo, VOXEL, log, base)
     assert same_table(again.table, base) and again.n_edits == 0 and again.can_redo
+    # the base table may come back from its CSV file, where a NaN is a NaN whatever its bits
+    from cryoves.io import write_vesicles_csv
+    from_csv = read_vesicles_csv(write_vesicles_csv(tmp_path / "base.csv", base))
+    assert same_table(VesicleEditor.restore(tomo, VOXEL, log, from_csv).table, base)
+    neg_nan = base.copy()
+    neg_nan["thickness"] = -neg_nan["thickness"]          # -nan: a NaN with the sign bit set
+    assert neg_nan["thickness"].tobytes() != base["thickness"].tobytes()
+    assert VesicleEditor.restore(tomo, VOXEL, log, neg_nan).table == base
     # a different base table is refused
     other = base.copy()
     other["radius"] = other.radii + 0.5
@@ -363,8 +393,9 @@ def test_restore_drops_a_torn_last_line(scene, tmp_path):
     ed.close()
     with open(log, "a") as fh:
         fh.write('{"seq":3,"op":"edit","kind":"remove","bef')      # killed in the middle of a write
+    assert edit_log_info(log).torn_tail and edit_log_info(log).n_edits == 2
     back = VesicleEditor.restore(tomo, VOXEL, log, base)
-    assert same_table(back.table, state)
+    assert same_table(back.table, state) and not edit_log_info(log).torn_tail
     back.resize(2, 9.0)                                  # appends after the last complete line
     back.close()
     again = VesicleEditor.restore(tomo, VOXEL, log, base)
@@ -372,6 +403,13 @@ def test_restore_drops_a_torn_last_line(scene, tmp_path):
     (tmp_path / "junk.jsonl").write_text("hello\n")
     with pytest.raises(ValueError, match="not valid JSON"):
         VesicleEditor.restore(tomo, VOXEL, tmp_path / "junk.jsonl", base)
+    with pytest.raises(ValueError, match="not a cryoves edit log"):
+        (tmp_path / "other.jsonl").write_text('{"a": 1}\n')
+        edit_log_info(tmp_path / "other.jsonl")
+    lines = log.read_text().splitlines()
+    (tmp_path / "bad.jsonl").write_text(lines[0] + '\n{"seq":1,"op":"edit","kind":"remove"}\n')
+    with pytest.raises(ValueError, match="line 2: malformed"):
+        VesicleEditor.restore(tomo, VOXEL, tmp_path / "bad.jsonl", base)
 
 
 _CHILD = textwrap.dedent("""
@@ -474,7 +512,26 @@ def test_autosave_follows_edits_without_flush(scene, tmp_path):
     ed.resize(6, 5.5)
     ed.close()                                              # close() writes what is pending
     assert read_vesicles_csv(csv).row(6)["radius"] == 5.5
+    for call in (lambda: ed.remove(7), lambda: ed.add_sphere((30, 30, 30), 5), ed.undo, ed.redo):
+        with pytest.raises(RuntimeError, match="closed"):      # an edit that would be neither logged nor saved
+            call()
+    assert ed.row(7)["status"] == "accepted" and ed.n_edits == 3
+    ed.close()
     with pytest.raises(ValueError, match="needs a path"):
         editor(scene).save()
     assert ed.save(tmp_path / "copy.csv") == tmp_path / "copy.csv"
     assert same_table(read_vesicles_csv(tmp_path / "copy.csv"), ed.table)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_edit_not_made_when_the_log_cannot_be_written(scene, tmp_path):
+    with pytest.raises(OSError, match="edit log"):
+        editor(scene, log_path="/dev/full")
+    ed = editor(scene, log_path=tmp_path / "edits.jsonl")
+    ed.remove(1)
+    t, lab = ed.table, ed.labels.copy()
+    ed._log = open("/dev/full", "ab")        # the disk fills up
+    for call in (lambda: ed.remove(2), lambda: ed.add_sphere((30, 30, 30), 5), ed.undo):
+        with pytest.raises(OSError, match="the edit was not made"):
+            call()
+        assert same_table(ed.table, t) and np.array_equal(ed.labels, lab) and ed.n_edits == 1

@@ -36,6 +36,9 @@ Nothing is lost
     :meth:`~VesicleEditor.flush_autosave`, :meth:`~VesicleEditor.save` and
     :meth:`~VesicleEditor.close` wait for it. The edit log, written before the call returns,
     is the record that survives a crash; the autosaved CSV may be a few edits behind it.
+    The log line is written before the edit is applied: if it cannot be written (disk full),
+    the call raises OSError and nothing changes. :func:`edit_log_info` summarises a log
+    (operations, edits in effect, when) without replaying it, e.g. to offer a restore.
 
 Review queue
     :meth:`~VesicleEditor.review_queue` lists the vesicles worst first: accepted vesicles with a
@@ -44,7 +47,14 @@ Review queue
     :meth:`~VesicleEditor.set_reviewed` records the verdict in the ``reviewed`` column (exported
     with the table); :attr:`~VesicleEditor.review_progress` reads ``"37 / 212 reviewed"``.
 
-Coordinates are voxels (z, y, x) of the tomogram, radii in voxels, as in the table.
+Clicks
+    :meth:`~VesicleEditor.add_at` raises :class:`NoMembraneFound` (a ValueError with a
+    ``suggested_radius`` for a plain sphere) when no membrane is found, and
+    :class:`DuplicateVesicle` when the fit lands on a vesicle already accepted; neither changes
+    anything. :meth:`~VesicleEditor.id_at` is the vesicle under a point (a label lookup).
+
+Coordinates are voxels (z, y, x) of the tomogram, radii in voxels, as in the table. The
+methods take a lock, so a worker thread may edit while another reads.
 """
 
 from __future__ import annotations
@@ -64,7 +74,8 @@ import numpy as np
 
 from cryoves.table import COLUMNS, VesicleTable, _sphere_bounds, check_voxel_size, render_labels
 
-__all__ = ["VesicleEditor", "EditEvent", "NoMembraneFound", "EDIT_KINDS"]
+__all__ = ["VesicleEditor", "EditEvent", "NoMembraneFound", "DuplicateVesicle", "EditLogInfo", "edit_log_info",
+           "EDIT_KINDS"]
 
 #: Kinds of edits (``EditEvent.kind`` of an edit; undo and redo events have kind "undo"/"redo").
 EDIT_KINDS = ("add", "remove", "move", "resize", "refit", "review")
@@ -89,6 +100,20 @@ class NoMembraneFound(ValueError):
         super().__init__(message)
         self.point = tuple(float(v) for v in point)
         self.suggested_radius = float(suggested_radius)
+
+
+class DuplicateVesicle(ValueError):
+    """The sphere fitted at a click is a vesicle already in the table (:meth:`VesicleEditor.add_at`).
+
+    Raised when the fitted centre lies within half a radius of the centre of an accepted
+    vesicle. ``existing_id`` is that vesicle; ``fit`` the fitted row (dict), which
+    :meth:`VesicleEditor.add_sphere` can still add on purpose.
+    """
+
+    def __init__(self, message: str, *, existing_id: int, fit: dict):
+        super().__init__(message)
+        self.existing_id = int(existing_id)
+        self.fit = dict(fit)
 
 
 @dataclass(frozen=True)
@@ -121,11 +146,87 @@ class _Step:
     ids: tuple[int, ...]
     before: list           # [(id, row dict or None)] in application order
     after: list            # [(id, row dict or None)]
-    box: tuple | None = None
-    flat: np.ndarray | None = None      # flat indices (into the box) of the voxels that changed
-    old: np.ndarray | None = None       # their old and new label values
-    new: np.ndarray | None = None
-    nbytes: int = field(default=0)
+    box: tuple | None = None            # union of the parts' boxes (for display)
+    # one part per changed sphere: (box, flat indices into the box of the voxels that changed,
+    # their old values, their new values), applied in order (undone in reverse order)
+    parts: list = field(default_factory=list)
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class EditLogInfo:
+    """Summary of an edit log (:func:`edit_log_info`), e.g. to offer restoring it.
+
+    Attributes
+    ----------
+    path : Path
+    n_operations : int
+        Complete logged lines after the header (edits, undos and redos).
+    n_edits : int
+        Edits in effect after replaying them (what :attr:`VesicleEditor.n_edits` will be).
+    created : str
+        UTC time the log was started (ISO 8601).
+    modified : float
+        Time of the last write (seconds since the epoch).
+    shape : tuple of int
+        Shape of the tomogram it was written for.
+    voxel_size : float
+    base_rows : int
+        Rows of the base table.
+    torn_tail : bool
+        The last line was cut short (a crash while writing); :meth:`VesicleEditor.restore` drops it.
+    """
+
+    path: Path
+    n_operations: int
+    n_edits: int
+    created: str
+    modified: float
+    shape: tuple
+    voxel_size: float
+    base_rows: int
+    torn_tail: bool
+
+
+def _read_log(path: Path) -> tuple[list[dict], int, int]:
+    """Entries of an edit log, the length of its complete part and its total length (bytes)."""
+    raw = path.read_bytes()
+    complete = raw.split(b"\n")[:-1]      # the part after the last newline is incomplete (or empty)
+    good_len = sum(len(x) + 1 for x in complete)
+    entries = []
+    for k, line in enumerate(complete, start=1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            raise ValueError(f"edit log {path}, line {k}: not valid JSON; the log is damaged") from None
+    if not entries or not isinstance(entries[0], dict) or entries[0].get("format") != _LOG_FORMAT:
+        raise ValueError(f"{path} is not a cryoves edit log (no '{_LOG_FORMAT}' header line)")
+    if entries[0].get("version") != _LOG_VERSION:
+        raise ValueError(f"edit log {path} has version {entries[0].get('version')}; this cryoves reads "
+                         f"version {_LOG_VERSION}")
+    return entries, good_len, len(raw)
+
+
+def edit_log_info(path) -> EditLogInfo:
+    """Read the summary of an edit log without replaying it (raises ValueError if it is not one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"edit log {path} does not exist")
+    entries, good_len, total = _read_log(path)
+    head = entries[0]
+    applied, undone = 0, 0
+    for e in entries[1:]:
+        op = e.get("op")
+        if op == "edit":
+            applied, undone = applied + 1, 0
+        elif op == "undo" and applied:
+            applied, undone = applied - 1, undone + 1
+        elif op == "redo" and undone:
+            applied, undone = applied + 1, undone - 1
+    return EditLogInfo(path=path, n_operations=len(entries) - 1, n_edits=applied, created=str(head.get("created", "")),
+                       modified=path.stat().st_mtime, shape=tuple(head.get("shape", ())),
+                       voxel_size=float(head.get("voxel_size", float("nan"))), base_rows=int(head.get("base_rows", 0)),
+                       torn_tail=good_len != total)
 
 
 def _table_digest(table: VesicleTable) -> str:
@@ -138,7 +239,10 @@ def _table_digest(table: VesicleTable) -> str:
         if dtype is object:
             h.update("\x1f".join(col.tolist()).encode("utf-8", "surrogatepass"))
         else:
-            h.update(np.ascontiguousarray(col, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+            col = np.array(col, dtype=np.dtype(dtype).newbyteorder("<"))
+            if col.dtype.kind == "f":
+                col[np.isnan(col)] = np.nan       # one NaN bit pattern (a CSV round trip gives that one)
+            h.update(col.tobytes())
     return h.hexdigest()
 
 
@@ -185,7 +289,8 @@ class VesicleEditor:
         Global intensity normalisation for the sphere fits
         (:func:`cryoves.refine.intensity_normalization`, computed here when omitted).
     max_diameter_nm : float
-        Largest expected vesicle diameter for the click fit (:func:`cryoves.refine.fit_sphere_at`).
+        Largest expected vesicle diameter for the click fit (:func:`cryoves.refine.fit_sphere_at`);
+        a sphere added or resized by hand may have a radius up to twice this diameter.
 
     Examples
     --------
@@ -202,19 +307,20 @@ class VesicleEditor:
 
     def __init__(self, tomogram, table: VesicleTable, voxel_size, labels=None, *, log_path=None,
                  autosave_path=None, normalization=None, max_diameter_nm: float = 50.0):
-        self._init_state(tomogram, table, voxel_size, labels, normalization, max_diameter_nm)
-        self._autosave_path = None if autosave_path is None else Path(autosave_path)
-        self._autosaver = None if self._autosave_path is None else _Autosaver(self._autosave_path)
-        if self._autosaver is not None:
-            weakref.finalize(self, self._autosaver.stop)
-        self._log_path = None
-        self._log = None
         if log_path is not None:
             log_path = Path(log_path)
             if log_path.exists() and log_path.stat().st_size > 0:
                 raise FileExistsError(f"edit log {log_path} already exists; replay it with "
                                       f"VesicleEditor.restore(...) or delete it to start afresh")
+        self._init_state(tomogram, table, voxel_size, labels, normalization, max_diameter_nm)
+        self._log_path = None
+        self._log = None
+        if log_path is not None:
             self._open_log(log_path, header=True)
+        self._autosave_path = None if autosave_path is None else Path(autosave_path)
+        self._autosaver = None if self._autosave_path is None else _Autosaver(self._autosave_path)
+        if self._autosaver is not None:
+            weakref.finalize(self, self._autosaver.stop)
 
     # ------------------------------------------------------------------ construction
     def _init_state(self, tomogram, table, voxel_size, labels, normalization, max_diameter_nm):
@@ -265,6 +371,7 @@ class VesicleEditor:
         self._lock = threading.RLock()
         self._seq = 0
         self._replaying = False
+        self._closed = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -348,7 +455,9 @@ class VesicleEditor:
         Without ``radius``, a sphere is fitted (:func:`cryoves.refine.fit_sphere_at`: radial
         profile, centre refined by cross-correlation, detection score checked); if no membrane is
         found, :class:`NoMembraneFound` is raised (with a ``suggested_radius``) and nothing
-        changes. With ``radius`` (voxels), a plain sphere of that radius is added at the point.
+        changes; if the fitted sphere is a vesicle already accepted (centres closer than half the
+        larger radius), :class:`DuplicateVesicle` is raised and nothing changes. With ``radius``
+        (voxels), a plain sphere of that radius is added at the point (no check).
         """
         p = self._check_inside(_as_point(point_zyx, "point_zyx"), "point_zyx")
         if radius is not None:
@@ -366,6 +475,11 @@ class VesicleEditor:
                     f"add a plain sphere instead with add_at(point, radius=...) (suggested radius "
                     f"{r:.1f} voxels = {r * self._voxel_size:.1f} nm)", point=p, suggested_radius=r)
             row = fit.row(new_id)
+            dup = self._duplicate_of(np.array([row["z"], row["y"], row["x"]]), row["radius"])
+            if dup is not None:
+                raise DuplicateVesicle(
+                    f"the vesicle at (z, y, x) = ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) is vesicle {dup} already; "
+                    f"move, resize or refit it instead", existing_id=dup, fit=row)
             row.update(stage="editor", status="accepted", reviewed="",
                        note=f"added in editor ({row['note']})" if row["note"] else "added in editor")
             return self._add_row(row)
@@ -373,7 +487,7 @@ class VesicleEditor:
     def add_sphere(self, center_zyx, radius) -> int:
         """Add a plain sphere (no fit) and return its new id."""
         c = self._check_inside(_as_point(center_zyx, "center_zyx"), "center_zyx")
-        r = _as_radius(radius)
+        r = self._check_radius(radius)
         with self._lock:
             row = {"id": self._table.next_id(), "z": c[0], "y": c[1], "x": c[2], "radius": r,
                    "stage": "editor", "status": "accepted", "note": "added in editor (plain sphere)"}
@@ -415,7 +529,7 @@ class VesicleEditor:
 
     def resize(self, vesicle_id, radius) -> None:
         """Set the radius (voxels) of a vesicle; its centre and measured features are kept."""
-        r = _as_radius(radius)
+        r = self._check_radius(radius)
         with self._lock:
             (vid,) = self._check_ids(vesicle_id)
             self._edit("resize", {vid: {"radius": r, "stage": "editor", "note": "resized in editor"}})
@@ -474,13 +588,14 @@ class VesicleEditor:
     def undo(self) -> EditEvent | None:
         """Undo the last edit (exactly); returns its event, or None when there is nothing to undo."""
         with self._lock:
+            self._check_open()
             if not self._undo:
                 return None
+            self._log_line({"op": "undo"})        # logged first: a failed write changes nothing
             step = self._undo.pop()
             self._apply_rows(step.after, step.before, reverse=True)
-            self._write_voxels(step, step.old)
+            self._write_voxels(step, undo=True)
             self._redo.append(step)
-            self._log_line({"op": "undo"})
             ev = EditEvent("undo", step.ids, step.box, step.kind)
             self._after_change(ev)
             return ev
@@ -488,13 +603,14 @@ class VesicleEditor:
     def redo(self) -> EditEvent | None:
         """Redo the last undone edit (exactly); returns its event, or None when there is nothing to redo."""
         with self._lock:
+            self._check_open()
             if not self._redo:
                 return None
+            self._log_line({"op": "redo"})
             step = self._redo.pop()
             self._apply_rows(step.before, step.after)
-            self._write_voxels(step, step.new)
+            self._write_voxels(step, undo=False)
             self._undo.append(step)
-            self._log_line({"op": "redo"})
             ev = EditEvent("redo", step.ids, step.box, step.kind)
             self._after_change(ev)
             return ev
@@ -585,8 +701,9 @@ class VesicleEditor:
             return write_vesicles_csv(path, self._table, overwrite=True)
 
     def close(self) -> None:
-        """Finish the autosave and close the edit log (later edits are neither logged nor autosaved)."""
+        """Finish the autosave and close the edit log; later edits, undo and redo raise RuntimeError."""
         with self._lock:
+            self._closed = True
             if self._log is not None:
                 self._log.close()
                 self._log = None
@@ -617,22 +734,8 @@ class VesicleEditor:
         unknown = set(kw) - {"autosave_path", "normalization", "max_diameter_nm"}
         if unknown:
             raise TypeError(f"restore() got unexpected keyword argument(s) {sorted(unknown)}")
-        raw = log_path.read_bytes()
-        lines = raw.split(b"\n")
-        complete = lines[:-1]          # the part after the last newline is incomplete (or empty)
-        good_len = sum(len(x) + 1 for x in complete)
-        entries = []
-        for k, line in enumerate(complete, start=1):
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                raise ValueError(f"edit log {log_path}, line {k}: not valid JSON; the log is damaged") from None
-        if not entries or entries[0].get("format") != _LOG_FORMAT:
-            raise ValueError(f"{log_path} is not a cryoves edit log (no '{_LOG_FORMAT}' header line)")
+        entries, good_len, total_len = _read_log(log_path)
         head = entries[0]
-        if head.get("version") != _LOG_VERSION:
-            raise ValueError(f"edit log {log_path} has version {head.get('version')}; this cryoves reads "
-                             f"version {_LOG_VERSION}")
         ed = cls(tomogram, base_table, voxel_size, labels, autosave_path=kw.get("autosave_path"),
                  normalization=kw.get("normalization"), max_diameter_nm=kw.get("max_diameter_nm", 50.0))
         if list(head.get("shape", [])) != list(ed._shape):
@@ -643,16 +746,21 @@ class VesicleEditor:
                              f"({head.get('base_rows')} rows); pass the table the edits started from")
         ed._replaying = True
         for k, e in enumerate(entries[1:], start=2):
-            op = e.get("op")
+            op = e.get("op") if isinstance(e, dict) else None
             if op == "edit":
-                before = [(int(i), row) for i, row in e["before"]]
-                after = [(int(i), row) for i, row in e["after"]]
+                try:
+                    before = [(int(i), row) for i, row in e["before"]]
+                    after = [(int(i), row) for i, row in e["after"]]
+                    kind = str(e["kind"])
+                except (KeyError, TypeError, ValueError):
+                    raise ValueError(f"edit log {log_path}, line {k}: malformed edit entry; the log is damaged") \
+                        from None
                 for vid, row in before:
                     cur = ed._table.row(vid) if ed._table.has_id(vid) else None
                     if cur != row and not (cur is not None and row is not None and _rows_equal(cur, row)):
                         raise ValueError(f"edit log {log_path}, line {k}: vesicle {vid} is not as the log "
                                          f"says before this edit; the log does not belong to this table")
-                ed._commit(e["kind"], before, after, log=False)
+                ed._commit(kind, before, after, log=False)
             elif op == "undo":
                 if ed.undo() is None:
                     raise ValueError(f"edit log {log_path}, line {k}: undo with nothing to undo")
@@ -663,7 +771,7 @@ class VesicleEditor:
                 raise ValueError(f"edit log {log_path}, line {k}: unknown operation {op!r}")
         ed._replaying = False
         ed._seq = len(entries) - 1
-        if good_len != len(raw):
+        if good_len != total_len:
             with open(log_path, "r+b") as fh:   # drop the incomplete last line, so appends stay valid
                 fh.truncate(good_len)
                 fh.flush()
@@ -679,6 +787,15 @@ class VesicleEditor:
             raise ValueError(f"{name} {tuple(float(v) for v in p)} lies outside the tomogram of shape {self._shape}")
         return p
 
+    def _check_radius(self, radius) -> float:
+        r = _as_radius(radius)
+        r_max = 2.0 * self._max_diameter_nm / self._voxel_size
+        if r > r_max:
+            raise ValueError(f"radius {r:g} voxels ({r * self._voxel_size:g} nm) is more than twice the largest "
+                             f"expected vesicle diameter (max_diameter_nm={self._max_diameter_nm:g}); "
+                             f"create the editor with a larger max_diameter_nm for such vesicles")
+        return r
+
     def _check_ids(self, ids) -> list[int]:
         if isinstance(ids, (int, np.integer)) and not isinstance(ids, (bool, np.bool_)):
             ids = [ids]
@@ -693,6 +810,19 @@ class VesicleEditor:
             if int(i) not in out:
                 out.append(int(i))
         return out
+
+    def _duplicate_of(self, center: np.ndarray, radius: float) -> int | None:
+        """Id of the accepted vesicle whose centre is within half the larger radius of ``center``."""
+        t = self._table
+        acc = t["status"] == "accepted"
+        if not acc.any():
+            return None
+        d = np.linalg.norm(t.centers[acc] - center, axis=1)
+        with np.errstate(invalid="ignore"):
+            hit = d < 0.5 * np.maximum(t.radii[acc], radius)
+        if not hit.any():
+            return None
+        return int(t.ids[acc][np.flatnonzero(hit)[np.argmin(d[hit])]])
 
     def _overlapping(self, acc: np.ndarray) -> np.ndarray:
         """Accepted rows whose sphere overlaps another accepted sphere (centre distance < r1 + r2)."""
@@ -718,8 +848,14 @@ class VesicleEditor:
         self._edit("add", {vid: row}, new=True)
         return vid
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this VesicleEditor is closed (its edit log and autosave are finished); "
+                               "restore the log into a new editor to edit again")
+
     def _edit(self, kind: str, changes: dict, new: bool = False) -> None:
         """Build before/after rows of an edit and commit it."""
+        self._check_open()
         before, after = [], []
         for vid, values in changes.items():
             if new:
@@ -742,14 +878,14 @@ class VesicleEditor:
         self._commit(kind, before, after, log=True)
 
     def _commit(self, kind: str, before: list, after: list, log: bool) -> None:
+        if log:  # logged first: a failed write changes nothing; a crash right after it is replayed
+            self._log_line({"op": "edit", "kind": kind, "before": [[v, r] for v, r in before],
+                            "after": [[v, r] for v, r in after]})
         self._apply_rows(before, after)
         step = _Step(kind, tuple(vid for vid, _ in after), before, after)
         self._render_step(step)
         self._undo.append(step)
         self._redo.clear()
-        if log:
-            self._log_line({"op": "edit", "kind": kind, "before": [[v, r] for v, r in before],
-                            "after": [[v, r] for v, r in after]})
         self._after_change(EditEvent(kind, step.ids, step.box, kind))
 
     def _apply_rows(self, frm: list, to: list, reverse: bool = False) -> None:
@@ -765,6 +901,7 @@ class VesicleEditor:
                 self._table.update_row(vid, {k: v for k, v in new.items() if k != "id"})
 
     def _sphere_box(self, rows: Iterable[dict | None]):
+        """Bounding box (slices) of the accepted spheres among ``rows``, or None."""
         lo = np.array(self._shape, np.int64)
         hi = np.zeros(3, np.int64)
         any_ = False
@@ -782,26 +919,29 @@ class VesicleEditor:
         return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
     def _render_step(self, step: _Step) -> None:
-        box = self._sphere_box([r for _, r in step.before] + [r for _, r in step.after])
-        step.box = box
-        if box is None:
+        """Re-render the box of each changed sphere (old and new) and record the voxels that changed."""
+        boxes = [self._sphere_box([b, a]) for (_, b), (_, a) in zip(step.before, step.after)]
+        boxes = [b for b in boxes if b is not None]
+        step.box = None
+        if not boxes:
             return
-        new_box = render_labels(self._table, self._shape, region=box, dtype=self._labels.dtype)
-        view = self._labels[box]
-        changed = view != new_box
-        flat = np.flatnonzero(changed)
-        flat = flat.astype(np.int32 if new_box.size < 2 ** 31 else np.int64)
-        step.flat = flat
-        step.old = view[changed]
-        step.new = new_box[changed]
-        step.nbytes = flat.nbytes + step.old.nbytes + step.new.nbytes
-        view[changed] = step.new
+        step.box = tuple(slice(min(b[k].start for b in boxes), max(b[k].stop for b in boxes)) for k in range(3))
+        for box in boxes:
+            new_box = render_labels(self._table, self._shape, region=box, dtype=self._labels.dtype)
+            view = self._labels[box]
+            changed = view != new_box
+            if not changed.any():
+                continue
+            flat = np.flatnonzero(changed).astype(np.int32 if new_box.size < 2 ** 31 else np.int64)
+            old, new = view[changed], new_box[changed]
+            view[changed] = new
+            step.parts.append((box, flat, old, new))
+            step.nbytes += flat.nbytes + old.nbytes + new.nbytes
 
-    def _write_voxels(self, step: _Step, values) -> None:
-        if step.box is None or step.flat is None or len(step.flat) == 0:
-            return
-        view = self._labels[step.box]
-        view[np.unravel_index(step.flat, view.shape)] = values
+    def _write_voxels(self, step: _Step, undo: bool) -> None:
+        for box, flat, old, new in (step.parts[::-1] if undo else step.parts):
+            view = self._labels[box]
+            view[np.unravel_index(flat, view.shape)] = old if undo else new
 
     def _after_change(self, event: EditEvent) -> None:
         if self._replaying:
@@ -816,7 +956,7 @@ class VesicleEditor:
 
         if not path.parent.is_dir():
             raise FileNotFoundError(f"folder of the edit log {path} does not exist")
-        self._log = open(path, "a", encoding="utf-8")
+        self._log = open(path, "ab")
         self._log_path = path
         if header:
             self._log_line({"format": _LOG_FORMAT, "version": _LOG_VERSION, "cryoves": __version__,
@@ -828,11 +968,23 @@ class VesicleEditor:
         if self._log is None:
             return
         if count:
+            entry = {"seq": self._seq + 1, **entry}
+        data = (json.dumps(entry, allow_nan=True, separators=(",", ":")) + "\n").encode("utf-8")
+        pos = self._log.tell()
+        try:
+            self._log.write(data)
+            self._log.flush()
+            os.fsync(self._log.fileno())
+        except OSError as err:
+            try:  # do not leave a torn line that later lines would be glued to
+                self._log.truncate(pos)
+                self._log.seek(pos)
+            except OSError:
+                pass
+            raise OSError(f"cannot write the edit log {self._log_path}: {err.strerror or err}; "
+                          f"the edit was not made") from err
+        if count:
             self._seq += 1
-            entry = {"seq": self._seq, **entry}
-        self._log.write(json.dumps(entry, allow_nan=True, separators=(",", ":")) + "\n")
-        self._log.flush()
-        os.fsync(self._log.fileno())
 
     def __repr__(self) -> str:
         n_acc = int(np.sum(self._table["status"] == "accepted"))
