@@ -85,7 +85,7 @@ def test_stage_by_stage(sample_viewer, qtbot, sample, tmp_path):
     vlab = viewer.layers[f"{NAME} vesicle labels"]
     _check_spatial(pts, vs)
     _check_spatial(vlab, vs)
-    table = pts.metadata[TABLE_KEY]
+    table = table_from_points(pts)
     assert table.voxel_size == pytest.approx(vs)
     acc = table.accepted()
     np.testing.assert_allclose(pts.size[pts.shown], 2 * acc.radii)

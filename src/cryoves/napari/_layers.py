@@ -20,8 +20,9 @@ layers the previous stage wrote)::
 The canonical result is the :class:`~cryoves.VesicleTable`. In napari it lives in a Points
 layer: ``data`` = centres (z, y, x) in voxels, ``size`` = 2 x radius (voxels, i.e. the
 sphere's diameter), ``features`` = every table column (plus ``*_nm`` columns for display),
-``shown`` = status is ``accepted``, and ``metadata["cryoves_table"]`` = the table itself.
-:func:`table_from_points` turns a (possibly edited) Points layer back into a table.
+``shown`` = status is ``accepted`` (or every row, on demand). No copy of the table is kept in
+``metadata``: :func:`table_from_points` turns a (possibly edited) Points layer back into a table,
+:func:`update_points` makes a layer show a new table.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from cryoves.table import COLUMNS, VesicleTable, render_labels
 __all__ = [
     "VOXEL_KEY", "TABLE_KEY", "ROLE_KEY", "TOMO_KEY", "SHAPE_KEY", "SUFFIX",
     "layer_name", "base_name", "voxel_size_of", "layer_meta", "image_kwargs",
-    "labels_kwargs", "points_layer_data", "table_from_points", "vesicle_layers_data",
-    "add_or_update", "set_thick_slicing",
+    "labels_kwargs", "points_layer_data", "update_points", "table_from_points", "table_features",
+    "outline_colors", "vesicle_layers_data", "add_or_update", "set_thick_slicing", "OUTLINE_COLORS",
 ]
 
 VOXEL_KEY = "voxel_size_nm"
@@ -56,10 +57,6 @@ SUFFIX = {
     "truth_labels": " truth labels",
     "truth_vesicles": " truth vesicles",
 }
-
-#: Colours of the vesicle points by status (border) -- readable on a grey tomogram.
-STATUS_COLORS = {"accepted": "#ffd700", "removed": "#ff3030"}
-
 
 def layer_name(tomogram: str, role: str) -> str:
     """Name of the layer of ``role`` derived from the tomogram layer named ``tomogram``."""
@@ -160,25 +157,63 @@ def labels_kwargs(voxel_size: float | None, name: str, role: str, tomogram: str,
     return kw
 
 
-def _features(table: VesicleTable):
+#: Colours of the vesicle outlines by state -- readable on a grey tomogram.
+#: ``accepted``: result, not yet looked at; ``reviewed``: accepted by the user in the review
+#: queue; ``removed``: rejected (by the pipeline or the user), shown on demand; ``edited``: the
+#: vesicles the last edit touched.
+OUTLINE_COLORS = {"accepted": "#ffd700", "reviewed": "#39e639", "removed": "#ff3030", "edited": "#ff4dff"}
+STATUS_COLORS = {"accepted": OUTLINE_COLORS["accepted"], "removed": OUTLINE_COLORS["removed"]}
+#: Outline width of the vesicle discs in voxels (the editor keeps it a fixed number of screen pixels).
+OUTLINE_VOXELS = 0.5
+
+
+def table_features(table: VesicleTable):
+    """The table's columns as a DataFrame for ``Points.features``, plus ``radius_nm`` / ``thickness_nm``.
+
+    The nm values come from :meth:`VesicleTable.nm` (NaN when the voxel size is unknown).
+    """
     import pandas as pd
 
-    cols = {name: table[name] for name in COLUMNS}
-    df = pd.DataFrame(cols)
-    for name in ("stage", "status", "note"):
-        df[name] = df[name].astype(str)
-    if table.voxel_size is not None:
-        df["radius_nm"] = table.nm("radius")
-        df["thickness_nm"] = table.nm("thickness")
-    else:
-        df["radius_nm"] = np.nan
-        df["thickness_nm"] = np.nan
+    df = pd.DataFrame({name: table[name] for name in table.columns})
+    for name in table.columns:
+        if df[name].dtype == object:
+            df[name] = df[name].astype(str)
+    for name in ("radius", "thickness"):
+        df[f"{name}_nm"] = table.nm(name) if table.voxel_size is not None else np.full(len(table), np.nan)
     return df
 
 
+def outline_colors(table: VesicleTable, edited_ids=()) -> np.ndarray:
+    """(N, 4) RGBA outline colour per row: accepted, reviewed (accepted in review), removed, just edited."""
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    palette = {k: transform_color(v)[0] for k, v in OUTLINE_COLORS.items()}
+    n = len(table)
+    out = np.tile(palette["accepted"], (n, 1))
+    if not n:
+        return out
+    if "reviewed" in table.columns:
+        out[np.asarray(table["reviewed"], dtype=str) == "accepted"] = palette["reviewed"]
+    removed = np.asarray(table["status"], dtype=str) == "removed"
+    out[removed] = palette["removed"]
+    if len(edited_ids):  # a removed vesicle stays red: "just edited" marks what is now part of the result
+        out[np.isin(table.ids, np.asarray(list(edited_ids), dtype=np.int64)) & ~removed] = palette["edited"]
+    return out
+
+
+def _sizes(table: VesicleTable) -> np.ndarray:
+    # a row without a radius (never fitted) is drawn as a 1-voxel dot; table_from_points maps it back
+    return np.maximum(2.0 * np.nan_to_num(table.radii, nan=0.5), 1.0)
+
+
 def points_layer_data(table: VesicleTable, tomogram: str, shape, *, name: str | None = None,
-                      role: str = "vesicles") -> tuple:
+                      role: str = "vesicles", show_removed: bool = False) -> tuple:
     """A napari Points layer-data tuple ``(data, kwargs, "points")`` holding ``table``.
+
+    The layer is a view of the table, the one adapter being :func:`points_layer_data` /
+    :func:`update_points` (table -> layer) and :func:`table_from_points` (layer -> table):
+    ``data`` = centres, ``size`` = 2 x radius, ``features`` = the columns. No copy of the table is
+    kept in ``metadata`` (it would go stale as soon as the layer is edited).
 
     Parameters
     ----------
@@ -192,21 +227,22 @@ def points_layer_data(table: VesicleTable, tomogram: str, shape, *, name: str | 
         Layer name (default ``"<tomogram> vesicles"``).
     role : str
         ``"vesicles"`` or ``"truth_vesicles"``.
+    show_removed : bool
+        Also show the rows whose status is ``removed`` (in red).
     """
     vs = table.voxel_size
     status = np.asarray(table["status"], dtype=str)
     kw: dict[str, Any] = {
         "name": name or layer_name(tomogram, role),
-        "size": np.maximum(2.0 * np.nan_to_num(table.radii, nan=1.0), 1.0),
-        "features": _features(table),
-        "shown": status == "accepted",
+        "size": _sizes(table),
+        "features": table_features(table),
+        "shown": np.ones(len(table), bool) if show_removed else status == "accepted",
         "face_color": "transparent",
-        "border_color": [STATUS_COLORS.get(s, "#ffffff") for s in status] if len(table) else "#ffd700",
-        "border_width": 0.08,
-        "border_width_is_relative": True,
+        "border_color": outline_colors(table) if len(table) else OUTLINE_COLORS["accepted"],
+        "border_width": OUTLINE_VOXELS,
+        "border_width_is_relative": False,
         "projection_mode": "rescale_spherical",
-        "metadata": layer_meta(vs, role, tomogram, **{TABLE_KEY: table.copy(),
-                                                       SHAPE_KEY: tuple(int(s) for s in shape)}),
+        "metadata": layer_meta(vs, role, tomogram, **{SHAPE_KEY: tuple(int(s) for s in shape)}),
         "ndim": 3,
     }
     if role == "truth_vesicles":
@@ -216,11 +252,100 @@ def points_layer_data(table: VesicleTable, tomogram: str, shape, *, name: str | 
     return (data, kw, "points")
 
 
+def update_points(layer, table: VesicleTable, *, edited_ids=(), show_removed: bool | None = None,
+                  changed_ids=None) -> None:
+    """Make an existing Points layer show ``table`` (in place: display settings are kept).
+
+    Parameters
+    ----------
+    layer : napari.layers.Points
+    table : VesicleTable
+    edited_ids : sequence of int
+        Outlined in the "just edited" colour (the previous ones lose it).
+    show_removed : bool, optional
+        Also show the removed rows (default: as before, remembered in
+        ``metadata["cryoves_show_removed"]``).
+    changed_ids : sequence of int, optional
+        Only these rows changed (and no row was added or dropped): only they are rewritten,
+        which keeps an edit fast with thousands of vesicles. Ignored when the layer's rows do not
+        match the table's ids one to one.
+    """
+    if show_removed is None:
+        show_removed = bool(layer.metadata.get("cryoves_show_removed", False))
+    same_view = bool(layer.metadata.get("cryoves_show_removed", False)) == bool(show_removed)
+    layer.metadata["cryoves_show_removed"] = bool(show_removed)
+    layer.metadata[VOXEL_KEY] = table.voxel_size
+    if changed_ids is not None and same_view:
+        n, m = len(layer.data), len(table)
+        if m != n and min(n, m) > 0 and _rows_match(layer, table, min(n, m)):
+            # rows appended (an add, a redo) or dropped at the end (its undo): napari's own add /
+            # remove of those rows is much cheaper than rebuilding every array of the layer
+            if m > n:
+                layer.add(table.centers[n:])
+                changed_ids = set(int(i) for i in changed_ids) | set(int(i) for i in table.ids[n:])
+            else:
+                layer.selected_data = set(range(m, n))
+                layer.remove_selected()
+        if _rows_match(layer, table):
+            _update_rows(layer, table, changed_ids, edited_ids, show_removed)
+            return
+    status = np.asarray(table["status"], dtype=str)
+    with layer.events.blocker_all():
+        layer.data = table.centers if len(table) else np.empty((0, 3))
+        layer.features = table_features(table)
+        layer.size = _sizes(table)
+        layer.shown = np.ones(len(table), bool) if show_removed else status == "accepted"
+        if len(table):
+            layer.border_color = outline_colors(table, edited_ids)
+    layer.metadata["cryoves_edited_ids"] = tuple(int(i) for i in edited_ids)
+    layer.refresh()
+
+
+def _rows_match(layer, table: VesicleTable, n: int | None = None) -> bool:
+    """The layer's first ``n`` rows (default: all, and as many as the table's) hold the table's first ids."""
+    f = layer.features
+    if n is None:
+        if len(layer.data) != len(table):
+            return False
+        n = len(table)
+    return ("id" in f and len(f) == len(layer.data) >= n
+            and np.array_equal(np.asarray(f["id"])[:n], table.ids[:n]))
+
+
+def _update_rows(layer, table: VesicleTable, changed_ids, edited_ids, show_removed) -> None:
+    """Rewrite only the rows of ``changed_ids`` (+ the previously and newly highlighted ones), one refresh."""
+    previous = tuple(layer.metadata.get("cryoves_edited_ids", ()))
+    touched = set(int(i) for i in changed_ids) | set(previous) | set(int(i) for i in edited_ids)
+    rows = np.flatnonzero(np.isin(table.ids, np.fromiter(touched, np.int64, len(touched))))
+    if len(rows):
+        sub = table.select(rows)
+        f = layer.features
+        values = {name: sub[name] for name in sub.columns}
+        if table.voxel_size is not None:
+            values.update(radius_nm=sub.nm("radius"), thickness_nm=sub.nm("thickness"))
+        cols = [(f.columns.get_loc(name), v) for name, v in values.items() if name in f.columns]
+        for k, i in enumerate(rows):  # cell by cell: far faster than .loc for a few rows
+            for j, v in cols:
+                f.iat[int(i), j] = str(v[k]) if v.dtype == object else v[k]
+        layer.data[rows] = sub.centers  # the layer's own arrays, written in place, then one refresh
+        layer.size[rows] = _sizes(sub)
+        layer.shown[rows] = True if show_removed else np.asarray(sub["status"], dtype=str) == "accepted"
+        layer.border_color[rows] = outline_colors(sub, edited_ids)
+        others = np.setdiff1d(np.arange(len(layer.data)), rows)
+        if len(others):  # appended rows get napari's default width: use the others' (set for the zoom)
+            layer.border_width[rows] = layer.border_width[others[0]]
+    layer.metadata["cryoves_edited_ids"] = tuple(int(i) for i in edited_ids)
+    layer.refresh(thumbnail=False, extent=False)  # the thumbnail of 1000s of points is slow
+
+
 def table_from_points(layer_or_data, features=None, size=None, metadata=None) -> VesicleTable:
     """Rebuild the :class:`~cryoves.VesicleTable` from a (possibly edited) Points layer.
 
-    Positions come from the layer's data (so moved points are honoured), every other column
-    from its features; the radius from ``features["radius"]`` (``size / 2`` where missing).
+    Positions come from the layer's data (moved points are honoured), the radius from its
+    ``size`` (what is drawn: ``size / 2``; the 1-voxel dot of a row never fitted maps back to
+    NaN), every other column from its features. Ids are never renumbered: a row whose id is
+    missing or repeats an earlier row's id (a point added or pasted with napari's own tools,
+    which copy the last row's features) gets a new id above the largest one.
 
     Parameters
     ----------
@@ -243,25 +368,37 @@ def table_from_points(layer_or_data, features=None, size=None, metadata=None) ->
     features = features if features is not None else pd.DataFrame(index=range(n))
     if not isinstance(features, pd.DataFrame):
         features = pd.DataFrame(features)
+    has = {name for name in features.columns if len(features) == n}
     cols: dict[str, Any] = {"z": data[:, 0], "y": data[:, 1], "x": data[:, 2]}
-    size = np.broadcast_to(np.asarray(size if size is not None else 2.0, dtype=float), (n,))
-    radius = np.asarray(features["radius"], dtype=float) if "radius" in features and len(features) == n \
-        else np.full(n, np.nan)
-    cols["radius"] = np.where(np.isfinite(radius), radius, size / 2.0)
-    for name in ("id", "thickness", "density", "pvalue", "stage", "status", "note"):
-        if name in features and len(features) == n:
-            values = features[name].to_numpy()
-            if name == "id":
-                values = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=float)
-                if not np.all(np.isfinite(values)) or len(np.unique(values)) != n:
-                    continue  # ids lost or duplicated by editing: renumber below
-                values = values.astype(np.int64)
-            elif name == "status":
-                values = np.array(["removed" if str(v) == "removed" else "accepted" for v in values], dtype=object)
-            elif COLUMNS[name] is object:
-                values = np.array(["" if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v)
-                                   for v in values], dtype=object)
-            cols[name] = values
+    size = np.broadcast_to(np.asarray(size if size is not None else 2.0, dtype=float), (n,)).copy()
+    radius = size / 2.0
+    if "radius" in has:  # an unfitted row (NaN radius) is drawn as a 1-voxel dot: keep it NaN
+        old = np.asarray(pd.to_numeric(features["radius"], errors="coerce"), dtype=float)
+        radius[~np.isfinite(old) & (size == 1.0)] = np.nan
+    cols["radius"] = radius
+    ids = np.full(n, -1, dtype=np.int64)
+    if "id" in has:
+        raw = np.asarray(pd.to_numeric(features["id"], errors="coerce"), dtype=float)
+        ok = np.isfinite(raw) & (raw >= 1)
+        ids[ok] = raw[ok].astype(np.int64)
+    seen: set[int] = set()
+    fresh = int(ids.max()) + 1 if n and ids.max() >= 1 else 1
+    for i in range(n):
+        if ids[i] < 1 or int(ids[i]) in seen:
+            ids[i] = fresh
+            fresh += 1
+        seen.add(int(ids[i]))
+    cols["id"] = ids
+    for name in COLUMNS:
+        if name in cols or name not in has:
+            continue
+        values = features[name].to_numpy()
+        if name == "status":
+            values = np.array(["removed" if str(v) == "removed" else "accepted" for v in values], dtype=object)
+        elif COLUMNS[name] is object:
+            values = np.array(["" if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v)
+                               for v in values], dtype=object)
+        cols[name] = values
     return VesicleTable(cols, voxel_size=vs)
 
 

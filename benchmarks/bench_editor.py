@@ -1,0 +1,191 @@
+"""Benchmark of the napari vesicle editor: real clicks and keys on a full-size tomogram.
+
+Run from the repository root (needs a display; Xvfb is fine)::
+
+    xvfb-run -a python benchmarks/bench_editor.py                        # 300 x 1000 x 1000, 1000 vesicles
+    xvfb-run -a python benchmarks/bench_editor.py --shape 100 500 500 --n 250 --reps 10   # quicker
+
+The tomogram is the float32 memory map of ``benchmarks/bench_editor_core.py`` (a tiled block of
+synthetic vesicles), shown in a napari viewer with its vesicles layer (``--n`` vesicles) and the
+"6. Edit vesicles" dock widget editing it (edit log and autosave in a temporary folder). The view is
+centred on each target at ~3 screen pixels per voxel (as when proofreading), then one Qt mouse press
+and release (or key press) is sent to the canvas. Timed: from the press until the event is handled
+and the canvas has repainted (``QApplication.processEvents()`` then a synchronous ``repaint()``):
+
+* ``add``: a click in Add mode on a missed vesicle (sphere fit, label painting, points update, redraw);
+* ``remove``: a click in Remove mode inside a vesicle;
+* ``undo`` / ``redo``: Ctrl+Z / Ctrl+Shift+Z.
+
+Prints p50 / p95 / max in ms, and the machine's CPU count and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+from bench_editor_core import build  # noqa: E402
+
+
+def _stats(name, times):
+    t = np.array(times) * 1e3
+    return (f"{name:<7} n={len(t):3d}  p50 {np.percentile(t, 50):7.1f}  p95 {np.percentile(t, 95):7.1f}  "
+            f"max {t.max():7.1f} ms")
+
+
+def _parts(parts) -> str:
+    """Parts of the last phase (then cleared): event handled (press to handler done, no redraw), and the
+    labels repaint and points update inside it."""
+    h = np.array(parts["handled"]) * 1e3
+    out = "handled p50 {:.0f} p95 {:.0f} (p50 of labels {:.0f}, points {:.0f}) ms".format(
+        np.percentile(h, 50), np.percentile(h, 95),
+        *(np.nanpercentile(np.array(parts[k]) * 1e3, 50) for k in ("labels", "points")))
+    for v in parts.values():
+        v.clear()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", type=int, nargs=3, default=(300, 1000, 1000), metavar=("Z", "Y", "X"))
+    ap.add_argument("--tile", type=int, nargs=3, default=(150, 250, 250), metavar=("Z", "Y", "X"))
+    ap.add_argument("--n", type=int, default=1000, help="vesicles in the edited table (default 1000)")
+    ap.add_argument("--reps", type=int, default=30, help="timed clicks / keys per operation (default 30)")
+    ap.add_argument("--voxel-size", type=float, default=2.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="print the top functions of the remove clicks (cProfile)")
+    ap.add_argument("--tmp", default=None, help="folder for the memmap, log and autosave (default: system temp)")
+    a = ap.parse_args(argv)
+
+    import napari
+    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtTest import QTest
+    from qtpy.QtWidgets import QApplication
+
+    from cryoves.napari._editor import EditorWidget
+    from cryoves.napari._layers import image_kwargs, points_layer_data, set_thick_slicing
+
+    with tempfile.TemporaryDirectory(dir=a.tmp, prefix="cryoves-bench-editor-ui-") as d:
+        d = Path(d)
+        t0 = time.perf_counter()
+        per_tile_missed = max(2, int(np.ceil(a.reps / np.prod(np.ceil(np.array(a.shape) / a.tile)))) + 1)
+        tomo, table, missed = build(d, a.shape, a.tile, a.n, per_tile_missed, a.voxel_size, a.seed)
+        print(f"tomogram {tomo.shape} float32 memmap ({tomo.nbytes / 2**30:.2f} GiB), {len(table)} vesicles, "
+              f"{len(missed)} missed; made in {time.perf_counter() - t0:.1f} s")
+
+        viewer = napari.Viewer(show=True)
+        viewer.window._qt_window.resize(1400, 950)
+        app = QApplication.instance()
+        name = "bench"
+        img = viewer.add_image(tomo, **image_kwargs(a.voxel_size, name, contrast_limits=(-3.0, 3.0)))
+        data, kw, _ = points_layer_data(table, name, tomo.shape)
+        pts = viewer.add_points(data, **kw)
+        set_thick_slicing(viewer, pts)
+        w = EditorWidget(viewer)
+        viewer.window.add_dock_widget(w, name="6. Edit vesicles (cryoves)")
+        w.folder.value = str(d / "edits")
+        t0 = time.perf_counter()
+        w.start()
+        if w.editor is None:
+            raise SystemExit(f"the editor did not start: {w.status.value}")
+        print(f"Start editing (labels rendered, layers attached): {time.perf_counter() - t0:.1f} s")
+        canvas = viewer.window._qt_viewer.canvas
+        native = canvas.native
+        cam = viewer.scene.camera
+
+        def settle():
+            app.processEvents()
+            native.repaint()
+            app.processEvents()
+
+        def look_at(zyx):
+            viewer.dims.set_point(0, float(zyx[0]) * a.voxel_size)
+            cam.center = (float(zyx[1]) * a.voxel_size, float(zyx[2]) * a.voxel_size)
+            cam.zoom = 3.0 / a.voxel_size
+            settle()
+
+        def pos_of(zyx):
+            world = np.asarray(img.data_to_world(np.asarray(zyx, float)))
+            xy = canvas.view.scene.transform.map([world[2], world[1]])[:2]
+            return QPoint(int(round(xy[0])), int(round(xy[1])))
+
+        def timed_click(zyx):
+            look_at(zyx)
+            p = pos_of(zyx)
+            t = time.perf_counter()
+            QTest.mousePress(native, Qt.LeftButton, Qt.NoModifier, p)
+            QTest.mouseRelease(native, Qt.LeftButton, Qt.NoModifier, p)
+            parts["handled"].append(time.perf_counter() - t)
+            parts["labels"].append(w.last_timing.get("labels", np.nan))
+            parts["points"].append(w.last_timing.get("points", np.nan))
+            settle()
+            return time.perf_counter() - t
+
+        def timed_key(k, mod):
+            t = time.perf_counter()
+            QTest.keyClick(native, k, mod)
+            parts["handled"].append(time.perf_counter() - t)
+            parts["labels"].append(w.last_timing.get("labels", np.nan))
+            parts["points"].append(w.last_timing.get("points", np.nan))
+            settle()
+            return time.perf_counter() - t
+
+        rng = np.random.default_rng(a.seed + 11)
+        res = {"add": [], "remove": [], "undo": [], "redo": []}
+        parts = {"handled": [], "labels": [], "points": []}
+        breakdown = {}
+        ed = w.editor
+        native.setFocus()
+        w.set_mode("add")
+        n_fail = 0
+        for k in rng.permutation(len(missed))[:a.reps]:
+            n0 = len(ed.table)
+            dt = timed_click(missed[k] + rng.uniform(-1.0, 1.0, 3))
+            if len(ed.table) == n0:
+                n_fail += 1
+                continue
+            res["add"].append(dt)
+        breakdown["add"] = _parts(parts)
+        w.set_mode("remove")
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        for vid in rng.choice(table.ids, a.reps, replace=False):
+            r = table.row(int(vid))
+            if a.profile:
+                prof.enable()
+            dt = timed_click([r["z"], r["y"], r["x"]])
+            prof.disable()
+            assert ed.row(int(vid))["status"] == "removed", w.status.value
+            res["remove"].append(dt)
+        breakdown["remove"] = _parts(parts)
+        for _ in range(a.reps):
+            res["undo"].append(timed_key(Qt.Key_Z, Qt.ControlModifier))
+        breakdown["undo"] = _parts(parts)
+        for _ in range(a.reps):
+            res["redo"].append(timed_key(Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier))
+        breakdown["redo"] = _parts(parts)
+        w.close_editor()
+        if a.profile:
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
+        print(f"Add found a vesicle at {len(res['add'])} of {len(res['add']) + n_fail} clicks")
+        for k, v in res.items():
+            if v:
+                print(_stats(k, v) + "   " + breakdown.get(k, ""))
+        print(f"{os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f}; napari {napari.__version__}")
+        viewer.close()
+
+
+if __name__ == "__main__":
+    main()

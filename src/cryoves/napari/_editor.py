@@ -1,0 +1,1119 @@
+"""The vesicle editor dock widget ("6. Edit vesicles"): a thin napari front end of :mod:`cryoves.edit`.
+
+The widget owns no editing logic. It maps mouse clicks and keys to calls of a
+:class:`cryoves.edit.VesicleEditor` and shows the editor's state:
+
+* the vesicles Points layer is a view of ``editor.table`` (:func:`~cryoves.napari._layers.update_points`);
+  points added, moved or deleted with napari's own Points tools are routed through the editor too
+  (fitted, logged, undoable), so no row ever bypasses it;
+* the vesicle labels layer shows ``editor.labels`` (the same array); after an edit only the
+  changed box is repainted, and only when it crosses the displayed slice;
+* every edit is logged and the table autosaved by the editor, in a folder the user chose or a
+  per-user cache folder (:mod:`cryoves.napari._editor_session`); reopening the same tomogram
+  offers to restore the last edits;
+* a review queue steps through the doubtful vesicles, worst first, with Accept / Reject / Next;
+* *Fine-tune on corrections* trains the current U-Net on the corrected table of this tomogram
+  (in the plugin's one TensorFlow thread) and can re-predict the probability map with it.
+
+Key bindings (:data:`KEYS`) are bound on the viewer and on the editor's two layers while the
+widget is open, and removed when it closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton
+from qtpy.QtWidgets import QButtonGroup, QFrame, QHBoxLayout, QRadioButton, QSizePolicy, QVBoxLayout, QWidget
+
+from cryoves.napari._editor_session import EditPaths, edit_paths
+from cryoves.napari._layers import (ROLE_KEY, SHAPE_KEY, TOMO_KEY, base_name, image_kwargs, labels_kwargs,
+                                    layer_name, set_thick_slicing, table_from_points, update_points,
+                                    voxel_size_of)
+from cryoves.napari._runner import TaskRunner, describe_error
+
+__all__ = ["EditorWidget", "KEYS", "MODES", "EDITED_KEY"]
+
+log = logging.getLogger("cryoves.napari")
+
+#: Set on a vesicles layer after its first edit: stage widgets then refuse to overwrite it silently.
+EDITED_KEY = "cryoves_edited"
+
+#: Editing modes: name -> (button text, what a left click does).
+MODES = {
+    "navigate": ("Navigate", "pan and zoom; clicks edit nothing"),
+    "add": ("Add", "click on a missed vesicle: a sphere is fitted to its membrane"),
+    "remove": ("Remove", "click inside a vesicle to remove it; Shift-drag a box to remove every vesicle in it"),
+    "move": ("Move / resize", "drag a vesicle to move it; + / - change the radius of the selected one"),
+    "refit": ("Refit", "click a vesicle to fit its sphere again"),
+}
+
+#: Key bindings: key -> (method of EditorWidget, description shown in the widget).
+KEYS = {
+    "Escape": ("mode_navigate", "Navigate mode"),
+    "I": ("mode_add", "Add mode"),
+    "X": ("mode_remove", "Remove mode"),
+    "M": ("mode_move", "Move / resize mode"),
+    "F": ("mode_refit", "Refit mode"),
+    "=": ("grow", "radius + 0.5 voxel (selected vesicle)"),
+    "-": ("shrink", "radius - 0.5 voxel (selected vesicle)"),
+    "Control-Z": ("undo", "undo"),
+    "Control-Shift-Z": ("redo", "redo"),
+    "A": ("review_accept", "review: accept"),
+    "R": ("review_reject", "review: reject"),
+    "N": ("review_next", "review: next (skip)"),
+}
+
+RADIUS_STEP_VOX = 0.5
+
+
+def _camera(viewer):
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def _tomogram_array(layer) -> np.ndarray:
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    if data.ndim != 3:
+        raise ValueError(f"layer {layer.name!r} is {data.ndim}-D; the editor needs a 3-D tomogram (Z, Y, X)")
+    if hasattr(data, "compute") and not isinstance(data, np.ndarray):
+        data = np.asarray(data.compute())
+    return data
+
+
+class _TimeUp(Exception):
+    """The fine-tuning time budget is spent (not a cancellation: the best weights are kept)."""
+
+
+class EditorWidget(QWidget):
+    """Dock widget: add, remove, move, resize and refit vesicles by clicking; undo; review; fine-tune.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        The viewer (napari injects it).
+
+    Attributes
+    ----------
+    editor : cryoves.edit.VesicleEditor or None
+        The editing state, once *Start editing* was pressed.
+    restore_answer : bool or None
+        Programmatic answer to the "restore the last edits?" question (tests); ``None`` asks
+        in the widget.
+    """
+
+    display_name = "6. Edit vesicles"
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.editor = None
+        self.points = None
+        self.labels_layer = None
+        self._tomo_layer = None
+        self._paths: EditPaths | None = None
+        self._mode = "navigate"
+        self._selected_id: int | None = None
+        self._syncing = False
+        self._last_ids: np.ndarray = np.empty(0, np.int64)
+        self._pending_plain: np.ndarray | None = None
+        self._queue: list[int] = []
+        self._queue_pos = 0
+        self._bound: list[tuple[object, str, object]] = []
+        self._finetuned: Path | None = None
+        self.restore_answer: bool | None = None
+        self.last_timing: dict[str, float] = {}
+        self._build()
+        self._bind_keys()
+        self.viewer.mouse_drag_callbacks.append(self._on_mouse)
+        self.viewer.layers.events.inserted.connect(self.reset_choices)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
+        self.viewer.layers.selection.events.active.connect(self._enforce_mouse)
+        _camera(self.viewer).events.zoom.connect(self._update_outline_width)
+
+    # ------------------------------------------------------------------ layout
+    def _build(self):
+        self.tomogram = ComboBox(label="Tomogram", choices=self._image_choices,
+                                 tooltip="The tomogram the vesicles belong to (membranes dark)")
+        self.vesicles = ComboBox(label="Vesicles", choices=self._points_choices,
+                                 tooltip="The vesicles layer to edit (from Refine, Outliers or the full pipeline)")
+        self.folder = FileEdit(mode="d", value="", label="Edits folder",
+                               tooltip="Where the edit log, the autosaved table and fine-tuned weights go "
+                                       "(<name>_edits.jsonl ...). Empty: a per-user cache folder for this tomogram")
+        self.start_button = PushButton(text="Start editing")
+        self.finish_button = PushButton(text="Stop editing", enabled=False,
+                                        tooltip="Stop editing (everything is already saved in the edit log)")
+        top = Container(widgets=[self.tomogram, self.vesicles, self.folder], labels=True)
+        starts = Container(widgets=[self.start_button, self.finish_button], layout="horizontal", labels=False)
+        starts.margins = (0, 0, 0, 0)
+
+        # restore banner (hidden until needed)
+        self.restore_frame = QFrame()
+        self.restore_frame.setFrameShape(QFrame.StyledPanel)
+        self.restore_label = Label(value="")
+        self.restore_label.native.setWordWrap(True)
+        self.restore_button = PushButton(text="Restore edits")
+        self.fresh_button = PushButton(text="Start fresh",
+                                       tooltip="Keep the old log aside (renamed) and start from the layer's table")
+        rl = QVBoxLayout(self.restore_frame)
+        rl.setContentsMargins(4, 4, 4, 4)
+        rl.addWidget(self.restore_label.native)
+        rb = QHBoxLayout()
+        rb.addWidget(self.restore_button.native)
+        rb.addWidget(self.fresh_button.native)
+        rl.addLayout(rb)
+        self.restore_frame.setVisible(False)
+
+        # modes
+        self.mode_help = Label(value=MODES["navigate"][1])
+        self.mode_help.native.setWordWrap(True)
+        self.mode_frame = QFrame()
+        ml = QHBoxLayout(self.mode_frame)
+        ml.setContentsMargins(0, 0, 0, 0)
+        self.mode_group = QButtonGroup(self)
+        self.mode_buttons: dict[str, QRadioButton] = {}
+        for mode, (text, tip) in MODES.items():
+            b = QRadioButton(text)
+            b.setToolTip(tip)
+            self.mode_group.addButton(b)
+            self.mode_buttons[mode] = b
+            ml.addWidget(b)
+            b.toggled.connect(lambda on, m=mode: on and self.set_mode(m))
+        self.mode_buttons["navigate"].setChecked(True)
+
+        self.plain_radius = FloatSpinBox(value=15.0, min=1.0, max=100.0, step=0.5, label="Plain sphere radius (nm)",
+                                         tooltip="Radius of a plain sphere, added where no membrane could be fitted")
+        self.plain_button = PushButton(text="Add plain sphere there", enabled=False,
+                                       tooltip="Add a sphere of the radius above where the last Add click found "
+                                               "no membrane")
+        self.undo_button = PushButton(text="Undo", enabled=False)
+        self.redo_button = PushButton(text="Redo", enabled=False)
+        edit_box = Container(widgets=[self.plain_radius], labels=True)
+        edit_buttons = Container(widgets=[self.plain_button, self.undo_button, self.redo_button],
+                                 layout="horizontal", labels=False)
+        edit_buttons.margins = (0, 0, 0, 0)
+
+        # display
+        self.outline_px = FloatSpinBox(value=1.5, min=0.5, max=6.0, step=0.5, label="Outline (px)",
+                                       tooltip="Width of the vesicle outlines in screen pixels")
+        self.show_ids = CheckBox(text="Show ids", value=False, label="")
+        self.show_rejected = CheckBox(text="Show rejected (red)", value=False, label="",
+                                      tooltip="Also show the candidates the pipeline or you rejected")
+        display = Container(widgets=[self.outline_px, self.show_ids, self.show_rejected], labels=True)
+
+        # review
+        self.review_button = PushButton(text="Review queue", tooltip="Step through the doubtful vesicles, worst first")
+        self.accept_button = PushButton(text="Accept (A)", enabled=False)
+        self.reject_button = PushButton(text="Reject (R)", enabled=False)
+        self.next_button = PushButton(text="Next (N)", enabled=False)
+        self.review_counter = Label(value="")
+        review = Container(widgets=[self.review_button, self.accept_button, self.reject_button, self.next_button],
+                           layout="horizontal", labels=False)
+        review.margins = (0, 0, 0, 0)
+
+        # fine-tune
+        self.weights = FileEdit(mode="r", filter="*.h5", value="", label="Weights",
+                                tooltip="The U-Net to fine-tune. Empty: the default weights shipped with cryoves")
+        self.minutes = FloatSpinBox(value=5.0, min=0.05, max=120.0, step=0.5, label="Minutes",
+                                    tooltip="Training time budget (at least one short epoch is run); the best weights so far are kept")
+        self.finetune_button = PushButton(text="Fine-tune on corrections",
+                                          tooltip="Train the model on this tomogram's corrected vesicles")
+        self.repredict_button = PushButton(text="Re-predict", enabled=False,
+                                           tooltip="Predict the probability map again with the fine-tuned weights")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress_bar = ProgressBar(value=0, min=0, max=0, visible=False)
+        tune = Container(widgets=[self.weights, self.minutes], labels=True)
+        tune_buttons = Container(widgets=[self.finetune_button, self.repredict_button, self.cancel_button],
+                                 layout="horizontal", labels=False)
+        tune_buttons.margins = (0, 0, 0, 0)
+
+        self.status = Label(value="Choose the tomogram and its vesicles, then Start editing.")
+        self.status.native.setWordWrap(True)
+        keys = "<br>".join(f"<b>{k}</b>: {d}" for k, (_, d) in KEYS.items())
+        self.keys_label = Label(value=f"<small>Keys (canvas focused): <br>{keys}</small>")
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.setSpacing(2)
+        for w in (top.native, starts.native, self.restore_frame, self.mode_frame, self.mode_help.native,
+                  edit_box.native, edit_buttons.native, _section("Display"), display.native,
+                  _section("Review"), review.native, self.review_counter.native, _section("Fine-tune"),
+                  tune.native, tune_buttons.native, self.progress_bar.native, self.status.native,
+                  self.keys_label.native):
+            layout.addWidget(w)
+        layout.addStretch(1)
+        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Maximum)
+        self.runner = TaskRunner([self.finetune_button], self.cancel_button, self.progress_bar, self.status)
+
+        self.start_button.changed.connect(self._guard(self.start))
+        self.finish_button.changed.connect(self._guard(self.finish))
+        self.restore_button.changed.connect(self._guard(lambda: self._begin(restore=True)))
+        self.fresh_button.changed.connect(self._guard(lambda: self._begin(restore=False)))
+        self.plain_button.changed.connect(self._guard(self.add_plain_sphere))
+        self.undo_button.changed.connect(self._guard(self.undo))
+        self.redo_button.changed.connect(self._guard(self.redo))
+        self.outline_px.changed.connect(self._update_outline_width)
+        self.show_ids.changed.connect(self._update_text)
+        self.show_rejected.changed.connect(lambda *_: self._refresh_points())
+        self.review_button.changed.connect(self._guard(self.start_review))
+        self.accept_button.changed.connect(self._guard(self.review_accept))
+        self.reject_button.changed.connect(self._guard(self.review_reject))
+        self.next_button.changed.connect(self._guard(self.review_next))
+        self.finetune_button.changed.connect(self._guard(self.finetune))
+        self.repredict_button.changed.connect(self._guard(self.repredict))
+        self.tomogram.changed.connect(self._autoselect)
+        self._set_editing_enabled(False)
+        self.reset_choices()
+
+    # ------------------------------------------------------------------ plumbing
+    def _guard(self, fn: Callable) -> Callable:
+        """Wrap a button/key action: a failure becomes a one-line message, never a traceback."""
+
+        def call(*_):
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001
+                self._error(exc)
+
+        return call
+
+    def _error(self, exc) -> None:
+        from napari.utils.notifications import show_error
+
+        msg = describe_error(exc) if isinstance(exc, BaseException) else str(exc)
+        self.status.value = msg
+        log.debug("cryoves editor: %s", msg, exc_info=isinstance(exc, BaseException))
+        show_error(f"cryoves: {msg}")
+
+    def _image_choices(self, *_):
+        from napari.layers import Image
+
+        return [(l.name, l) for l in self.viewer.layers
+                if isinstance(l, Image) and l.metadata.get(ROLE_KEY) != "probability"]
+
+    def _points_choices(self, *_):
+        from napari.layers import Points
+
+        return [(l.name, l) for l in self.viewer.layers
+                if isinstance(l, Points) and l.metadata.get(ROLE_KEY) != "truth_vesicles"]
+
+    def reset_choices(self, *_):
+        """Refresh the layer pickers (napari calls this when layers change)."""
+        self.tomogram.reset_choices()
+        self.vesicles.reset_choices()
+        self._autoselect()
+
+    def _autoselect(self, *_):
+        layer = self.tomogram.value
+        if layer is None:
+            return
+        tomo = base_name(layer)
+        for c in self.vesicles.choices:
+            if c is not None and (c.name == layer_name(tomo, "vesicles") or (
+                    c.metadata.get(ROLE_KEY) == "vesicles" and c.metadata.get(TOMO_KEY) == tomo)):
+                if self.vesicles.value is not c:
+                    self.vesicles.value = c
+                break
+
+    def _on_layer_removed(self, event=None):
+        layer = getattr(event, "value", None)
+        if self.editor is not None and layer is not None and layer in (self.points, self._tomo_layer,
+                                                                     self.labels_layer):
+            self.finish()
+            self.status.value = f"Editing stopped: layer {layer.name!r} was closed (every edit is in the log)."
+        self.reset_choices()
+
+    def _set_editing_enabled(self, on: bool) -> None:
+        self.mode_frame.setEnabled(on)
+        for w in (self.undo_button, self.redo_button, self.review_button, self.finetune_button):
+            w.enabled = on
+        self.finish_button.enabled = on
+        self.start_button.enabled = not on
+        for w in (self.tomogram, self.vesicles, self.folder):
+            w.enabled = not on
+        if on:
+            self._update_undo_buttons()
+        else:
+            self.plain_button.enabled = False
+            for w in (self.accept_button, self.reject_button, self.next_button):
+                w.enabled = False
+
+    # ------------------------------------------------------------------ session
+    def start(self) -> None:
+        """Start editing the chosen vesicles layer (asks first when earlier edits of this tomogram exist)."""
+        layer = self.tomogram.value
+        pts = self.vesicles.value
+        if layer is None:
+            raise ValueError("no tomogram layer: open one first")
+        if pts is None:
+            raise ValueError("no vesicles layer: run Refine (or the full pipeline) first")
+        vs = voxel_size_of(layer) or voxel_size_of(pts)
+        if vs is None:
+            raise ValueError(f"the voxel size of {layer.name!r} is unknown: enter it in the Predict widget")
+        tomo = _tomogram_array(layer)
+        shape = pts.metadata.get(SHAPE_KEY)
+        if shape is not None and tuple(shape) != tuple(tomo.shape):
+            raise ValueError(f"vesicles layer {pts.name!r} belongs to a {tuple(shape)} volume, "
+                             f"tomogram {layer.name!r} is {tuple(tomo.shape)}")
+        folder = self.folder.value
+        self._paths = edit_paths(layer, tomo, None if str(folder).strip() in ("", ".") else folder)
+        self._tomo_layer, self._tomo, self._vs = layer, tomo, float(vs)
+        self.points = pts
+        n = self._paths.n_logged()
+        if n:
+            answer = self.restore_answer
+            if answer is None:
+                self.restore_label.value = (f"<b>{n} edit(s) of this tomogram from {self._paths.when()}</b> are in "
+                                            f"{self._paths.log}. Restore them?")
+                self.restore_frame.setVisible(True)
+                self.start_button.enabled = False
+                self.status.value = "Restore the last edits, or start fresh (the old log is kept, renamed)."
+                return
+            self._begin(restore=bool(answer))
+            return
+        self._begin(restore=False)
+
+    def _begin(self, restore: bool) -> None:
+        from cryoves import io
+        from cryoves.edit import VesicleEditor
+
+        self.restore_frame.setVisible(False)
+        paths, tomo, vs = self._paths, self._tomo, self._vs
+        if paths is None:
+            raise ValueError("press Start editing first")
+        t0 = time.perf_counter()
+        if restore:
+            base = io.read_vesicles_csv(paths.base, voxel_size=vs)
+            editor = VesicleEditor.restore(tomo, vs, paths.log, base, autosave_path=paths.autosave)
+            line = f"Restored {editor.n_edits} edit(s) from {paths.log.name}"
+        else:
+            aside = paths.set_aside()
+            table = table_from_points(self.points)
+            if table.voxel_size is None:
+                table.voxel_size = vs
+            io.write_vesicles_csv(paths.base, table, overwrite=True)
+            editor = VesicleEditor(tomo, table, vs, log_path=paths.log, autosave_path=paths.autosave)
+            line = "Editing" + (f" (the previous log was kept as {aside[0].name})" if aside else "")
+        self.editor = editor
+        editor.on_change(self._on_edit)
+        self._attach_layers()
+        self._set_editing_enabled(True)
+        self._last_ids = np.asarray(editor.table.ids).copy()
+        self._refresh_points()
+        self._update_counter()
+        self.status.value = f"{line}; log: {paths.log}  ({time.perf_counter() - t0:.1f} s)"
+
+    def _attach_layers(self) -> None:
+        ed = self.editor
+        tomo_name = base_name(self._tomo_layer)
+        lname = layer_name(tomo_name, "vesicle_labels")
+        lab = self.viewer.layers[lname] if lname in self.viewer.layers else None
+        from napari.layers import Labels
+
+        if isinstance(lab, Labels) and tuple(lab.data.shape) == tuple(ed.labels.shape):
+            lab.data = ed.labels
+        else:
+            if lab is not None:
+                self.viewer.layers.remove(lab)
+            lab = self.viewer.add_labels(ed.labels, **labels_kwargs(self._vs, lname, "vesicle_labels", tomo_name))
+        self.labels_layer = lab
+        self._labels_painting = lab.editable
+        try:
+            lab.editable = False  # painting by hand would bypass the editor
+        except Exception:  # noqa: BLE001
+            pass
+        pts = self.points
+        pts.metadata.setdefault(SHAPE_KEY, tuple(int(s) for s in ed.labels.shape))
+        pts.mode = "pan_zoom"
+        pts.events.data.connect(self._on_points_data)
+        pts.events.mode.connect(self._on_points_mode)
+        for layer in (pts, lab):
+            self._bind_layer_keys(layer)
+        self.viewer.layers.selection.active = pts
+        self._update_outline_width()
+        self._update_text()
+
+    def finish(self) -> None:
+        """Stop editing (the log and autosave stay; the layers keep the edited table)."""
+        pts = self.points
+        if pts is not None:
+            for ev, cb in ((pts.events.data, self._on_points_data), (pts.events.mode, self._on_points_mode)):
+                try:
+                    ev.disconnect(cb)
+                except Exception:  # noqa: BLE001
+                    pass
+        self._unbind_layer_keys()
+        if self.editor is not None:
+            try:
+                self.editor.close()  # finishes the autosave, closes the log
+            except Exception as exc:  # noqa: BLE001
+                self._error(exc)
+        if self.labels_layer is not None:
+            try:
+                self.labels_layer.editable = True
+            except Exception:  # noqa: BLE001
+                pass
+        self.editor = None
+        self._queue = []
+        self.set_mode("navigate")
+        self._set_editing_enabled(False)
+        self.review_counter.value = ""
+        self.status.value = "Editing stopped; every edit is in the log."
+
+    def closeEvent(self, event):  # noqa: N802 - Qt API
+        self.close_editor()
+        super().closeEvent(event)
+
+    def event(self, ev):  # noqa: D102 - Qt API
+        from qtpy.QtCore import QEvent
+
+        if ev.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):  # napari closed the dock: it only un-parents the widget
+                self.close_editor()
+        return super().event(ev)
+
+    def close_editor(self) -> None:
+        """Remove every binding and callback of the widget (its dock is closing)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        if self.editor is not None:
+            self.finish()
+        self.runner.cancel()
+        self._unbind_all()
+        for cb_list, cb in ((self.viewer.mouse_drag_callbacks, self._on_mouse),):
+            if cb in cb_list:
+                cb_list.remove(cb)
+        for ev, cb in ((self.viewer.layers.events.inserted, self.reset_choices),
+                       (self.viewer.layers.events.removed, self._on_layer_removed),
+                       (self.viewer.layers.selection.events.active, self._enforce_mouse),
+                       (_camera(self.viewer).events.zoom, self._update_outline_width)):
+            try:
+                ev.disconnect(cb)
+            except Exception:  # noqa: BLE001
+                pass
+
+    # ------------------------------------------------------------------ keys
+    def _key_callback(self, method: str):
+        fn = self._guard(getattr(self, method))
+
+        def callback(*_):
+            fn()
+
+        callback.__name__ = f"cryoves_editor_{method}"
+        callback.__doc__ = dict((m, d) for m, d in KEYS.values())[method]
+        return callback
+
+    def _bind_keys(self) -> None:
+        for key, (method, _) in KEYS.items():
+            cb = self._key_callback(method)
+            old = self.viewer.bind_key(key, cb, overwrite=True)
+            self._bound.append((self.viewer, key, old))
+
+    def _bind_layer_keys(self, layer) -> None:
+        for key, (method, _) in KEYS.items():
+            old = layer.bind_key(key, self._key_callback(method), overwrite=True)
+            self._bound.append((layer, key, old))
+
+    def _unbind_layer_keys(self) -> None:
+        keep = []
+        for owner, key, old in reversed(self._bound):
+            if owner is self.viewer:
+                keep.append((owner, key, old))
+                continue
+            owner.bind_key(key, old, overwrite=True)
+        self._bound = list(reversed(keep))
+
+    def _unbind_all(self) -> None:
+        for owner, key, old in reversed(self._bound):
+            owner.bind_key(key, old, overwrite=True)  # old None: unbinds
+        self._bound = []
+
+    # ------------------------------------------------------------------ modes
+    def set_mode(self, mode: str) -> None:
+        """Switch the editing mode (see :data:`MODES`)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown editor mode {mode!r}; modes: {list(MODES)}")
+        if mode != "navigate" and self.editor is None:
+            self.status.value = "Press Start editing first."
+            mode = "navigate"
+        self._mode = mode
+        b = self.mode_buttons[mode]
+        if not b.isChecked():
+            b.setChecked(True)
+        self.mode_help.value = MODES[mode][1]
+        self._enforce_mouse()
+
+    def mode_navigate(self):
+        self.set_mode("navigate")
+
+    def mode_add(self):
+        self.set_mode("add")
+
+    def mode_remove(self):
+        self.set_mode("remove")
+
+    def mode_move(self):
+        self.set_mode("move")
+
+    def mode_refit(self):
+        self.set_mode("refit")
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def _enforce_mouse(self, *_):
+        """In an editing mode a left drag edits rather than pans (wheel zoom still works)."""
+        pan = self._mode == "navigate"
+        if self.points is not None and self.editor is not None:
+            self.points.mouse_pan = pan
+        _camera(self.viewer).mouse_pan = pan
+
+    # ------------------------------------------------------------------ mouse
+    def _to_data(self, position) -> np.ndarray:
+        return np.asarray(self._tomo_layer.world_to_data(position), dtype=float)[-3:]
+
+    def _on_mouse(self, viewer, event):
+        if self.editor is None or self._mode == "navigate" or getattr(event, "button", 1) != 1:
+            return
+        if viewer.dims.ndisplay != 2:
+            self.status.value = "Edit in 2D (the editor works on slices)."
+            return
+        p0 = self._to_data(event.position)
+        mode = self._mode
+        shift = "Shift" in {str(m) for m in getattr(event, "modifiers", ())} or \
+            any(getattr(m, "name", "") == "Shift" for m in getattr(event, "modifiers", ()))
+        if mode == "remove" and shift:
+            yield from self._drag_box(event, p0)
+            return
+        if mode == "move":
+            yield from self._drag_move(event, p0)
+            return
+        moved = False
+        yield
+        while event.type == "mouse_move":
+            moved = True
+            yield
+        if moved and np.linalg.norm(self._to_data(event.position)[1:] - p0[1:]) > 2:
+            return  # a drag, not a click
+        self._guard(lambda: self.click(mode, p0))()
+
+    def click(self, mode: str, point) -> None:
+        """What a left click at data position ``point`` (z, y, x voxels) does in ``mode``."""
+        ed = self.editor
+        point = np.asarray(point, dtype=float)
+        if mode == "add":
+            from cryoves.edit import NoMembraneFound
+
+            t0 = time.perf_counter()
+            try:
+                vid = ed.add_at(point)
+            except NoMembraneFound as exc:
+                r_nm = float(getattr(exc, "suggested_radius", np.nan)) * self._vs
+                if np.isfinite(r_nm):
+                    self.plain_radius.value = round(r_nm, 1)
+                self._pending_plain = point
+                self.plain_button.enabled = True
+                self.status.value = (f"No membrane found at z={point[0]:.0f}, y={point[1]:.0f}, x={point[2]:.0f}: "
+                                     f"{exc}. Add a plain sphere of the radius above, or click elsewhere.")
+                return
+            self._pending_plain = None
+            self.plain_button.enabled = False
+            self.last_timing["add"] = time.perf_counter() - t0
+            row = self._row(vid)
+            self.status.value = (f"Added vesicle {vid}: radius {row['radius'] * self._vs:.1f} nm "
+                                 f"({self.last_timing['add'] * 1000:.0f} ms)")
+        elif mode in ("remove", "refit", "move"):
+            vid = ed.id_at(point)
+            if vid is None:
+                self.status.value = "No vesicle there."
+                return
+            if mode == "remove":
+                ed.remove([vid])
+                self.status.value = f"Removed vesicle {vid} (Ctrl+Z to undo)"
+            elif mode == "refit":
+                ed.refit(vid)
+                self.status.value = f"Refitted vesicle {vid}: radius {self._row(vid)['radius'] * self._vs:.1f} nm"
+            else:
+                self.select(vid)
+
+    def _drag_box(self, event, p0):
+        kw = {"units": tuple(self._tomo_layer.units)[-2:]} if hasattr(self._tomo_layer, "units") else {}
+        shapes = self.viewer.add_shapes(name="cryoves remove box", edge_color="#ff3030", face_color="transparent",
+                                        edge_width=1.0, scale=self._tomo_layer.scale[-2:], ndim=2, **kw)
+        self.viewer.layers.selection.active = self.points
+        p1 = p0
+        yield
+        while event.type == "mouse_move":
+            p1 = self._to_data(event.position)
+            shapes.data = [np.array([[p0[1], p0[2]], [p0[1], p1[2]], [p1[1], p1[2]], [p1[1], p0[2]]])]
+            yield
+        p1 = self._to_data(event.position)
+        self.viewer.layers.remove(shapes)
+        self._guard(lambda: self.remove_box(p0, p1))()
+
+    def remove_box(self, p0, p1) -> list[int]:
+        """Remove every accepted vesicle whose disc in the current slice has its centre in the (y, x) box."""
+        ed = self.editor
+        t = ed.table
+        z = float(p0[0])
+        lo = np.minimum(p0[1:], p1[1:])
+        hi = np.maximum(p0[1:], p1[1:])
+        c = t.centers
+        sel = ((np.asarray(t["status"]) == "accepted") & (np.abs(c[:, 0] - z) < t.radii)
+               & np.all((c[:, 1:] >= lo) & (c[:, 1:] <= hi), axis=1))
+        ids = [int(i) for i in t.ids[sel]]
+        if not ids:
+            self.status.value = "No vesicle in that box."
+            return []
+        ed.remove(ids)
+        self.status.value = f"Removed {len(ids)} vesicles (Ctrl+Z to undo)"
+        return ids
+
+    def _drag_move(self, event, p0):
+        ed = self.editor
+        vid = ed.id_at(p0)
+        if vid is None:
+            self.status.value = "No vesicle there."
+            return
+        self.select(vid)
+        i = self._index(vid)
+        start = np.array(self.points.data[i], dtype=float)
+        moved = False
+        yield
+        while event.type == "mouse_move":
+            p = self._to_data(event.position)
+            new = start.copy()
+            new[1:] += p[1:] - p0[1:]
+            self._syncing = True
+            try:
+                data = np.array(self.points.data)
+                data[i] = new
+                self.points.data = data  # preview only; the edit happens on release
+            finally:
+                self._syncing = False
+            moved = True
+            yield
+        p = self._to_data(event.position)
+        if moved or np.linalg.norm(p[1:] - p0[1:]) > 0.5:
+            new = start.copy()
+            new[1:] += p[1:] - p0[1:]
+            self._guard(lambda: ed.move(vid, new))()
+            self.status.value = f"Moved vesicle {vid}"
+
+    # ------------------------------------------------------------------ edits
+    def add_plain_sphere(self) -> None:
+        """Add a plain sphere (radius from the field) where the last Add click found no membrane."""
+        if self._pending_plain is None:
+            raise ValueError("no pending position: click in Add mode first")
+        r = float(self.plain_radius.value) / self._vs
+        vid = self.editor.add_sphere(self._pending_plain, r)
+        self._pending_plain = None
+        self.plain_button.enabled = False
+        self.status.value = f"Added plain sphere {vid} (radius {self.plain_radius.value:.1f} nm)"
+
+    def undo(self) -> None:
+        if self.editor is None:
+            return
+        ev = self.editor.undo()
+        self.status.value = "Nothing to undo." if ev is None else f"Undone: {ev.kind} {_ids_text(ev.ids)}"
+
+    def redo(self) -> None:
+        if self.editor is None:
+            return
+        ev = self.editor.redo()
+        self.status.value = "Nothing to redo." if ev is None else f"Redone: {ev.kind} {_ids_text(ev.ids)}"
+
+    def select(self, vid: int) -> None:
+        self._selected_id = int(vid)
+        i = self._index(vid)
+        if i is not None:
+            self.points.selected_data = {i}
+        self.status.value = f"Selected vesicle {vid}: radius {self._row(vid)['radius'] * self._vs:.1f} nm (+ / - resize)"
+
+    def _resize_selected(self, step: float) -> None:
+        if self.editor is None:
+            return
+        vid = self._selected_id
+        if vid is None:
+            self.status.value = "Select a vesicle first (Move / resize mode, click it)."
+            return
+        r = float(self._row(vid)["radius"]) + step
+        if r < 1.0:
+            raise ValueError("radius would drop below 1 voxel")
+        self.editor.resize(vid, r)
+        self.status.value = f"Vesicle {vid}: radius {r * self._vs:.1f} nm"
+
+    def grow(self):
+        self._resize_selected(+RADIUS_STEP_VOX)
+
+    def shrink(self):
+        self._resize_selected(-RADIUS_STEP_VOX)
+
+    # ------------------------------------------------------------------ editor -> layers
+    def _row(self, vid: int) -> dict:
+        return self.editor.row(vid)
+
+    def _index(self, vid: int) -> int | None:
+        hits = np.flatnonzero(np.asarray(self.editor.table.ids) == int(vid))
+        return int(hits[0]) if len(hits) else None
+
+    def _on_edit(self, event) -> None:
+        """The editor changed: repaint the changed box, update the points, flag the layer as edited."""
+        if self.editor is None:
+            return
+        try:
+            t0 = time.perf_counter()
+            self._repaint(event.box)
+            t1 = time.perf_counter()
+            self._refresh_points(edited_ids=tuple(event.ids), changed_ids=tuple(event.ids))
+            self.last_timing.update(labels=t1 - t0, points=time.perf_counter() - t1)
+            if self.points is not None:
+                self.points.metadata[EDITED_KEY] = True
+            self._update_undo_buttons()
+            self._update_counter()
+        except Exception as exc:  # noqa: BLE001 - keep the editor usable; the edit itself is done and logged
+            log.exception("cryoves editor: showing an edit failed")
+            self._error(exc)
+
+    def _repaint(self, box) -> None:
+        lab = self.labels_layer
+        if lab is None or box is None:
+            return
+        if lab.data is not self.editor.labels:
+            lab.data[box] = self.editor.labels[box]
+        if self.viewer.dims.ndisplay == 2:
+            z_axis = self.viewer.dims.not_displayed
+            step = self.viewer.dims.current_step
+            for ax in z_axis:
+                s = box[ax]
+                if not (s.start or 0) <= step[ax] < (s.stop if s.stop is not None else np.inf):
+                    return  # the change is not on the displayed slice
+        if not _repaint_region(lab, box):
+            lab.refresh(thumbnail=False, extent=False, highlight=False)
+
+    def _refresh_points(self, edited_ids=(), changed_ids=None) -> None:
+        if self.points is None or self.editor is None:
+            return
+        self._syncing = True
+        try:
+            update_points(self.points, self.editor.table, edited_ids=edited_ids,
+                          show_removed=bool(self.show_rejected.value), changed_ids=changed_ids)
+            self._last_ids = np.asarray(self.editor.table.ids).copy()
+        finally:
+            self._syncing = False
+        i = self._index(self._selected_id) if self._selected_id is not None else None
+        self.points.selected_data = {i} if i is not None else set()
+        set_thick_slicing(self.viewer, self.points)
+
+    def _update_undo_buttons(self) -> None:
+        ed = self.editor
+        self.undo_button.enabled = bool(ed is not None and ed.can_undo)
+        self.redo_button.enabled = bool(ed is not None and ed.can_redo)
+
+    def _update_outline_width(self, *_):
+        """Keep the outlines ``Outline (px)`` screen pixels wide at any zoom."""
+        pts = self.points
+        if pts is None or not len(pts.data):
+            return
+        zoom = float(_camera(self.viewer).zoom) or 1.0
+        scale = abs(float(pts.scale[-1])) or 1.0
+        width = float(self.outline_px.value) / (zoom * scale)
+        current = np.asarray(pts.border_width, dtype=float)
+        if (not pts.border_width_is_relative and len(current)
+                and np.allclose(current, current[0]) and abs(current[0] - width) <= 0.1 * width):
+            return  # within 10 %: not worth rewriting every point while the wheel zooms
+        pts.border_width_is_relative = False
+        pts.border_width = width
+
+    def _update_text(self, *_):
+        pts = self.points
+        if pts is None:
+            return
+        if self.show_ids.value:
+            pts.text = {"string": "{id}", "color": "#ffffff", "size": 9, "anchor": "upper_left"}
+        pts.text.visible = bool(self.show_ids.value)
+
+    # ------------------------------------------------------------------ napari's own Points tools
+    def _on_points_mode(self, event=None):
+        if self.points is not None and str(self.points.mode) == "add":
+            from napari.utils.notifications import show_info
+
+            self.points.mode = "pan_zoom"
+            self.set_mode("add")
+            show_info("cryoves: add vesicles with the editor's Add mode (press I), which fits the sphere")
+
+    def _on_points_data(self, event=None) -> None:
+        """Route napari's own add / delete / move of points through the editor (fit, log, undo)."""
+        if self._syncing or self.editor is None:
+            return
+        action = str(getattr(event, "action", ""))
+        if action.endswith("ING") or action in ("adding", "removing", "changing"):
+            return
+        pts = self.points
+        ed = self.editor
+        self._guard(lambda: self._route_points_edit(pts, ed))()
+        self._refresh_points()
+
+    def _route_points_edit(self, pts, ed) -> None:
+        new = table_from_points(pts)
+        old_ids = self._last_ids
+        now = np.asarray(pts.features["id"], dtype=float) if "id" in pts.features and len(pts.features) == \
+            len(pts.data) else np.full(len(pts.data), np.nan)
+        # napari copies the last row's features into an added point: a repeated or missing id is new
+        seen: set[int] = set()
+        added = []
+        kept: dict[int, int] = {}
+        for i, v in enumerate(now):
+            if not np.isfinite(v) or int(v) in seen or int(v) not in set(old_ids.tolist()):
+                added.append(i)
+                continue
+            seen.add(int(v))
+            kept[int(v)] = i
+        removed = [int(v) for v in old_ids if int(v) not in kept]
+        t = ed.table
+        acc = np.asarray(t["status"]) == "accepted"
+        removed = [v for v in removed if acc[np.flatnonzero(t.ids == v)[0]]]
+        if removed:
+            ed.remove(removed)
+        for vid, i in kept.items():
+            j = int(np.flatnonzero(t.ids == vid)[0])
+            if not np.allclose(new.centers[i], t.centers[j], atol=1e-6):
+                ed.move(vid, new.centers[i])
+            elif not np.isclose(new.radii[i], t.radii[j]) and np.isfinite(new.radii[i]):
+                ed.resize(vid, float(new.radii[i]))
+        for i in added:
+            try:
+                ed.add_at(new.centers[i])
+            except ValueError as exc:  # NoMembraneFound
+                self.status.value = f"No membrane found where the point was added: {exc}"
+
+    # ------------------------------------------------------------------ review
+    def start_review(self) -> None:
+        """Fill the review queue (worst first) and go to its first vesicle."""
+        if self.editor is None:
+            raise ValueError("press Start editing first")
+        self._queue = [int(i) for i in self.editor.review_queue()]
+        self._queue_pos = 0
+        on = bool(self._queue)
+        for w in (self.accept_button, self.reject_button, self.next_button):
+            w.enabled = on
+        self._update_counter()
+        if not on:
+            self.status.value = "Nothing left to review."
+            return
+        self._go_to_current()
+
+    @property
+    def current_review_id(self) -> int | None:
+        if 0 <= self._queue_pos < len(self._queue):
+            return self._queue[self._queue_pos]
+        return None
+
+    def _go_to_current(self) -> None:
+        vid = self.current_review_id
+        if vid is None:
+            for w in (self.accept_button, self.reject_button, self.next_button):
+                w.enabled = False
+            self.status.value = "End of the review queue."
+            return
+        self.go_to(vid)
+        row = self._row(vid)
+        p = row.get("pvalue", np.nan)
+        self.status.value = (f"Vesicle {vid} ({self._queue_pos + 1} of {len(self._queue)} in the queue): radius "
+                             f"{row['radius'] * self._vs:.1f} nm" + (f", p = {p:.3g}" if np.isfinite(p) else "")
+                             + (f", {row['note']}" if row.get("note") else "") + ".  A accept, R reject, N next")
+
+    def go_to(self, vid: int) -> None:
+        """Centre and zoom the 2D view on vesicle ``vid`` (its central slice)."""
+        row = self._row(vid)
+        c = np.array([row["z"], row["y"], row["x"]], float)
+        world = np.asarray(self._tomo_layer.data_to_world(c), float)
+        dims = self.viewer.dims
+        if dims.ndisplay != 2:
+            dims.ndisplay = 2
+        zaxis = dims.not_displayed[0] if dims.not_displayed else 0
+        dims.set_point(zaxis, world[zaxis])
+        cam = _camera(self.viewer)
+        disp = list(dims.displayed)
+        cam.center = tuple(world[disp])
+        r_world = max(float(row["radius"]), 2.0) * self._vs
+        canvas = self.viewer.window._qt_viewer.canvas.size if hasattr(self.viewer, "window") else (600, 600)
+        px = float(min(canvas)) if canvas else 600.0
+        cam.zoom = px / (8.0 * r_world)
+        self.select(vid)
+
+    def _verdict(self, verdict: str | None) -> None:
+        vid = self.current_review_id
+        if self.editor is None or vid is None:
+            self.status.value = "Press Review queue first."
+            return
+        if verdict is not None:
+            self.editor.set_reviewed(vid, verdict)
+        self._queue_pos += 1
+        self._update_counter()
+        self._go_to_current()
+
+    def review_accept(self):
+        self._verdict("accepted")
+
+    def review_reject(self):
+        self._verdict("rejected")
+
+    def review_next(self):
+        self._verdict(None)
+
+    def _update_counter(self) -> None:
+        ed = self.editor
+        if ed is None:
+            return
+        self.review_counter.value = ed.review_progress
+
+    # ------------------------------------------------------------------ fine-tune
+    def _results_folder(self) -> Path:
+        if self._paths is None:
+            raise ValueError("press Start editing first")
+        return self._paths.folder
+
+    def finetune(self) -> None:
+        """Train the chosen U-Net for ``Minutes`` on this tomogram's corrected vesicles (worker thread)."""
+        if self.editor is None:
+            raise ValueError("press Start editing first")
+        from cryoves.napari._service import run_in_tf_thread
+
+        ed = self.editor
+        mask = (np.asarray(ed.labels) != 0).astype(np.uint8)  # a snapshot: editing may go on meanwhile
+        if not mask.any():
+            raise ValueError("no accepted vesicle: nothing to learn from")
+        tomo, vs = self._tomo, self._vs
+        n_acc = int(np.sum(np.asarray(ed.table["status"]) == "accepted"))
+        w = str(self.weights.value).strip()
+        weights = None if w in ("", ".") else w
+        seconds = float(self.minutes.value) * 60.0
+        stem = self._results_folder() / f"{self._paths.stem}_finetuned"
+        tomo_name = self._tomo_layer.name
+
+        def train(progress):
+            from cryoves._tf import import_tensorflow
+
+            import_tensorflow()
+            from cryoves.model import load_model
+            from cryoves.train import TrainingParams, train_model, volume_pair
+
+            model = load_model(weights)
+            card = model.card
+            vol = volume_pair(tomo, mask, vs, card.voxel_size_nm, card.preprocessing,
+                              source=f"{tomo_name} (corrected in the cryoves editor)")
+            patch = int(min(48, (min(vol.image.shape) // 4) * 4))
+            params = TrainingParams(patch_size=patch, batch_size=2, epochs=100_000, steps_per_epoch=5,
+                                    learning_rate=1e-4, n_validation_patches=8)
+            t0 = time.monotonic()
+
+            first_epoch = Path(str(stem) + ".weights.h5")
+            if first_epoch.exists():  # an older fine-tuning of this tomogram: keep it aside
+                first_epoch.replace(first_epoch.with_name(first_epoch.name.replace(
+                    ".weights.h5", time.strftime(".%Y%m%d-%H%M%S.weights.h5"))))
+
+            def prog(stage, done, total):
+                elapsed = time.monotonic() - t0
+                progress("fine-tune", int(min(elapsed, seconds)), int(seconds))  # raises Cancelled
+                # the budget is soft: at least one epoch is completed (and its weights saved)
+                if elapsed > seconds and first_epoch.exists():
+                    raise _TimeUp()
+
+            updates = {"name": f"{card.name}-finetuned", "source": f"fine-tuned from {card.name} by the cryoves editor",
+                       "training_data": f"{card.training_data}; fine-tuned on {n_acc} corrected vesicles of "
+                                        f"{tomo_name} ({vs:.3g} nm voxels)"}
+            try:
+                train_model([vol], model=model, params=params, out_stem=stem, card_updates=updates, progress=prog)
+            except _TimeUp:
+                pass
+            if not first_epoch.is_file():
+                raise ValueError(f"fine-tuning saved no weights in {first_epoch.parent}")
+            return first_epoch
+
+        def work(progress):
+            return run_in_tf_thread(train, progress)
+
+        def done(path):
+            self._finetuned = Path(path)
+            self.repredict_button.enabled = True
+            return f"Fine-tuned weights saved: {path} (with its model card {Path(path).name[:-11]}.json)"
+
+        self.runner.start(work, done, "Fine-tuning")
+
+    def repredict(self) -> None:
+        """Predict the probability map again with the fine-tuned weights (layer ``<tomo> probability``)."""
+        if self._finetuned is None:
+            raise ValueError("fine-tune first")
+        from cryoves.napari._layers import add_or_update
+        from cryoves.napari._service import run_in_tf_thread
+
+        path, tomo, vs = str(self._finetuned), self._tomo, self._vs
+        tname = base_name(self._tomo_layer)
+
+        def predict(progress):
+            from cryoves._tf import import_tensorflow
+
+            import_tensorflow()
+            from cryoves.model import get_model
+            from cryoves.predict import predict_probability
+
+            return predict_probability(tomo, vs, get_model(path), progress=progress)
+
+        def work(progress):
+            return run_in_tf_thread(predict, progress)
+
+        def done(prob):
+            add_or_update(self.viewer, (prob, image_kwargs(vs, layer_name(tname, "probability"),
+                                                           role="probability", tomogram=tname), "image"))
+            return ("Probability re-predicted with the fine-tuned weights; run 2. Threshold onward (your edited "
+                    "vesicles layer is kept)")
+
+        self.runner.start(work, done, "Re-prediction")
+
+
+def _repaint_region(lab, box) -> bool:
+    """Redraw only the part of the displayed labels slice inside ``box`` (2D view, plain labels).
+
+    The labels layer's data is the editor's array, so the displayed slice (a view of it) already
+    holds the new values; this converts the changed rectangle to texture values and sends it as
+    napari's own partial ``labels_update`` (as its paint brush does), without re-slicing and
+    re-uploading the whole plane. Returns False when that does not apply (then refresh fully).
+    """
+    try:
+        if lab.contour or not isinstance(lab.data, np.ndarray) or lab._slice_input.ndisplay != 2:
+            return False
+        image = lab._slice.image
+        disp = list(lab._slice_input.displayed)
+        region = tuple(box[d] for d in disp)
+        raw = image.raw
+        if raw.ndim != 2 or not np.shares_memory(raw, lab.data):
+            return False
+        image.view[region] = lab.colormap._data_to_texture(raw[region])
+        lab.events.labels_update(data=image.view[region], offset=tuple(int(r.start or 0) for r in region))
+        return True
+    except Exception:  # noqa: BLE001 - napari internals changed: fall back to a full refresh
+        log.debug("cryoves editor: partial labels update unavailable", exc_info=True)
+        return False
+
+
+def _section(title: str) -> QWidget:
+    lab = Label(value=f"<b>{title}</b>")
+    return lab.native
+
+
+def _ids_text(ids) -> str:
+    ids = list(ids)
+    if len(ids) <= 5:
+        return ", ".join(str(i) for i in ids)
+    return ", ".join(str(i) for i in ids[:5]) + f" … ({len(ids)} vesicles)"
