@@ -9,6 +9,8 @@ from cryoves import Cancelled, VesicleTable, render_labels
 from cryoves.refine import (detection_score, fit_sphere_at, initial_spheres_from_labels, intensity_normalization,
                             radial_profile, refine_spheres)
 
+from cryoves.simulate import simulate_tomogram
+
 from _synthetic import draw_vesicles, random_vesicles
 
 VOXEL = 2.0
@@ -217,8 +219,7 @@ def test_detection_score_separates(scene):
 
 @pytest.fixture(scope="module")
 def sim():
-    simulate = pytest.importorskip("cryoves.simulate")
-    return simulate.simulate_tomogram((64, 128, 128), voxel_size=2.2, seed=4)
+    return simulate_tomogram((64, 128, 128), voxel_size=2.2, seed=4)
 
 
 def test_refine_on_simulated_tomogram(sim):

@@ -42,7 +42,7 @@ from scipy import stats
 from scipy.spatial import cKDTree
 
 from cryoves._progress import ProgressCallback, report
-from cryoves.refine import _FitError, detection_score, fit_sphere, intensity_normalization
+from cryoves.refine import FitError, detection_score, fit_sphere, intensity_normalization
 from cryoves.table import VesicleTable, check_voxel_size
 
 __all__ = ["mahalanobis_pvalues", "filter_outliers", "resolve_overlaps", "DEFAULT_FEATURES"]
@@ -155,7 +155,8 @@ def mahalanobis_pvalues(table: VesicleTable, features=DEFAULT_FEATURES, *, robus
     return _pvalues_from(X, use, robust)
 
 
-def resolve_overlaps(table: VesicleTable, *, stage: str = "outliers", contained_rule: str = "drop") -> VesicleTable:
+def resolve_overlaps(table: VesicleTable, *, stage: str = "outliers", contained_rule: str = "drop",
+                     note_min_vox: float = 0.5) -> VesicleTable:
     """Make accepted spheres non-overlapping (see module docstring for the rule).
 
     Parameters
@@ -166,11 +167,16 @@ def resolve_overlaps(table: VesicleTable, *, stage: str = "outliers", contained_
     contained_rule : {"drop", "shrink"}
         What to do when a centre lies inside the other sphere: remove the vesicle with the lower
         p-value (default), or shrink like any other pair.
+    note_min_vox : float
+        A shrunk row gets the note ``"radius shrunk to resolve an overlap"`` only when its radius
+        shrank by at least this many voxels (default 0.5: smaller changes are below the accuracy
+        of the fit itself, and touching vesicles often overlap by a fraction of a voxel).
 
     Returns
     -------
     VesicleTable
-        A copy; shrunk rows get a note, removed rows ``status="removed"`` and a note.
+        A copy; shrunk rows get ``stage`` (and the note, see ``note_min_vox``), removed rows
+        ``status="removed"`` and a note.
     """
     if contained_rule not in ("drop", "shrink"):
         raise ValueError(f"contained_rule must be 'drop' or 'shrink', got {contained_rule!r}")
@@ -180,6 +186,7 @@ def resolve_overlaps(table: VesicleTable, *, stage: str = "outliers", contained_
         return t
     C = t.centers[acc]
     R = t.radii[acc].astype(np.float64).copy()
+    R0 = R.copy()
     ok = np.all(np.isfinite(C), axis=1) & np.isfinite(R) & (R > 0)
     tree = cKDTree(np.where(ok[:, None], C, 1e12))
     pairs = np.array(sorted(tree.query_pairs(2.0 * float(np.max(R[ok])) if ok.any() else 0.0)), dtype=np.intp)
@@ -214,8 +221,10 @@ def resolve_overlaps(table: VesicleTable, *, stage: str = "outliers", contained_
         f = dist / (R[a] + R[b]) * (1.0 - 1e-9)
         for j in (a, b):
             R[j] *= f
-            note[acc[j]] = "radius shrunk to resolve an overlap"
             stg[acc[j]] = stage
+    shrunk = alive & (R0 - R >= note_min_vox)
+    for j in np.flatnonzero(shrunk):
+        note[acc[j]] = "radius shrunk to resolve an overlap"
     radius = t["radius"].copy()
     radius[acc] = np.where(ok, R, radius[acc])
     t["radius"] = radius
@@ -319,7 +328,7 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
             try:
                 sc = detection_score(tomogram, c, cols["radius"][i], cols["thickness"][i],
                                      normalization=normalization)
-            except _FitError:  # the box lies outside the volume
+            except FitError:  # the box lies outside the volume
                 pass
         score[i] = sc
 

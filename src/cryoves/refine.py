@@ -60,14 +60,23 @@ from cryoves._progress import ProgressCallback, report
 from cryoves.table import VesicleTable, check_voxel_size
 
 __all__ = ["radial_profile", "refine_spheres", "fit_sphere_at", "intensity_normalization", "detection_score",
-           "initial_spheres_from_labels", "SphereFit", "fit_sphere"]
+           "initial_spheres_from_labels", "SphereFit", "fit_sphere", "FitError"]
 
-_RADIUS_METHODS = ("second_derivative", "max_slope")
+#: Outer-edge rules of :func:`fit_sphere` (see the module docstring).
+RADIUS_METHODS = ("second_derivative", "max_slope")
+_RADIUS_METHODS = RADIUS_METHODS
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+class FitError(Exception):
+    """A sphere cannot be fitted here (box outside the volume, profile too short, no membrane)."""
+
+
+_FitError = FitError  # the former private name, kept for old imports
+
 
 def _check_tomogram(tomogram):
     if not hasattr(tomogram, "shape") or len(tomogram.shape) != 3:
@@ -129,7 +138,7 @@ def _extract_box(tomogram, center, h, norm) -> _Box:
     chi = np.minimum(hi, shape)
     n = 2 * h + 1
     if np.any(chi <= clo):
-        raise _FitError("the box lies outside the tomogram")
+        raise FitError("the box lies outside the tomogram")
     raw = np.asarray(tomogram[clo[0]:chi[0], clo[1]:chi[1], clo[2]:chi[2]], dtype=np.float32)
     off, scale = norm
     raw = (raw - np.float32(off)) * np.float32(1.0 / scale)
@@ -150,10 +159,6 @@ def _extract_box(tomogram, center, h, norm) -> _Box:
     dx = (ax - np.float32(f[2])) ** 2
     d = np.sqrt(dz[:, None, None] + dy[None, :, None] + dx[None, None, :])
     return _Box(data=data, valid=valid, d=d, origin=lo, h=h)
-
-
-class _FitError(Exception):
-    pass
 
 
 def _profile_from_box(box: _Box, max_radius: float, bin_width: float):
@@ -178,7 +183,7 @@ def _profile_from_box(box: _Box, max_radius: float, bin_width: float):
     if empty.any():
         ok = ~empty
         if ok.sum() < 2:
-            raise _FitError("too few voxels for a radial profile")
+            raise FitError("too few voxels for a radial profile")
         prof[empty] = np.interp(dist[empty], dist[ok], prof[ok])
     return dist, prof, cnt, s2
 
@@ -252,17 +257,17 @@ def _profile_features(dist, prof, bw, window, halo_span, sigma_vox, radius_metho
     wlo = max(int(math.floor(window[0] / bw)), 1)
     whi = min(int(math.ceil(window[1] / bw)), n - 3)
     if whi - wlo < 2:
-        raise _FitError("radial profile too short for the search window")
+        raise FitError("radial profile too short for the search window")
     sig = max(sigma_vox / bw, 0.5)
     ps = gaussian_filter1d(prof, 0.5 / bw, mode="nearest") if bw < 0.5 else prof
     i_m = wlo + int(np.argmin(ps[wlo:whi + 1]))
     # halo: maximum within halo_span beyond the membrane centre
     hend = min(n - 1, i_m + max(int(math.ceil(halo_span / bw)), 3))
     if hend - i_m < 2:
-        raise _FitError("no room for the outer halo")
+        raise FitError("no room for the outer halo")
     i_h = i_m + 1 + int(np.argmax(ps[i_m + 1:hend + 1]))
     if i_h - i_m < 2:
-        raise _FitError("no rise after the membrane minimum")
+        raise FitError("no rise after the membrane minimum")
     d_m = float(np.interp(i_m + _parabolic(ps, i_m), np.arange(n), dist))
     d_h = float(np.interp(i_h + _parabolic(ps, i_h), np.arange(n), dist))
     if radius_method == "second_derivative":
@@ -383,7 +388,7 @@ def _binned_box(tomogram, ci, hb: int, b: int, normalization, shift=None) -> _Bo
     clo = np.maximum(lo, 0)
     chi = np.minimum(hi, shape)
     if np.any(chi <= clo):
-        raise _FitError("the box lies outside the tomogram")
+        raise FitError("the box lies outside the tomogram")
     off, scale = normalization
     raw = (np.asarray(tomogram[clo[0]:chi[0], clo[1]:chi[1], clo[2]:chi[2]], dtype=np.float32)
            - np.float32(off)) * np.float32(1.0 / scale)
@@ -545,7 +550,7 @@ def fit_sphere(tomogram, center, radius, *, voxel_size=None, normalization, max_
         cap_shift = max(3.0, 0.5 * r) if capture_shift is None else float(capture_shift)
         try:
             c, rho = _capture(tomogram, c, capture_radii, sig_t, cap_shift, normalization)
-        except _FitError as e:
+        except FitError as e:
             return SphereFit(False, c0, r, np.nan, np.nan, 0.0, 0, f"refine failed: {e}")
         r = rho + sig_t
     h0 = int(math.ceil(r + margin_for(r)))
@@ -564,7 +569,7 @@ def fit_sphere(tomogram, center, radius, *, voxel_size=None, normalization, max_
             hi_w = min(h - max(3.0, 0.5 * halo_span_vox), max_radius_vox)
             feats = _profile_features(dist, prof, bin_width, (lo_w, hi_w), halo_span_vox, sigma_vox,
                                       radius_method)
-        except _FitError as e:
+        except FitError as e:
             if it == 1 or feats is None:
                 return SphereFit(False, c, r, np.nan, np.nan, 0.0, it, f"refine failed: {e}")
             note = f"stopped: {e}"
