@@ -201,7 +201,10 @@ def test_every_field_reaches_a_stage():
         if f.name in flow:
             continue
         v = getattr(base, f.name)
-        new = changed.get(f.name, (not v) if isinstance(v, bool) else (v * 0.5 if isinstance(v, float) else v + 1))
+        if f.name in changed:
+            new = changed[f.name]
+        else:
+            new = (not v) if isinstance(v, bool) else (v * 0.5 if isinstance(v, float) else v + 1)
         p = base.replace(**{f.name: new})
         diffs = [s for s in _STAGE_FUNCS if p.stage_kwargs(s, 2.2) != base.stage_kwargs(s, 2.2)]
         assert diffs, f"SegmentParams.{f.name} reaches no stage"
@@ -243,3 +246,45 @@ def test_predicts_with_a_model_on_a_volume_smaller_than_one_tile(small_simulatio
     assert 0.0 <= res.probability.min() and res.probability.max() <= 1.0
     assert "predict" in calls and res.timings["predict"] > 0
     assert res.labels.shape == tomo.shape
+
+
+@pytest.fixture(scope="module")
+def weak_map(small_simulation):
+    """A weakened probability map: 3 confident vesicles (p 0.99), the rest p 0.5-0.9 with holes,
+    background ~0.05, plus three false beliefs (p 0.7 balls in cytosol, no membrane there)."""
+    from _synthetic import weakened_probability
+
+    sim = small_simulation
+    T = sim.table
+    p = weakened_probability(T.centers, T.radii, sim.tomogram.shape, n_confident=3, seed=0)
+    rng = np.random.default_rng(3)
+    zz, yy, xx = np.indices(p.shape, dtype=np.float32)
+    fakes = []
+    while len(fakes) < 3:
+        q = rng.uniform(7, np.array(p.shape) - 7)
+        if np.min(np.linalg.norm(T.centers - q, axis=1) - T.radii) > 9 and \
+                all(np.linalg.norm(q - f) > 16 for f in fakes):
+            fakes.append(q)
+            d = np.sqrt((zz - q[0]) ** 2 + (yy - q[1]) ** 2 + (xx - q[2]) ** 2)
+            np.maximum(p, np.where(d <= 6, 0.7, 0.0).astype(np.float32), out=p)
+    return p, np.array(fakes)
+
+
+def test_robust_threshold_keeps_vesicles_of_a_weak_map_without_false_positives(small_simulation, weak_map):
+    """The paper's darkest-shell threshold loses the vesicles the network is less sure of."""
+    from cryoves.evaluate import match_vesicles
+
+    sim = small_simulation
+    p, fakes = weak_map
+    n = len(sim.table)
+    paper = segment(sim.tomogram, sim.voxel_size, probability=p, params=SegmentParams(threshold_mode="paper"))
+    robust = segment(sim.tomogram, sim.voxel_size, probability=p)
+    mp, mr = match_vesicles(paper.table, sim.table), match_vesicles(robust.table, sim.table)
+    assert mp.tp <= n // 2, mp.as_dict()          # the paper's rule keeps the confident few
+    assert mr.tp >= n - 1, mr.as_dict()           # the robust mode nearly all
+    assert mr.fp == 0 and mp.fp == 0, (mp.as_dict(), mr.as_dict())
+    # the false beliefs (no membrane) never became segments
+    g = robust.stage_labels["global"]
+    fi = np.rint(fakes).astype(int)
+    assert np.all(g[fi[:, 0], fi[:, 1], fi[:, 2]] == 0)
+    assert robust.threshold == paper.threshold  # the global threshold itself is the paper's

@@ -510,6 +510,17 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
 # robust mode: weak segments verified by their membrane
 # ---------------------------------------------------------------------------------------------
 
+def _opened(pts: np.ndarray) -> np.ndarray:
+    """The voxels ``pts`` ((N, 3) indices) that survive a binary opening with ``ball(1)``."""
+    if len(pts) == 0:
+        return pts
+    lo = pts.min(axis=0) - 1
+    box = np.zeros(tuple(pts.max(axis=0) - lo + 2), bool)
+    box[tuple((pts - lo).T)] = True
+    box = ndi.binary_opening(box, structure=_structure(1))
+    return np.argwhere(box) + lo
+
+
 def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshold: float = 0.5,
                       min_radius_nm: float = 9.0, max_radius_nm: float = 35.0, min_score: float = 5.0,
                       min_overlap: float = 0.5, mask=None, connectivity: int = 1, normalization=None,
@@ -534,8 +545,9 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
        accepted segment or sphere, and the network's belief and the membrane agree: at least
        ``min_overlap`` of the candidate's voxels lie inside the fitted sphere, or the voxels
        inside fill at least ``min_overlap`` of the sphere's volume. The sphere's voxels are
-       then taken out of the candidate and the rest is fitted again (a candidate may hold
-       several touching vesicles); when the fit at the centroid fails, the candidate's most
+       then taken out of the candidate and the rest (opened by one voxel, so that thin skins
+       around the sphere do not count) is fitted again (a candidate may hold several touching
+       vesicles); when the fit at the centroid fails, the candidate's most
        interior voxel is tried;
     4. each accepted sphere is painted as a new segment: a ball reaching the membrane centre
        (fitted radius minus half the membrane thickness, where the darkest-shell threshold puts
@@ -668,7 +680,7 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
             inside = np.linalg.norm(pts - c, axis=1) <= r + 1.0
             if inside.mean() < min_overlap and inside.sum() < min_overlap * 4.0 / 3.0 * np.pi * r ** 3:
                 break  # the network's belief and the membrane do not agree
-            pts = pts[~inside]
+            pts = _opened(pts[~inside])  # thin skins left around the sphere are not candidates
             # 4. paint the ball up to the membrane centre
             rb = max(r - 0.5 * t, 1.0)
             lo = np.maximum(np.floor(c - rb).astype(int), 0)
