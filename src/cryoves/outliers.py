@@ -238,7 +238,8 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
                     grow_vox: int = 2, remove_overlaps: bool = True, min_radius_nm: float = 12.0,
                     features=DEFAULT_FEATURES, robust: bool = False, max_rounds: int = 3,
                     min_score: float | None = 5.0, normalization=None,
-                    radius_method: str = "max_slope", progress: ProgressCallback = None) -> VesicleTable:
+                    radius_method: str = "membrane_centre", bilayer_nm: float = 4.5,
+                    progress: ProgressCallback = None) -> VesicleTable:
     """Re-fit outliers with growing boxes, remove those that stay outliers, resolve overlaps.
 
     Parameters
@@ -284,7 +285,7 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
         vesicles are recomputed and new outliers handled, at most this many rounds.
     normalization : (offset, scale), optional
         Intensity normalisation, as in :func:`cryoves.refine.refine_spheres`.
-    radius_method : str
+    radius_method, bilayer_nm
         As in :func:`cryoves.refine.refine_spheres`.
     progress : callable, optional
         ``progress("outliers", done, total)``.
@@ -371,7 +372,7 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
                 c, r = start[i]
                 margin = max(6.0, 0.4 * r) + 2.0 + 0.5 * grow_vox * it
                 fit = fit_sphere(tomogram, c, r, voxel_size=voxel_size, normalization=normalization,
-                                 box_margin_vox=margin, radius_method=radius_method)
+                                 box_margin_vox=margin, radius_method=radius_method, bilayer_nm=bilayer_nm)
                 if not fit.ok:
                     continue
                 vals = {"thickness": fit.thickness, "density": fit.density, "radius": fit.radius,

@@ -129,7 +129,11 @@ class SegmentParams:
     sigma_vox : float
         refine: smoothing of the profile derivatives (paper: 1 voxel).
     radius_method : str
-        refine and outliers: outer-edge definition (``"max_slope"`` or ``"second_derivative"``).
+        refine and outliers: outer-edge definition (``"membrane_centre"``, ``"max_slope"`` or
+        ``"second_derivative"``; see :mod:`cryoves.refine`).
+    bilayer_nm : float
+        refine and outliers: bilayer thickness added as half to the membrane centre by
+        ``radius_method="membrane_centre"``.
     capture : bool
         refine: re-centre on the membrane before the iterations (see :mod:`cryoves.refine`).
     outliers : bool
@@ -185,6 +189,7 @@ class SegmentParams:
     sigma_vox: float = _default(_refine.refine_spheres, "sigma_vox")
     radius_method: str = _default(_refine.refine_spheres, "radius_method")
     capture: bool = _default(_refine.refine_spheres, "capture")
+    bilayer_nm: float = _default(_refine.refine_spheres, "bilayer_nm")
     # outliers
     outliers: bool = True
     min_radius_nm: float = _default(_outliers.filter_outliers, "min_radius_nm")
@@ -212,7 +217,7 @@ class SegmentParams:
                 raise ValueError(f"SegmentParams.{name} must be a {'non-negative' if allow_zero else 'positive'} "
                                  f"number, got {v!r}")
         for name in ("min_radius_nm", "segment_min_radius_nm", "weak_max_radius_nm", "refine_min_radius_nm", "refine_max_radius_nm", "bin_width_vox",
-                     "sigma_vox", "split_step", "split_fine_step", "max_tile_voxels", "refine_max_iter"):
+                     "sigma_vox", "bilayer_nm", "split_step", "split_fine_step", "max_tile_voxels", "refine_max_iter"):
             pos(name)
         for name in ("blend", "grow_vox", "outlier_max_iter", "max_split_depth", "max_rounds"):
             pos(name, allow_zero=True)
@@ -285,12 +290,12 @@ class SegmentParams:
                         box_margin_vox=None if self.box_margin_nm is None else self.box_margin_nm / vs,
                         min_radius_nm=self.refine_min_radius_nm, max_radius_nm=self.refine_max_radius_nm,
                         bin_width_vox=self.bin_width_vox, sigma_vox=self.sigma_vox,
-                        radius_method=self.radius_method, capture=self.capture)
+                        radius_method=self.radius_method, capture=self.capture, bilayer_nm=self.bilayer_nm)
         if stage == "outliers":
             return dict(p_threshold=self.p_threshold, max_iter=self.outlier_max_iter, grow_vox=self.grow_vox,
                         remove_overlaps=self.remove_overlaps, min_radius_nm=self.min_radius_nm,
                         features=self.features, robust=self.robust, max_rounds=self.max_rounds,
-                        radius_method=self.radius_method)
+                        radius_method=self.radius_method, bilayer_nm=self.bilayer_nm)
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES[:2] + ('weak',) + STAGES[2:]}")
 
     def replace(self, **changes) -> "SegmentParams":
