@@ -98,7 +98,7 @@ def test_injected_outliers_get_low_p_and_are_removed(scene):
     assert np.all((p >= 0) & (p <= 1))
     assert p[0] < 1e-3 and p[1] < 1e-3
     before = refined.copy()
-    out = filter_outliers(tomo, refined, VOXEL, min_radius_nm=10.0)
+    out = filter_outliers(tomo, refined, VOXEL, min_radius_nm=10.0, keep_score=None)  # the paper's rule
     assert out == out and refined == before  # input untouched
     assert out["status"][0] == "removed" and out["note"][0].startswith("outlier p=")
     assert out["status"][1] == "removed" and out["stage"][1] == "outliers"
@@ -108,6 +108,17 @@ def test_injected_outliers_get_low_p_and_are_removed(scene):
     assert np.all(np.isfinite(out["pvalue"])) and np.all((out["pvalue"] >= 0) & (out["pvalue"] <= 1))
     # p-values of the kept vesicles are computed without the removed ones
     np.testing.assert_allclose(out["pvalue"][normal], mahalanobis_pvalues(out.select(normal)), rtol=1e-8)
+
+
+def test_atypical_vesicle_with_a_clear_membrane_is_kept_but_not_a_too_large_one(scene):
+    """Default: the thick-membraned vesicle of a vesicle's size is kept (and marked); the
+    'endosome' (twice the radius) is still removed, as are both with the paper's rule."""
+    tomo, centers, radii, refined = scene
+    out = filter_outliers(tomo, refined, VOXEL, min_radius_nm=10.0)
+    assert out["status"][0] == "removed" and out["note"][0].startswith("outlier p=")
+    assert out["status"][1] == "accepted" and out["stage"][1] == "outliers"
+    assert out["note"][1].startswith("atypical (p=") and "kept: clear membrane" in out["note"][1]
+    assert np.all(out["status"][2:] == "accepted")
 
 
 def test_paper_threshold_removes_many_real_vesicles(scene):

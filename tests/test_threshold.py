@@ -147,7 +147,7 @@ def test_adaptive_threshold_splits_grows_and_drops(adaptive_case):
     k = 4 / 3 * np.pi * (12 / VOXEL) ** 3
     assert (labels == labels[a["partial"]]).sum() < k
 
-    out = adaptive_threshold(prob, labels, a["threshold"], VOXEL)
+    out = adaptive_threshold(prob, labels, a["threshold"], VOXEL, min_radius_nm=12.0)  # the paper's size rule
     np.testing.assert_array_equal(labels, lab_before)
     assert out.dtype == np.int32
     # every ordinary vesicle kept, one label each
@@ -229,3 +229,23 @@ def test_adaptive_threshold_splits_saturated_cluster_of_touching_vesicles():
     found = {int(out[c]) for c in centres}
     assert 0 not in found, "a vesicle of the clump was dropped"
     assert len(found) == len(centres), f"{len(centres)} touching vesicles came out as {len(found)} segments"
+
+
+def test_add_weak_segments_validation_and_inputs_untouched():
+    from cryoves.threshold import add_weak_segments
+
+    shape = (24, 32, 32)
+    tomo = np.zeros(shape, np.float32)
+    prob = np.zeros(shape, np.float32)
+    labels = np.zeros(shape, np.int32)
+    labels[2:4, 2:4, 2:4] = 1  # a fragment: released (no membrane to verify it)
+    before = labels.copy()
+    out = add_weak_segments(tomo, prob, labels, 2.0)
+    np.testing.assert_array_equal(labels, before)
+    assert out.max() == 0
+    with pytest.raises(ValueError, match="low_threshold"):
+        add_weak_segments(tomo, prob, labels, 2.0, low_threshold=0)
+    with pytest.raises(ValueError, match="same shape"):
+        add_weak_segments(tomo, prob[1:], labels, 2.0)
+    with pytest.raises(ValueError, match="min_radius_nm"):
+        add_weak_segments(tomo, prob, labels, 2.0, min_radius_nm=50)

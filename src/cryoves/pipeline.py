@@ -150,6 +150,9 @@ class SegmentParams:
         outliers: resolve overlapping spheres (reference implementation).
     robust : bool
         outliers: robust mean/covariance (default: plain sample estimates, as the paper).
+    keep_score : float or None
+        outliers: an atypical vesicle whose membrane scores at least this is kept, not removed
+        (see :func:`cryoves.outliers.filter_outliers`); ``None``: the paper's rule.
     max_rounds : int
         outliers: rounds of p-value recomputation.
     features : tuple of str
@@ -198,6 +201,7 @@ class SegmentParams:
     grow_vox: int = _default(_outliers.filter_outliers, "grow_vox")
     remove_overlaps: bool = _default(_outliers.filter_outliers, "remove_overlaps")
     robust: bool = _default(_outliers.filter_outliers, "robust")
+    keep_score: Optional[float] = _default(_outliers.filter_outliers, "keep_score")
     max_rounds: int = _default(_outliers.filter_outliers, "max_rounds")
     features: tuple = _default(_outliers.filter_outliers, "features")
 
@@ -236,6 +240,8 @@ class SegmentParams:
                 raise ValueError(f"SegmentParams.thresholds must be values in [0, 1], got {self.thresholds}")
         if self.box_margin_nm is not None:
             pos("box_margin_nm", allow_zero=True)
+        if self.keep_score is not None and not np.isfinite(self.keep_score):
+            raise ValueError(f"SegmentParams.keep_score must be a finite number or None, got {self.keep_score}")
         if self.radius_method not in _refine.RADIUS_METHODS:
             raise ValueError(f"SegmentParams.radius_method must be one of {_refine.RADIUS_METHODS}, "
                              f"got {self.radius_method!r}")
@@ -295,7 +301,7 @@ class SegmentParams:
             return dict(p_threshold=self.p_threshold, max_iter=self.outlier_max_iter, grow_vox=self.grow_vox,
                         remove_overlaps=self.remove_overlaps, min_radius_nm=self.min_radius_nm,
                         features=self.features, robust=self.robust, max_rounds=self.max_rounds,
-                        radius_method=self.radius_method, bilayer_nm=self.bilayer_nm)
+                        radius_method=self.radius_method, bilayer_nm=self.bilayer_nm, keep_score=self.keep_score)
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES[:2] + ('weak',) + STAGES[2:]}")
 
     def replace(self, **changes) -> "SegmentParams":

@@ -549,9 +549,11 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
        around the sphere do not count) is fitted again (a candidate may hold several touching
        vesicles); when the fit at the centroid fails, the candidate's most
        interior voxel is tried;
-    4. each accepted sphere is painted as a new segment: a ball reaching the membrane centre
-       (fitted radius minus half the membrane thickness, where the darkest-shell threshold puts
-       segment boundaries), on voxels no other segment holds.
+    4. each accepted sphere is painted as a new segment: a ball of the fitted outer radius, on
+       voxels no other segment holds (refinement then starts from the verified sphere: its
+       centroid and half its bounding box; a ball only to the membrane centre, where the
+       darkest-shell threshold puts segment boundaries, gave a start one voxel too small from
+       which a vesicle at the volume border drifted away).
 
     Parameters
     ----------
@@ -632,7 +634,7 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     next_label = int(out.max()) + 1
     found_c, found_r = [], []
     def try_fit(pts, start):
-        """Fitted sphere (centre, radius, thickness) verified at ``start``, or None."""
+        """Fitted sphere (centre, radius) verified at ``start``, or None."""
         half = 0.5 * float(np.max(np.ptp(pts, axis=0)) + 1)
         fit = fit_sphere_at(tomogram, start, voxel_size, max_diameter_nm=2.0 * max_radius_nm / 1.25,
                             min_radius_nm=min_radius_nm, min_score=min_score,
@@ -645,8 +647,7 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
             return None  # inside a segment: already found
         if any(np.linalg.norm(c - fc) < max(fr, r) for fc, fr in zip(found_c, found_r)):
             return None  # the same vesicle, reached from another candidate
-        t = float(fit["thickness"][0]) if np.isfinite(fit["thickness"][0]) else 2.0
-        return c, r, t
+        return c, r
 
     def interior_point(pts):
         """The candidate voxel farthest from the candidate's surface."""
@@ -676,13 +677,13 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
                 got = try_fit(pts, interior_point(pts))
             if got is None:
                 break
-            c, r, t = got
+            c, r = got
             inside = np.linalg.norm(pts - c, axis=1) <= r + 1.0
             if inside.mean() < min_overlap and inside.sum() < min_overlap * 4.0 / 3.0 * np.pi * r ** 3:
                 break  # the network's belief and the membrane do not agree
             pts = _opened(pts[~inside])  # thin skins left around the sphere are not candidates
-            # 4. paint the ball up to the membrane centre
-            rb = max(r - 0.5 * t, 1.0)
+            # 4. paint the verified sphere
+            rb = max(r, 1.0)
             lo = np.maximum(np.floor(c - rb).astype(int), 0)
             hi = np.minimum(np.ceil(c + rb).astype(int) + 1, shape)
             gz, gy, gx = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
