@@ -160,7 +160,8 @@ _STAGE_FUNCS = {"predict": ("cryoves.predict", "predict_probability"),
                 "refine": ("cryoves.refine", "refine_spheres"),
                 "outliers": ("cryoves.outliers", "filter_outliers")}
 # keywords of the stage functions deliberately not exposed as SegmentParams fields (fixed by design)
-_NOT_EXPOSED = {"adaptive": {"fill_split"}, "outliers": {"min_score", "keep_min_p", "keep_radius_z"}, "weak": {"min_overlap", "max_candidates"}}
+_NOT_EXPOSED = {"adaptive": {"fill_split"}, "outliers": {"min_score", "keep_min_p", "keep_radius_z"},
+                "weak": {"min_overlap", "max_candidates", "min_weak_fraction"}}
 
 
 def _stage_fn(stage):

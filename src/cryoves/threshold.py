@@ -523,7 +523,8 @@ def _opened(pts: np.ndarray) -> np.ndarray:
 
 def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshold: float = 0.5,
                       min_radius_nm: float = 9.0, max_radius_nm: float = 35.0, min_score: float = 5.0,
-                      min_overlap: float = 0.5, mask=None, connectivity: int = 1, normalization=None,
+                      min_overlap: float = 0.5, min_weak_fraction: float = 0.1, mask=None,
+                      connectivity: int = 1, normalization=None,
                       max_candidates: int = 5000, progress: ProgressCallback = None) -> np.ndarray:
     """Add the vesicles a less confident network marks below the global threshold.
 
@@ -533,8 +534,11 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     ``probability >= low_threshold`` away from the confident segments is a *candidate*, and
     it becomes a segment only when the tomogram shows a vesicle membrane there:
 
+    0. the map must be weak (see ``min_weak_fraction``), else ``labels`` is returned as is;
     1. segments of ``labels`` smaller than a sphere of ``min_radius_nm`` are not trusted (a
-       fragment of a weak vesicle); they are released back to the candidates;
+       fragment of a weak vesicle); they are released back to the candidates (a fragment that
+       no verified sphere takes over is put back at the end, for the adaptive stage to grow or
+       drop as in the paper);
     2. connected components of ``probability >= low_threshold`` outside the remaining segments
        (dilated by 2 voxels) and larger than a sphere of ``0.4 * min_radius_nm`` (at least 8
        voxels) are candidates;
@@ -575,6 +579,14 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
         true vesicles in simulated tomograms score above 10, spheres in cytosol below 5).
     min_overlap : float
         Smallest fraction of a candidate's voxels inside the fitted sphere.
+    min_weak_fraction : float
+        Candidates are looked at only when at least this fraction of the voxels with
+        ``probability >= low_threshold`` lies outside the trusted segments, i.e. when the map is
+        weak. Measured with the default weights: 0.2-2.2 % on the held-out simulated suite and
+        on 10 simulated 96x256x256 tomograms (a confident map), 48-58 % on weakened maps. On a
+        confident map the half-beliefs left over are mostly look-alikes: with the rescue on,
+        objects that are not synaptic vesicles but show a clear membrane (score 18) and p up to
+        0.9 were added on 5 of 7 cases of the held-out suite (1-5 false positives each).
     mask : (Z, Y, X) bool array, optional
         Candidates whose centroid lies outside are ignored.
     connectivity : {1, 2, 3}
@@ -588,8 +600,8 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     Returns
     -------
     labels : ndarray of int32
-        The trusted segments of ``labels`` (kept with their values) plus one new segment per
-        verified candidate (values above ``labels.max()``).
+        The segments of ``labels`` (kept with their values) plus one new segment per verified
+        candidate (values above ``labels.max()``).
     """
     from cryoves.refine import detection_score, fit_sphere_at, intensity_normalization
 
@@ -610,28 +622,35 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     r_min = min_radius_nm / voxel_size
     # 1. fragments are not trusted
     stats = segment_stats(out) if out.max() > 0 else None
+    frag_mask = None
     if stats is not None:
         frag = stats["label"][stats["volume"] < 4.0 / 3.0 * np.pi * r_min ** 3]
         if len(frag):
-            out[np.isin(out, frag)] = 0
+            frag_mask = np.isin(out, frag)
+            out[frag_mask] = 0
     # 2. candidates
     p = np.asarray(probability, dtype=np.float32)
     cand = p >= np.float32(low_threshold)
     if out.max() > 0:
         cand &= ~ndi.binary_dilation(out > 0, structure=_structure(1), iterations=2)
+    n_belief = int(np.count_nonzero(p >= np.float32(low_threshold)))
+    if n_belief == 0 or np.count_nonzero(cand) < min_weak_fraction * n_belief:
+        # a confident map: the half-beliefs left over are more often look-alikes (measured: true
+        # vesicles are not lost by such maps, distractors with a clear membrane are rescued)
+        return _restore_fragments(out, labels, frag_mask)
     comp, n = ndi.label(cand, structure=structure)
     report(progress, "weak segments", 0, max(n, 1))
     if n == 0:
-        return out
+        return _restore_fragments(out, labels, frag_mask)
     sizes = np.bincount(comp.ravel())[1:]
     min_vox = max(8.0, 4.0 / 3.0 * np.pi * (0.4 * r_min) ** 3)
     order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_vox][:max_candidates]
     if not order:
-        return out
+        return _restore_fragments(out, labels, frag_mask)
     if normalization is None:
         normalization = intensity_normalization(tomogram)
     slices = ndi.find_objects(comp)
-    next_label = int(out.max()) + 1
+    next_label = int(np.max(labels)) + 1 if labels.size else 1  # fragment ids stay reserved
     found_c, found_r = [], []
     def try_fit(pts, start):
         """Fitted sphere (centre, radius) verified at ``start``, or None."""
@@ -694,4 +713,18 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
             found_c.append(c)
             found_r.append(r)
     report(progress, "weak segments", len(order), len(order))
+    return _restore_fragments(out, labels, frag_mask)
+
+
+def _restore_fragments(out, labels, frag_mask):
+    """Put back (in place) the released fragments that no verified sphere took over; returns ``out``."""
+    if frag_mask is None:
+        return out
+    lab = np.asarray(labels)
+    frag_ids = np.unique(lab[frag_mask])
+    taken = np.unique(lab[frag_mask & (out != 0)])
+    back = np.setdiff1d(frag_ids, taken)
+    if len(back):
+        sel = np.isin(lab, back) & (out == 0)
+        out[sel] = lab[sel]
     return out
