@@ -249,3 +249,28 @@ def test_add_weak_segments_validation_and_inputs_untouched():
         add_weak_segments(tomo, prob[1:], labels, 2.0)
     with pytest.raises(ValueError, match="min_radius_nm"):
         add_weak_segments(tomo, prob, labels, 2.0, min_radius_nm=50)
+
+
+def test_add_weak_segments_only_on_a_weak_map(small_simulation, oracle_probability):
+    """One half-believed vesicle in an otherwise confident map is left alone (on confident maps
+    the leftover half-beliefs are mostly look-alikes); with the gate off it is rescued."""
+    from cryoves.threshold import add_weak_segments
+
+    sim = small_simulation
+    T = sim.table
+    prob = oracle_probability.copy()
+    room = np.min(np.minimum(T.centers, np.array(prob.shape) - 1 - T.centers), axis=1) - T.radii
+    i = int(np.argmax(room))  # the vesicle farthest inside the volume
+    c, r = T.centers[i], T.radii[i]
+    zz, yy, xx = np.indices(prob.shape, dtype=np.float32)
+    inside = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) <= r + 2
+    prob[inside] *= 0.75  # this vesicle now peaks at 0.75, below every global threshold candidate
+    g = global_threshold(sim.tomogram, prob)
+    ci = tuple(np.rint(c).astype(int))
+    assert g.labels[ci] == 0
+    frac = np.count_nonzero(inside & (prob >= 0.5)) / np.count_nonzero(prob >= 0.5)
+    assert frac < 0.2
+    gated = add_weak_segments(sim.tomogram, prob, g.labels, sim.voxel_size, min_weak_fraction=0.2)
+    assert gated[ci] == 0
+    rescued = add_weak_segments(sim.tomogram, prob, g.labels, sim.voxel_size, min_weak_fraction=0.0)
+    assert rescued[ci] > g.labels.max()
