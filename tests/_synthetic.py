@@ -100,3 +100,40 @@ def random_vesicles(shape, n, *, r_range=(7.0, 11.0), min_gap=3.0, margin=None, 
         centers.append(c)
         radii.append(r)
     return np.array(centers).reshape(-1, 3), np.array(radii)
+
+
+def weakened_probability(centers, radii, shape, *, n_confident=3, level=(0.5, 0.9), holes=0.3,
+                         background=0.05, seed=0):
+    """What a network gives on a tomogram unlike its training data: most vesicles at p 0.5-0.9.
+
+    Every vesicle gets the shape of a well-trained network's output (1 at the centre, 0.8 at
+    the outer radius, a one-voxel fall-off outside, as ``conftest.oracle_probability_map``),
+    but only the first ``n_confident`` keep that confidence (peak 0.99); the others are scaled
+    to a peak drawn from ``level`` and lose a fraction ``holes`` of their voxels to holes (a
+    smooth random field, so the holes are blobs of a few voxels, not salt noise). The
+    background is ``background`` plus smooth noise of +-0.03.
+    """
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in shape)
+    centers = np.asarray(centers, float).reshape(-1, 3)
+    radii = np.asarray(radii, float).reshape(-1)
+    field = ndi.gaussian_filter(rng.standard_normal(shape), 1.5)
+    field /= field.std()
+    cut = np.quantile(field, holes)
+    bg = background + 0.03 * np.clip(ndi.gaussian_filter(rng.standard_normal(shape), 2.0) * 4.0, -1, 1)
+    p = bg.astype(np.float64)
+    for i, (c, r) in enumerate(zip(centers, radii)):
+        ext = r + 5
+        lo = np.maximum(np.floor(c - ext).astype(int), 0)
+        hi = np.minimum(np.ceil(c + ext).astype(int) + 1, shape)
+        zz, yy, xx = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+        v = np.where(d <= r, 1.0 - 0.2 * (d / r) ** 6, 0.8 * np.exp(-0.5 * (d - r) ** 2))
+        sl = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        if i < n_confident:
+            v = 0.99 * v
+        else:
+            v = rng.uniform(*level) * v
+            v = np.where(field[sl] < cut, 0.0, v)
+        np.maximum(p[sl], v, out=p[sl])
+    return np.clip(p, 0, 1).astype(np.float32)

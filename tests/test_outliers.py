@@ -8,6 +8,8 @@ from cryoves import VesicleTable
 from cryoves.outliers import filter_outliers, mahalanobis_pvalues, resolve_overlaps
 from cryoves.refine import refine_spheres
 
+from cryoves.simulate import simulate_tomogram
+
 from _synthetic import draw_vesicles, random_vesicles
 
 VOXEL = 2.0
@@ -96,7 +98,7 @@ def test_injected_outliers_get_low_p_and_are_removed(scene):
     assert np.all((p >= 0) & (p <= 1))
     assert p[0] < 1e-3 and p[1] < 1e-3
     before = refined.copy()
-    out = filter_outliers(tomo, refined, VOXEL, min_radius_nm=10.0)
+    out = filter_outliers(tomo, refined, VOXEL, min_radius_nm=10.0, keep_score=None)  # the paper's rule
     assert out == out and refined == before  # input untouched
     assert out["status"][0] == "removed" and out["note"][0].startswith("outlier p=")
     assert out["status"][1] == "removed" and out["stage"][1] == "outliers"
@@ -106,6 +108,17 @@ def test_injected_outliers_get_low_p_and_are_removed(scene):
     assert np.all(np.isfinite(out["pvalue"])) and np.all((out["pvalue"] >= 0) & (out["pvalue"] <= 1))
     # p-values of the kept vesicles are computed without the removed ones
     np.testing.assert_allclose(out["pvalue"][normal], mahalanobis_pvalues(out.select(normal)), rtol=1e-8)
+
+
+def test_atypical_vesicle_with_a_clear_membrane_is_kept_but_not_a_too_large_one(scene):
+    """Default: the thick-membraned vesicle of a vesicle's size is kept (and marked); the
+    'endosome' (twice the radius) is still removed, as are both with the paper's rule."""
+    tomo, centers, radii, refined = scene
+    out = filter_outliers(tomo, refined, VOXEL, min_radius_nm=10.0)
+    assert out["status"][0] == "removed" and out["note"][0].startswith("outlier p=")
+    assert out["status"][1] == "accepted" and out["stage"][1] == "outliers"
+    assert out["note"][1].startswith("atypical (p=") and "kept: clear membrane" in out["note"][1]
+    assert np.all(out["status"][2:] == "accepted")
 
 
 def test_paper_threshold_removes_many_real_vesicles(scene):
@@ -163,10 +176,21 @@ def test_resolve_overlaps_leaves_no_overlap():
     assert np.all(o2["status"] == "accepted")
     assert o2.radii.sum() == pytest.approx(15.0, rel=1e-6)
     np.testing.assert_allclose(o2.radii / t2.radii, 15.0 / 17.0, rtol=1e-6)
+    assert list(o2["note"]) == ["radius shrunk to resolve an overlap"] * 2
     # a centre inside the other sphere: the lower p-value goes
     t3 = VesicleTable.from_arrays([[0, 0, 0], [0, 0, 3]], [8, 8], voxel_size=VOXEL, pvalue=[0.9, 0.2])
     o3 = resolve_overlaps(t3)
     assert list(o3["status"]) == ["accepted", "removed"] and o3["note"][1] == "overlaps vesicle 1"
+
+
+def test_sub_voxel_overlap_shrinks_without_a_note():
+    """Touching vesicles overlapping by a fraction of a voxel are shrunk silently (no alarm note)."""
+    t = VesicleTable.from_arrays([[0, 0, 0], [0, 0, 16.4]], [8, 9], voxel_size=VOXEL)
+    o = resolve_overlaps(t)
+    assert o.radii.sum() == pytest.approx(16.4, rel=1e-6)
+    assert list(o["note"]) == ["", ""]
+    o = resolve_overlaps(t, note_min_vox=0.1)
+    assert list(o["note"]) == ["radius shrunk to resolve an overlap"] * 2
 
 
 def test_filter_outliers_few_vesicles_never_removes(scene):
@@ -187,8 +211,7 @@ def test_filter_outliers_validation(scene):
 
 
 def test_outliers_on_simulated_tomogram():
-    simulate = pytest.importorskip("cryoves.simulate")
-    sim = simulate.simulate_tomogram((64, 128, 128), voxel_size=2.2, seed=4)
+    sim = simulate_tomogram((64, 128, 128), voxel_size=2.2, seed=4)
     T = sim.table
     C, R = T.centers, T.radii
     rng = np.random.default_rng(0)

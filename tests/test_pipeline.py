@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 
@@ -149,39 +150,71 @@ def test_bad_inputs(small_simulation, oracle_probability):
         segment(t, vs, probability=oracle_probability, params={"p_threshold": 0.3})
 
 
-def test_params_defaults_match_the_stage_functions():
-    """SegmentParams must not silently drift from the stage modules' documented defaults."""
-    from cryoves import outliers, predict, refine, threshold
+# the arguments of each stage function that are data or the caller's, not parameters
+_CALLER_ARGS = {"tomogram", "probability", "labels", "threshold", "voxel_size", "model", "table", "initial",
+                "mask", "normalization", "progress"}
+_STAGE_FUNCS = {"predict": ("cryoves.predict", "predict_probability"),
+                "global": ("cryoves.threshold", "global_threshold"),
+                "weak": ("cryoves.threshold", "add_weak_segments"),
+                "adaptive": ("cryoves.threshold", "adaptive_threshold"),
+                "refine": ("cryoves.refine", "refine_spheres"),
+                "outliers": ("cryoves.outliers", "filter_outliers")}
+# keywords of the stage functions deliberately not exposed as SegmentParams fields (fixed by design)
+_NOT_EXPOSED = {"adaptive": {"fill_split"}, "outliers": {"min_score", "keep_min_p", "keep_radius_z"},
+                "weak": {"min_overlap", "max_candidates", "min_weak_fraction"}}
 
+
+def _stage_fn(stage):
+    import importlib
+
+    mod, name = _STAGE_FUNCS[stage]
+    return getattr(importlib.import_module(mod), name)
+
+
+@pytest.mark.parametrize("stage", sorted(_STAGE_FUNCS))
+def test_stage_kwargs_cover_every_keyword_of_the_stage_function(stage):
+    """A stage function that gains a parameter must be wired through SegmentParams.stage_kwargs."""
+    sig = inspect.signature(_stage_fn(stage))
+    tunable = set(sig.parameters) - _CALLER_ARGS - _NOT_EXPOSED.get(stage, set())
+    kw = SegmentParams().stage_kwargs(stage, 2.2)
+    assert set(kw) == tunable
+    sig.bind_partial(**kw)  # every keyword is accepted by the function
+
+
+def test_stage_kwargs_defaults_are_the_stage_functions_defaults():
+    """Defaults: the stage functions', except the voxel conversion of box_margin_nm (None = auto)."""
     p = SegmentParams()
+    for stage in _STAGE_FUNCS:
+        params = inspect.signature(_stage_fn(stage)).parameters
+        for k, v in p.stage_kwargs(stage, 2.2).items():
+            d = params[k].default
+            assert (tuple(d) if isinstance(d, list) else d) == v, (stage, k)
 
-    def default(fn, name):
-        return inspect.signature(fn).parameters[name].default
 
-    pairs = [
-        (predict.predict_probability, {"tta": "tta", "blend": "blend", "max_tile_voxels": "max_tile_voxels",
-                                       "tile_shape": "tile_shape", "halo": "halo", "batch_size": "batch_size"}),
-        (threshold.global_threshold, {"connectivity": "connectivity"}),
-        (threshold.adaptive_threshold, {"min_radius_nm": "min_radius_nm", "z_split": "z_split",
-                                        "extent_split": "extent_split", "extent_range": "extent_range",
-                                        "grow_min": "grow_min", "step": "split_step", "fine_step": "split_fine_step",
-                                        "max_split_depth": "max_split_depth"}),
-        (refine.refine_spheres, {"max_iter": "refine_max_iter", "min_radius_nm": "refine_min_radius_nm",
-                                 "max_radius_nm": "refine_max_radius_nm", "bin_width_vox": "bin_width_vox",
-                                 "sigma_vox": "sigma_vox", "radius_method": "radius_method", "capture": "capture"}),
-        (outliers.filter_outliers, {"p_threshold": "p_threshold", "max_iter": "outlier_max_iter",
-                                    "grow_vox": "grow_vox", "remove_overlaps": "remove_overlaps",
-                                    "min_radius_nm": "min_radius_nm", "robust": "robust",
-                                    "max_rounds": "max_rounds", "features": "features",
-                                    "radius_method": "radius_method"}),
-    ]
-    for fn, mapping in pairs:
-        for arg, field_name in mapping.items():
-            d = default(fn, arg)
-            mine = getattr(p, field_name)
-            if isinstance(d, (list, tuple)):
-                d = tuple(d)
-            assert mine == d, f"SegmentParams.{field_name}={mine!r} but {fn.__name__}({arg}={d!r})"
+def test_every_field_reaches_a_stage():
+    """Changing any SegmentParams field changes the arguments of some stage (or the flow)."""
+    base = SegmentParams()
+    flow = {"adaptive", "outliers", "threshold_mode"}  # switch stages on/off instead
+    changed = {"thresholds": (0.5, 0.6), "tile_shape": (32, 64, 64), "halo": 9, "batch_size": 3,
+               "features": ("radius", "density"), "extent_range": (0.2, 0.8), "radius_method": "second_derivative",
+               "box_margin_nm": 11.0, "connectivity": 3}
+    for f in dataclasses.fields(SegmentParams):
+        if f.name in flow:
+            continue
+        v = getattr(base, f.name)
+        if f.name in changed:
+            new = changed[f.name]
+        else:
+            new = (not v) if isinstance(v, bool) else (v * 0.5 if isinstance(v, float) else v + 1)
+        p = base.replace(**{f.name: new})
+        diffs = [s for s in _STAGE_FUNCS if p.stage_kwargs(s, 2.2) != base.stage_kwargs(s, 2.2)]
+        assert diffs, f"SegmentParams.{f.name} reaches no stage"
+    assert base.stage_kwargs("refine", 2.0)["box_margin_vox"] is None
+    assert base.replace(box_margin_nm=11.0).stage_kwargs("refine", 2.0)["box_margin_vox"] == 5.5
+    with pytest.raises(ValueError, match="unknown stage"):
+        base.stage_kwargs("nonsense", 2.0)
+    with pytest.raises(ValueError, match="voxel"):
+        base.stage_kwargs("refine", 0)
 
 
 def test_params_validation_and_round_trip():
@@ -192,7 +225,8 @@ def test_params_validation_and_round_trip():
     assert p.replace(min_radius_nm=10).min_radius_nm == 10
     for bad in [dict(p_threshold=1.5), dict(min_radius_nm=0), dict(extent_range=(0.8, 0.2)),
                 dict(connectivity=5), dict(radius_method="x"), dict(refine_min_radius_nm=200),
-                dict(thresholds=[1.5])]:
+                dict(thresholds=[1.5]), dict(threshold_mode="x"), dict(low_threshold=0),
+                dict(segment_min_radius_nm=50)]:
         with pytest.raises(ValueError):
             SegmentParams(**bad)
     with pytest.raises(TypeError):
@@ -213,3 +247,45 @@ def test_predicts_with_a_model_on_a_volume_smaller_than_one_tile(small_simulatio
     assert 0.0 <= res.probability.min() and res.probability.max() <= 1.0
     assert "predict" in calls and res.timings["predict"] > 0
     assert res.labels.shape == tomo.shape
+
+
+@pytest.fixture(scope="module")
+def weak_map(small_simulation):
+    """A weakened probability map: 3 confident vesicles (p 0.99), the rest p 0.5-0.9 with holes,
+    background ~0.05, plus three false beliefs (p 0.7 balls in cytosol, no membrane there)."""
+    from _synthetic import weakened_probability
+
+    sim = small_simulation
+    T = sim.table
+    p = weakened_probability(T.centers, T.radii, sim.tomogram.shape, n_confident=3, seed=0)
+    rng = np.random.default_rng(3)
+    zz, yy, xx = np.indices(p.shape, dtype=np.float32)
+    fakes = []
+    while len(fakes) < 3:
+        q = rng.uniform(7, np.array(p.shape) - 7)
+        if np.min(np.linalg.norm(T.centers - q, axis=1) - T.radii) > 9 and \
+                all(np.linalg.norm(q - f) > 16 for f in fakes):
+            fakes.append(q)
+            d = np.sqrt((zz - q[0]) ** 2 + (yy - q[1]) ** 2 + (xx - q[2]) ** 2)
+            np.maximum(p, np.where(d <= 6, 0.7, 0.0).astype(np.float32), out=p)
+    return p, np.array(fakes)
+
+
+def test_robust_threshold_keeps_vesicles_of_a_weak_map_without_false_positives(small_simulation, weak_map):
+    """The paper's darkest-shell threshold loses the vesicles the network is less sure of."""
+    from cryoves.evaluate import match_vesicles
+
+    sim = small_simulation
+    p, fakes = weak_map
+    n = len(sim.table)
+    paper = segment(sim.tomogram, sim.voxel_size, probability=p, params=SegmentParams(threshold_mode="paper"))
+    robust = segment(sim.tomogram, sim.voxel_size, probability=p)
+    mp, mr = match_vesicles(paper.table, sim.table), match_vesicles(robust.table, sim.table)
+    assert mp.tp <= n // 2, mp.as_dict()          # the paper's rule keeps the confident few
+    assert mr.tp >= n - 1, mr.as_dict()           # the robust mode nearly all
+    assert mr.fp == 0 and mp.fp == 0, (mp.as_dict(), mr.as_dict())
+    # the false beliefs (no membrane) never became segments
+    g = robust.stage_labels["global"]
+    fi = np.rint(fakes).astype(int)
+    assert np.all(g[fi[:, 0], fi[:, 1], fi[:, 2]] == 0)
+    assert robust.threshold == paper.threshold  # the global threshold itself is the paper's

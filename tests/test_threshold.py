@@ -147,7 +147,7 @@ def test_adaptive_threshold_splits_grows_and_drops(adaptive_case):
     k = 4 / 3 * np.pi * (12 / VOXEL) ** 3
     assert (labels == labels[a["partial"]]).sum() < k
 
-    out = adaptive_threshold(prob, labels, a["threshold"], VOXEL)
+    out = adaptive_threshold(prob, labels, a["threshold"], VOXEL, min_radius_nm=12.0)  # the paper's size rule
     np.testing.assert_array_equal(labels, lab_before)
     assert out.dtype == np.int32
     # every ordinary vesicle kept, one label each
@@ -229,3 +229,48 @@ def test_adaptive_threshold_splits_saturated_cluster_of_touching_vesicles():
     found = {int(out[c]) for c in centres}
     assert 0 not in found, "a vesicle of the clump was dropped"
     assert len(found) == len(centres), f"{len(centres)} touching vesicles came out as {len(found)} segments"
+
+
+def test_add_weak_segments_validation_and_inputs_untouched():
+    from cryoves.threshold import add_weak_segments
+
+    shape = (24, 32, 32)
+    tomo = np.zeros(shape, np.float32)
+    prob = np.zeros(shape, np.float32)
+    labels = np.zeros(shape, np.int32)
+    labels[2:4, 2:4, 2:4] = 1  # a fragment: released, and put back (no sphere took it over)
+    before = labels.copy()
+    out = add_weak_segments(tomo, prob, labels, 2.0)
+    np.testing.assert_array_equal(labels, before)
+    np.testing.assert_array_equal(out, labels)
+    with pytest.raises(ValueError, match="low_threshold"):
+        add_weak_segments(tomo, prob, labels, 2.0, low_threshold=0)
+    with pytest.raises(ValueError, match="same shape"):
+        add_weak_segments(tomo, prob[1:], labels, 2.0)
+    with pytest.raises(ValueError, match="min_radius_nm"):
+        add_weak_segments(tomo, prob, labels, 2.0, min_radius_nm=50)
+
+
+def test_add_weak_segments_only_on_a_weak_map(small_simulation, oracle_probability):
+    """One half-believed vesicle in an otherwise confident map is left alone (on confident maps
+    the leftover half-beliefs are mostly look-alikes); with the gate off it is rescued."""
+    from cryoves.threshold import add_weak_segments
+
+    sim = small_simulation
+    T = sim.table
+    prob = oracle_probability.copy()
+    room = np.min(np.minimum(T.centers, np.array(prob.shape) - 1 - T.centers), axis=1) - T.radii
+    i = int(np.argmax(room))  # the vesicle farthest inside the volume
+    c, r = T.centers[i], T.radii[i]
+    zz, yy, xx = np.indices(prob.shape, dtype=np.float32)
+    inside = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) <= r + 2
+    prob[inside] *= 0.75  # this vesicle now peaks at 0.75, below every global threshold candidate
+    g = global_threshold(sim.tomogram, prob)
+    ci = tuple(np.rint(c).astype(int))
+    assert g.labels[ci] == 0
+    frac = np.count_nonzero(inside & (prob >= 0.5)) / np.count_nonzero(prob >= 0.5)
+    assert frac < 0.2
+    gated = add_weak_segments(sim.tomogram, prob, g.labels, sim.voxel_size, min_weak_fraction=0.2)
+    assert gated[ci] == 0
+    rescued = add_weak_segments(sim.tomogram, prob, g.labels, sim.voxel_size, min_weak_fraction=0.0)
+    assert rescued[ci] > g.labels.max()

@@ -87,11 +87,27 @@ class SegmentParams:
         global: candidate thresholds (default 0.80, 0.81, ..., 1.00).
     connectivity : int
         global and adaptive: segment connectivity (1 = 6-connected, 3 = 26-connected).
+    threshold_mode : str
+        global: ``"robust"`` (default) adds the vesicles a less confident network marks below
+        the global threshold, each verified by its membrane
+        (:func:`cryoves.threshold.add_weak_segments`); ``"paper"``: the darkest-shell threshold
+        alone.
+    low_threshold : float
+        global, robust mode: candidates are regions of ``probability >= low_threshold``.
+    weak_min_score : float
+        global, robust mode: smallest membrane detection score of a rescued vesicle.
+    weak_max_radius_nm : float
+        global, robust mode: largest outer radius of a rescued vesicle.
     adaptive : bool
         Run the adaptive local threshold (else the global segments go straight to refinement).
+    segment_min_radius_nm : float
+        adaptive: segments smaller than a sphere of this radius are grown, then dropped (a
+        segment ends at the membrane centre, ~2-3 nm inside the outer radius; see
+        :func:`cryoves.threshold.adaptive_threshold`); robust global mode: smallest radius
+        searched for a rescued vesicle, and segments below it count as fragments.
     min_radius_nm : float
-        adaptive: segments smaller than a sphere of this radius are grown, then dropped;
-        outliers: accepted vesicles with radius <= this are removed (paper/reference: 12 nm).
+        outliers: accepted vesicles with a fitted outer radius <= this are removed
+        (paper/reference: 12 nm).
     z_split, extent_split : float
         adaptive: a segment is split when its volume z-score > ``z_split`` and its extent
         < ``extent_split`` (paper 1 and 0.25).
@@ -114,7 +130,11 @@ class SegmentParams:
     sigma_vox : float
         refine: smoothing of the profile derivatives (paper: 1 voxel).
     radius_method : str
-        refine and outliers: outer-edge definition (``"max_slope"`` or ``"second_derivative"``).
+        refine and outliers: outer-edge definition (``"membrane_centre"``, ``"max_slope"`` or
+        ``"second_derivative"``; see :mod:`cryoves.refine`).
+    bilayer_nm : float
+        refine and outliers: bilayer thickness added as half to the membrane centre by
+        ``radius_method="membrane_centre"``.
     capture : bool
         refine: re-centre on the membrane before the iterations (see :mod:`cryoves.refine`).
     outliers : bool
@@ -131,6 +151,9 @@ class SegmentParams:
         outliers: resolve overlapping spheres (reference implementation).
     robust : bool
         outliers: robust mean/covariance (default: plain sample estimates, as the paper).
+    keep_score : float or None
+        outliers: an atypical vesicle whose membrane scores at least this is kept, not removed
+        (see :func:`cryoves.outliers.filter_outliers`); ``None``: the paper's rule.
     max_rounds : int
         outliers: rounds of p-value recomputation.
     features : tuple of str
@@ -147,9 +170,13 @@ class SegmentParams:
     # global threshold
     thresholds: Optional[tuple] = _default(_threshold.global_threshold, "thresholds")
     connectivity: int = _default(_threshold.global_threshold, "connectivity")
+    threshold_mode: str = "robust"
+    low_threshold: float = _default(_threshold.add_weak_segments, "low_threshold")
+    weak_min_score: float = _default(_threshold.add_weak_segments, "min_score")
+    weak_max_radius_nm: float = _default(_threshold.add_weak_segments, "max_radius_nm")
     # adaptive threshold
     adaptive: bool = True
-    min_radius_nm: float = _default(_threshold.adaptive_threshold, "min_radius_nm")
+    segment_min_radius_nm: float = _default(_threshold.adaptive_threshold, "min_radius_nm")
     z_split: float = _default(_threshold.adaptive_threshold, "z_split")
     extent_split: float = _default(_threshold.adaptive_threshold, "extent_split")
     extent_range: tuple = _default(_threshold.adaptive_threshold, "extent_range")
@@ -166,13 +193,16 @@ class SegmentParams:
     sigma_vox: float = _default(_refine.refine_spheres, "sigma_vox")
     radius_method: str = _default(_refine.refine_spheres, "radius_method")
     capture: bool = _default(_refine.refine_spheres, "capture")
+    bilayer_nm: float = _default(_refine.refine_spheres, "bilayer_nm")
     # outliers
     outliers: bool = True
+    min_radius_nm: float = _default(_outliers.filter_outliers, "min_radius_nm")
     p_threshold: float = _default(_outliers.filter_outliers, "p_threshold")
     outlier_max_iter: int = _default(_outliers.filter_outliers, "max_iter")
     grow_vox: int = _default(_outliers.filter_outliers, "grow_vox")
     remove_overlaps: bool = _default(_outliers.filter_outliers, "remove_overlaps")
     robust: bool = _default(_outliers.filter_outliers, "robust")
+    keep_score: Optional[float] = _default(_outliers.filter_outliers, "keep_score")
     max_rounds: int = _default(_outliers.filter_outliers, "max_rounds")
     features: tuple = _default(_outliers.filter_outliers, "features")
 
@@ -191,8 +221,8 @@ class SegmentParams:
                     or not np.isfinite(v) or (v < 0 if allow_zero else v <= 0):
                 raise ValueError(f"SegmentParams.{name} must be a {'non-negative' if allow_zero else 'positive'} "
                                  f"number, got {v!r}")
-        for name in ("min_radius_nm", "refine_min_radius_nm", "refine_max_radius_nm", "bin_width_vox",
-                     "sigma_vox", "split_step", "split_fine_step", "max_tile_voxels", "refine_max_iter"):
+        for name in ("min_radius_nm", "segment_min_radius_nm", "weak_max_radius_nm", "refine_min_radius_nm", "refine_max_radius_nm", "bin_width_vox",
+                     "sigma_vox", "bilayer_nm", "split_step", "split_fine_step", "max_tile_voxels", "refine_max_iter"):
             pos(name)
         for name in ("blend", "grow_vox", "outlier_max_iter", "max_split_depth", "max_rounds"):
             pos(name, allow_zero=True)
@@ -211,9 +241,69 @@ class SegmentParams:
                 raise ValueError(f"SegmentParams.thresholds must be values in [0, 1], got {self.thresholds}")
         if self.box_margin_nm is not None:
             pos("box_margin_nm", allow_zero=True)
-        if self.radius_method not in ("max_slope", "second_derivative"):
-            raise ValueError(f"SegmentParams.radius_method must be 'max_slope' or 'second_derivative', "
+        if self.keep_score is not None and not np.isfinite(self.keep_score):
+            raise ValueError(f"SegmentParams.keep_score must be a finite number or None, got {self.keep_score}")
+        if self.radius_method not in _refine.RADIUS_METHODS:
+            raise ValueError(f"SegmentParams.radius_method must be one of {_refine.RADIUS_METHODS}, "
                              f"got {self.radius_method!r}")
+        if self.threshold_mode not in _threshold.THRESHOLD_MODES:
+            raise ValueError(f"SegmentParams.threshold_mode must be one of {_threshold.THRESHOLD_MODES}, "
+                             f"got {self.threshold_mode!r}")
+        if not 0.0 < self.low_threshold <= 1.0:
+            raise ValueError(f"SegmentParams.low_threshold must be in (0, 1], got {self.low_threshold}")
+        if not np.isfinite(self.weak_min_score):
+            raise ValueError(f"SegmentParams.weak_min_score must be a finite number, got {self.weak_min_score}")
+        if self.segment_min_radius_nm >= self.weak_max_radius_nm:
+            raise ValueError("SegmentParams.segment_min_radius_nm must be below weak_max_radius_nm")
+
+    def stage_kwargs(self, stage: str, voxel_size: float) -> dict:
+        """Keyword arguments of one stage function, from these parameters (the one mapping).
+
+        Parameters
+        ----------
+        stage : {"predict", "global", "weak", "adaptive", "refine", "outliers"}
+            ``"predict"``: :func:`cryoves.predict.predict_probability`; ``"global"``:
+            :func:`cryoves.threshold.global_threshold`; ``"weak"``:
+            :func:`cryoves.threshold.add_weak_segments` (robust mode of the global stage);
+            ``"adaptive"``: :func:`cryoves.threshold.adaptive_threshold`; ``"refine"``:
+            :func:`cryoves.refine.refine_spheres`; ``"outliers"``:
+            :func:`cryoves.outliers.filter_outliers`.
+        voxel_size : float
+            nm (converts the nm parameters that a stage takes in voxels).
+
+        Returns
+        -------
+        dict
+            Every tunable keyword of that function (the data arguments, ``mask``,
+            ``normalization`` and ``progress`` are the caller's).
+        """
+        vs = check_voxel_size(voxel_size)
+        if stage == "predict":
+            return dict(tile_shape=self.tile_shape, halo=self.halo, batch_size=self.batch_size, tta=self.tta,
+                        blend=self.blend, max_tile_voxels=self.max_tile_voxels)
+        if stage == "global":
+            return dict(thresholds=self.thresholds, connectivity=self.connectivity)
+        if stage == "weak":
+            return dict(low_threshold=self.low_threshold, min_radius_nm=self.segment_min_radius_nm,
+                        max_radius_nm=self.weak_max_radius_nm, min_score=self.weak_min_score,
+                        connectivity=self.connectivity)
+        if stage == "adaptive":
+            return dict(min_radius_nm=self.segment_min_radius_nm, z_split=self.z_split,
+                        extent_split=self.extent_split, extent_range=self.extent_range, grow_min=self.grow_min,
+                        step=self.split_step, fine_step=self.split_fine_step, connectivity=self.connectivity,
+                        max_split_depth=self.max_split_depth)
+        if stage == "refine":
+            return dict(max_iter=self.refine_max_iter,
+                        box_margin_vox=None if self.box_margin_nm is None else self.box_margin_nm / vs,
+                        min_radius_nm=self.refine_min_radius_nm, max_radius_nm=self.refine_max_radius_nm,
+                        bin_width_vox=self.bin_width_vox, sigma_vox=self.sigma_vox,
+                        radius_method=self.radius_method, capture=self.capture, bilayer_nm=self.bilayer_nm)
+        if stage == "outliers":
+            return dict(p_threshold=self.p_threshold, max_iter=self.outlier_max_iter, grow_vox=self.grow_vox,
+                        remove_overlaps=self.remove_overlaps, min_radius_nm=self.min_radius_nm,
+                        features=self.features, robust=self.robust, max_rounds=self.max_rounds,
+                        radius_method=self.radius_method, bilayer_nm=self.bilayer_nm, keep_score=self.keep_score)
+        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES[:2] + ('weak',) + STAGES[2:]}")
 
     def replace(self, **changes) -> "SegmentParams":
         """A copy with some fields changed (validated)."""
@@ -432,7 +522,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     """
     from cryoves.outliers import filter_outliers
     from cryoves.refine import intensity_normalization, refine_spheres
-    from cryoves.threshold import adaptive_threshold, global_threshold
+    from cryoves.threshold import adaptive_threshold, add_weak_segments, global_threshold
 
     params = SegmentParams() if params is None else params
     if not isinstance(params, SegmentParams):
@@ -457,10 +547,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
         from cryoves.predict import predict_probability
 
         sp = _StageProgress(progress, "predict")
-        probability = predict_probability(
-            tomogram, vs, model, tile_shape=params.tile_shape, halo=params.halo,
-            batch_size=params.batch_size, tta=params.tta, progress=sp, blend=params.blend,
-            max_tile_voxels=params.max_tile_voxels)
+        probability = predict_probability(tomogram, vs, model, progress=sp, **params.stage_kwargs("predict", vs))
         sp.finish()
     else:
         probability = _check_probability(probability, shape)
@@ -470,13 +557,16 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     # 2. global threshold ---------------------------------------------------------------------
     t0 = time.perf_counter()
     sp = _StageProgress(progress, "global")
-    g = global_threshold(tomogram, probability, thresholds=params.thresholds, mask=mask,
-                         connectivity=params.connectivity, progress=sp)
-    sp.finish()
+    g = global_threshold(tomogram, probability, mask=mask, progress=sp, **params.stage_kwargs("global", vs))
     threshold = float(g.threshold)
     labels = g.labels
     if not np.any(np.isfinite(g.shell_means)):
         threshold = float("nan")  # nothing above any candidate: no real choice was made
+    normalization = intensity_normalization(tomogram)
+    if params.threshold_mode == "robust":
+        labels = add_weak_segments(tomogram, probability, labels, vs, mask=mask, normalization=normalization,
+                                   progress=sp, **params.stage_kwargs("weak", vs))
+    sp.finish()
     if keep_intermediates:
         stage_labels["global"] = labels
     timings["global"] = time.perf_counter() - t0
@@ -485,11 +575,8 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     t0 = time.perf_counter()
     sp = _StageProgress(progress, "adaptive")
     if params.adaptive and labels.max() > 0:
-        labels = adaptive_threshold(
-            probability, labels, g.threshold, vs, min_radius_nm=params.min_radius_nm,
-            z_split=params.z_split, extent_split=params.extent_split, extent_range=params.extent_range,
-            grow_min=params.grow_min, step=params.split_step, fine_step=params.split_fine_step,
-            connectivity=params.connectivity, max_split_depth=params.max_split_depth, progress=sp)
+        labels = adaptive_threshold(probability, labels, g.threshold, vs, progress=sp,
+                                    **params.stage_kwargs("adaptive", vs))
     if mask is not None:
         labels = _drop_segments_outside(labels, mask)
     sp.finish()
@@ -499,14 +586,9 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
 
     # 4. sphere refinement --------------------------------------------------------------------
     t0 = time.perf_counter()
-    normalization = intensity_normalization(tomogram)
     sp = _StageProgress(progress, "refine")
-    table = refine_spheres(
-        tomogram, labels, vs, max_iter=params.refine_max_iter,
-        box_margin_vox=None if params.box_margin_nm is None else params.box_margin_nm / vs,
-        min_radius_nm=params.refine_min_radius_nm, max_radius_nm=params.refine_max_radius_nm,
-        bin_width_vox=params.bin_width_vox, sigma_vox=params.sigma_vox, radius_method=params.radius_method,
-        capture=params.capture, normalization=normalization, progress=sp)
+    table = refine_spheres(tomogram, labels, vs, normalization=normalization, progress=sp,
+                           **params.stage_kwargs("refine", vs))
     sp.finish()
     del labels
     if mask is not None:
@@ -520,12 +602,8 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     t0 = time.perf_counter()
     sp = _StageProgress(progress, "outliers")
     if params.outliers and len(table):
-        table = filter_outliers(
-            tomogram, table, vs, p_threshold=params.p_threshold, max_iter=params.outlier_max_iter,
-            grow_vox=params.grow_vox, remove_overlaps=params.remove_overlaps,
-            min_radius_nm=params.min_radius_nm, features=params.features, robust=params.robust,
-            max_rounds=params.max_rounds, normalization=normalization, radius_method=params.radius_method,
-            progress=sp)
+        table = filter_outliers(tomogram, table, vs, normalization=normalization, progress=sp,
+                                **params.stage_kwargs("outliers", vs))
         if mask is not None:
             table = _remove_outside(table, mask, "outliers")
     sp.finish()

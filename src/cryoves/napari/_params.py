@@ -53,9 +53,9 @@ SPECS: dict[str, tuple[str, str, str, dict]] = {
                         "(paper 10).", "int", {"min": 1, "max": 100}),
     "sigma_vox": ("Profile smoothing (voxels)", "Gaussian sigma, voxels, of the radial-profile "
                   "derivatives (paper 1).", "float", {"min": 0.0, "max": 10.0, "step": 0.1}),
-    "radius_method": ("Radius from", "Outer membrane edge: steepest slope of the profile, or minimum "
-                      "of its smoothed second derivative (paper).", "choice",
-                      {"choices": ["max_slope", "second_derivative"]}),
+    "radius_method": ("Radius from", "Outer membrane edge: membrane centre + half the bilayer (default), "
+                      "steepest slope of the profile, or minimum of its smoothed second derivative "
+                      "(paper).", "choice", {"choices": ["membrane_centre", "max_slope", "second_derivative"]}),
     "capture": ("Re-centre first", "Re-centre on the membrane before iterating (helps segments that "
                 "cover only part of a vesicle).", "bool", {}),
     # outliers
