@@ -189,14 +189,14 @@ class OutlierWidget(StageWidget):
         table = table_from_points(pts)
         if table.voxel_size is None:
             table.voxel_size = vs
-        thr = float(self.p_threshold.value)
-        kw = stage_kwargs(self.params(), "outliers")
+        kw = stage_kwargs(self.params(), "outliers", vs)
+        kw["p_threshold"] = float(self.p_threshold.value)
         name = base_name(layer)
 
         def work(progress):
             from cryoves.outliers import filter_outliers
 
-            return filter_outliers(materialize(tomo), table, vs, p_threshold=thr, progress=progress, **kw)
+            return filter_outliers(materialize(tomo), table, vs, progress=progress, **kw)
 
         def done(result):
             new = result.table if hasattr(result, "table") else result

@@ -3,8 +3,8 @@
 Each field is named after its :class:`cryoves.pipeline.SegmentParams` attribute and takes its
 default from ``SegmentParams()`` (which reads the stage functions' defaults), so the stage
 widgets and the one-button pipeline always offer the same parameters with the same defaults.
-The ``*_kwargs`` helpers translate a ``SegmentParams`` into a stage function's keyword
-arguments exactly as :func:`cryoves.pipeline.segment` does.
+:func:`stage_kwargs` turns a ``SegmentParams`` into a stage function's keyword arguments
+through :meth:`cryoves.pipeline.SegmentParams.stage_kwargs`, as :func:`cryoves.pipeline.segment` does.
 """
 
 from __future__ import annotations
@@ -29,8 +29,19 @@ SPECS: dict[str, tuple[str, str, str, dict]] = {
                      {"choices": [1, 2, 3]}),
     "adaptive": ("Adaptive threshold", "Split merged vesicles and grow partial ones with a per-segment "
                  "threshold (else the global segments go straight to sphere fitting).", "bool", {}),
-    "min_radius_nm": ("Min. radius (nm)", "Smallest vesicle radius, nm: smaller segments are grown or "
-                      "dropped, and smaller fitted vesicles are removed by the outlier stage.", "float",
+    "threshold_mode": ("Threshold rule", "robust: the darkest-shell threshold plus the vesicles a less sure "
+                       "network marks below it (p >= 'Weak threshold'), each kept only where the tomogram "
+                       "shows a membrane; paper: the darkest-shell threshold alone.", "choice",
+                       {"choices": ["robust", "paper"]}),
+    "low_threshold": ("Weak threshold", "Robust rule: regions above this probability that the global "
+                      "threshold missed are checked for a vesicle membrane.", "float",
+                      {"min": 0.05, "max": 0.99, "step": 0.05}),
+    "segment_min_radius_nm": ("Min. segment radius (nm)", "Segments smaller than a sphere of this radius "
+                              "(nm) are grown or dropped (a segment ends at the membrane centre, so this "
+                              "is below the vesicle radius).", "float",
+                              {"min": 0.5, "max": 200.0, "step": 0.5, "decimals": 1}),
+    "min_radius_nm": ("Min. radius (nm)", "Smallest fitted vesicle radius, nm: smaller vesicles are "
+                      "removed by the outlier stage.", "float",
                       {"min": 0.5, "max": 200.0, "step": 0.5, "decimals": 1}),
     "z_split": ("Split if size z-score >", "A segment is split when its volume z-score exceeds this "
                 "and its extent is below 'Split if extent <' (paper: 1).", "float",
@@ -79,8 +90,9 @@ SPECS: dict[str, tuple[str, str, str, dict]] = {
 #: Which fields each stage widget shows (main, advanced); the pipeline shows all of them.
 STAGE_FIELDS = {
     "predict": ((), ("tile", "tta")),
-    "adaptive": (("min_radius_nm",), ("connectivity", "z_split", "extent_split", "extent_lo", "extent_hi",
-                                      "grow_min")),
+    "adaptive": (("threshold_mode", "segment_min_radius_nm"),
+                 ("low_threshold", "connectivity", "z_split", "extent_split", "extent_lo", "extent_hi",
+                  "grow_min")),
     "refine": ((), ("refine_min_radius_nm", "refine_max_radius_nm", "refine_max_iter", "sigma_vox",
                     "radius_method", "capture")),
     "outliers": ((), ("min_radius_nm", "outlier_max_iter", "grow_vox", "remove_overlaps", "robust",
@@ -140,53 +152,15 @@ def params_from(fields: dict) -> "SegmentParams":  # noqa: F821
     return SegmentParams().replace(**changes)
 
 
-def stage_kwargs(p, stage: str, voxel_size: float | None = None) -> dict:
-    """Keyword arguments of the core function of ``stage``, as :func:`cryoves.pipeline.segment` passes them.
-
-    The one place where the widgets turn parameters into stage arguments.
+def stage_kwargs(p, stage: str, voxel_size: float) -> dict:
+    """Keyword arguments of the core function of ``stage``: :meth:`SegmentParams.stage_kwargs
+    <cryoves.pipeline.SegmentParams.stage_kwargs>`, the one mapping the pipeline uses too.
 
     Parameters
     ----------
     p : SegmentParams
-    stage : {"predict", "adaptive", "refine", "outliers"}
-    voxel_size : float, optional
-        Voxel size (nm) of the tomogram (needed by ``"refine"``).
+    stage : {"predict", "global", "weak", "adaptive", "refine", "outliers"}
+    voxel_size : float
+        Voxel size (nm) of the tomogram.
     """
-    if stage == "predict":
-        return predict_kwargs(p)
-    if stage == "adaptive":
-        return adaptive_kwargs(p)
-    if stage == "refine":
-        return refine_kwargs(p, voxel_size)
-    if stage == "outliers":
-        return outlier_kwargs(p)
-    raise ValueError(f"unknown stage {stage!r}")
-
-
-def predict_kwargs(p) -> dict:
-    """Keyword arguments of :func:`cryoves.predict.predict_probability` (as the pipeline passes them)."""
-    return dict(tta=p.tta, tile_shape=p.tile_shape, halo=p.halo, batch_size=p.batch_size, blend=p.blend,
-                max_tile_voxels=p.max_tile_voxels)
-
-
-def adaptive_kwargs(p) -> dict:
-    """Keyword arguments of :func:`cryoves.threshold.adaptive_threshold`."""
-    return dict(min_radius_nm=p.min_radius_nm, z_split=p.z_split, extent_split=p.extent_split,
-                extent_range=p.extent_range, grow_min=p.grow_min, step=p.split_step,
-                fine_step=p.split_fine_step, connectivity=p.connectivity, max_split_depth=p.max_split_depth)
-
-
-def refine_kwargs(p, voxel_size: float) -> dict:
-    """Keyword arguments of :func:`cryoves.refine.refine_spheres`."""
-    return dict(max_iter=p.refine_max_iter,
-                box_margin_vox=None if p.box_margin_nm is None else p.box_margin_nm / voxel_size,
-                min_radius_nm=p.refine_min_radius_nm, max_radius_nm=p.refine_max_radius_nm,
-                bin_width_vox=p.bin_width_vox, sigma_vox=p.sigma_vox, radius_method=p.radius_method,
-                capture=p.capture)
-
-
-def outlier_kwargs(p) -> dict:
-    """Keyword arguments of :func:`cryoves.outliers.filter_outliers` (without ``p_threshold``)."""
-    return dict(max_iter=p.outlier_max_iter, grow_vox=p.grow_vox, remove_overlaps=p.remove_overlaps,
-                min_radius_nm=p.min_radius_nm, features=p.features, robust=p.robust,
-                max_rounds=p.max_rounds, radius_method=p.radius_method)
+    return p.stage_kwargs(stage, voxel_size)

@@ -40,7 +40,7 @@ class PredictWidget(StageWidget):
         data = tomogram_array(layer)
         vs = self.panel.voxel_size_for(layer)
         path = self.panel.require_weights()
-        kw = stage_kwargs(self.params(), "predict")
+        kw = stage_kwargs(self.params(), "predict", vs)
         self.panel.record(layer, vs)
         tomo = base_name(layer)
 

@@ -76,11 +76,17 @@ class ThresholdWidget(StageWidget):
         name = base_name(layer)
         p = self.params()
 
-        def work(progress):
-            from cryoves.threshold import global_threshold
+        kw_global = stage_kwargs(p, "global", vs)
+        kw_weak = stage_kwargs(p, "weak", vs) if p.threshold_mode == "robust" else None
 
-            return global_threshold(materialize(tomo), materialize(prob), thresholds=p.thresholds,
-                                    connectivity=p.connectivity, progress=progress)
+        def work(progress):
+            from cryoves.threshold import add_weak_segments, global_threshold
+
+            t, pr = materialize(tomo), materialize(prob)
+            res = global_threshold(t, pr, progress=progress, **kw_global)
+            if kw_weak is not None:  # as the pipeline: vesicles a less sure network marks below it
+                res.labels = add_weak_segments(t, pr, res.labels, vs, progress=progress, **kw_weak)
+            return res
 
         def done(res):
             self._plot.show(np.asarray(res.thresholds), np.asarray(res.shell_means), res.threshold)
@@ -158,7 +164,7 @@ class ThresholdWidget(StageWidget):
         glayer = self.viewer.layers[gname]
         labels = np.asarray(glayer.data)
         t = float(glayer.metadata.get("cryoves_threshold", self.threshold.value))
-        kw = stage_kwargs(self.params(), "adaptive")
+        kw = stage_kwargs(self.params(), "adaptive", vs)
 
         def work(progress):
             from cryoves.threshold import adaptive_threshold
