@@ -34,7 +34,7 @@ TARGETS = {
 INTRO = """\
 # Accuracy
 
-The paper's evaluation (METHOD.md): voxel Dice after each stage (probability map binarised at
+The CryoVesNet paper's evaluation: voxel Dice after each stage (probability map binarised at
 0.5, global threshold, adaptive threshold, sphere refinement, outlier removal = final), and per
 vesicle TP/FP/FN, F1, δd (relative diameter error) and Δc (centre distance, nm) with the paper's
 matching rule (each centre inside the other sphere). Only accepted vesicles count (rows with

@@ -402,8 +402,8 @@ def test_sample_data_is_small_and_consistent():
 
 
 def test_csv_reads_back_with_cryoves_io(tmp_path):
-    """vesicles.csv has the format of cryoves.io (read back exactly when that module exists)."""
-    io = pytest.importorskip("cryoves.io")
+    """vesicles.csv has the format of cryoves.io (read back exactly)."""
+    from cryoves import io
     from cryoves.cli.simulate import CSV_COLUMNS, vesicles_csv_text
     sim = simulate_tomogram(shape=(32, 64, 64), voxel_size=2.5, seed=2)
     path = tmp_path / "v.csv"

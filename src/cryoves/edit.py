@@ -72,7 +72,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from cryoves.table import COLUMNS, VesicleTable, _sphere_bounds, check_voxel_size, render_labels
+from cryoves.table import COLUMNS, VesicleTable, sphere_bounds, check_voxel_size, render_labels
 
 __all__ = ["VesicleEditor", "EditEvent", "NoMembraneFound", "DuplicateVesicle", "EditLogInfo", "edit_log_info",
            "EDIT_KINDS"]
@@ -908,7 +908,7 @@ class VesicleEditor:
         for row in rows:
             if row is None or row["status"] != "accepted":
                 continue
-            ok, a, b = _sphere_bounds(np.array([[row["z"], row["y"], row["x"]]]), np.array([row["radius"]]),
+            ok, a, b = sphere_bounds(np.array([[row["z"], row["y"], row["x"]]]), np.array([row["radius"]]),
                                       self._shape)
             if ok[0]:
                 lo = np.minimum(lo, a[0])

@@ -419,7 +419,7 @@ class VesicleTable:
         return t
 
 
-def _sphere_bounds(centers: np.ndarray, radii: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sphere_bounds(centers: np.ndarray, radii: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per sphere: valid flag and the clipped voxel bounds ``[lo, hi)`` of its bounding box."""
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 3)
     radii = np.asarray(radii, dtype=np.float64).reshape(-1)
@@ -438,7 +438,7 @@ def _render_region(label_values, centers, radii, shape, lo_r, hi_r, dtype) -> np
     lo_r = np.asarray(lo_r, dtype=np.int64)
     hi_r = np.asarray(hi_r, dtype=np.int64)
     out = np.zeros(tuple(hi_r - lo_r), dtype=dtype)
-    ok, lo, hi = _sphere_bounds(centers, radii, shape)
+    ok, lo, hi = sphere_bounds(centers, radii, shape)
     lo = np.maximum(lo, lo_r)
     hi = np.minimum(hi, hi_r)
     ok &= np.all(hi > lo, axis=1)
