@@ -354,10 +354,12 @@ def test_result_checks_flag_inverted_contrast(small_simulation, oracle_probabili
     msgs = [str(w.message) for w in caught if issubclass(w.category, validate.ResultWarning)]
     assert len(msgs) == 1 and "the data look inverted" in msgs[0] and "--invert" in msgs[0], msgs
     assert res.n_accepted > 0
+    assert res.warnings == msgs  # the result carries them too (napari shows them as notifications)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        segment(sim.tomogram, sim.voxel_size, probability=oracle_probability)
+        ok = segment(sim.tomogram, sim.voxel_size, probability=oracle_probability)
     assert not [w for w in caught if issubclass(w.category, validate.ResultWarning)]
+    assert ok.warnings == []
 
 
 def test_result_checks_flag_centres_outside_and_radii(small_simulation):

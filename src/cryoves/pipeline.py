@@ -351,6 +351,9 @@ class SegmentationResult:
     params : SegmentParams
     voxel_size : float
         nm.
+    warnings : list of str
+        What :func:`cryoves.validate.check_result` found implausible (inverted contrast,
+        centres outside the volume, radii out of range), one line each; empty when none.
     """
 
     table: VesicleTable
@@ -362,6 +365,7 @@ class SegmentationResult:
     timings: dict = field(default_factory=dict)
     params: SegmentParams = field(default_factory=SegmentParams)
     voxel_size: float = float("nan")
+    warnings: list = field(default_factory=list)
 
     @property
     def n_accepted(self) -> int:
@@ -613,8 +617,8 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
         stage_labels["outliers"] = final
     timings["outliers"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
-    check_result(tomogram, table, vs, params=params, warn=True)  # implausible results: ResultWarning
+    warnings_ = check_result(tomogram, table, vs, params=params, warn=True)  # implausible: ResultWarning
 
     return SegmentationResult(table=table, labels=final, probability=probability, stage_labels=stage_labels,
                               stage_tables=stage_tables, threshold=threshold, timings=timings,
-                              params=params, voxel_size=vs)
+                              params=params, voxel_size=vs, warnings=list(warnings_))

@@ -102,6 +102,12 @@ class PipelineWidget(StageWidget):
                 line += f" ({result.n_removed} candidates rejected, kept as hidden points for review)"
             if np.isfinite(result.threshold):
                 line += f"; global threshold {result.threshold:.2f}"
+            if result.warnings:  # implausible results (e.g. inverted contrast): say so, loudly
+                from napari.utils.notifications import show_warning
+
+                for w in result.warnings:
+                    show_warning(f"cryoves: {w}")
+                line += f"; {len(result.warnings)} warning(s): " + "; ".join(result.warnings)
             return line
 
         self.runner.start(work, done, "Vesicle segmentation")
