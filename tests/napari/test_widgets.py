@@ -324,6 +324,9 @@ def test_unknown_voxel_size_must_be_entered(make_napari_viewer, qtbot, tmp_path)
         assert "unknown" in w.panel.rescale_label.value
         click(qtbot, w.run_button)
         assert "voxel size" in w.status.value and "unknown" in w.status.value
+        w.panel.voxel_size.value = 22.0  # Å typed for nm: refused by the core's validator, with the hint
+        click(qtbot, w.run_button)
+        assert "Did you give Å" in w.status.value, w.status.value
         w.panel.voxel_size.value = 1.7  # the user types it
         assert "unknown" not in w.panel.rescale_label.value
     assert "novs probability" not in viewer.layers

@@ -254,7 +254,9 @@ class StageWidget(QWidget):
             raise ValueError(
                 f"the voxel size of layer {layer.name!r} is unknown: enter it (nm) in the Predict "
                 "widget, or open the tomogram from an MRC file whose header has it")
-        return vs
+        from cryoves.validate import check_voxel_size
+
+        return check_voxel_size(vs, name=f"the voxel size of layer {layer.name!r}")
 
 
 def tomogram_array(layer) -> np.ndarray:

@@ -106,10 +106,9 @@ class WeightsPanel:
         if self.unknown:
             raise ValueError(f"the voxel size of {layer.name!r} is unknown (no usable value in the MRC header): "
                              "enter it in nm in 'Voxel size (nm)'")
-        vs = float(self.voxel_size.value)
-        if not np.isfinite(vs) or vs <= 0:
-            raise ValueError(f"'Voxel size (nm)' must be positive, got {vs}")
-        return vs
+        from cryoves.validate import check_voxel_size
+
+        return check_voxel_size(self.voxel_size.value, name="'Voxel size (nm)'")
 
     @staticmethod
     def record(layer, vs: float) -> None:
