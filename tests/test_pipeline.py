@@ -197,7 +197,7 @@ def test_every_field_reaches_a_stage():
     flow = {"adaptive", "outliers", "threshold_mode"}  # switch stages on/off instead
     changed = {"thresholds": (0.5, 0.6), "tile_shape": (32, 64, 64), "halo": 9, "batch_size": 3,
                "features": ("radius", "density"), "extent_range": (0.2, 0.8), "radius_method": "second_derivative",
-               "box_margin_nm": 11.0, "connectivity": 3}
+               "box_margin_nm": 11.0, "connectivity": 3, "preprocessing": {"smooth_sigma": 0.0}}
     for f in dataclasses.fields(SegmentParams):
         if f.name in flow:
             continue

@@ -83,6 +83,10 @@ class SegmentParams:
         predict: width (voxels) of the cosine ramp between tiles.
     max_tile_voxels : int
         predict: memory budget, voxels per network call.
+    preprocessing : dict or None
+        predict: override of the model card's preprocessing for this run (any of
+        ``smooth_sigma``, ``normalization``, ``invert``; see
+        :func:`cryoves.predict.predict_probability`); None = the card's own.
     thresholds : tuple of float or None
         global: candidate thresholds (default 0.80, 0.81, ..., 1.00).
     connectivity : int
@@ -167,6 +171,7 @@ class SegmentParams:
     batch_size: Optional[int] = _default(_predict.predict_probability, "batch_size")
     blend: int = _default(_predict.predict_probability, "blend")
     max_tile_voxels: int = _default(_predict.predict_probability, "max_tile_voxels")
+    preprocessing: Optional[dict] = _default(_predict.predict_probability, "preprocessing")
     # global threshold
     thresholds: Optional[tuple] = _default(_threshold.global_threshold, "thresholds")
     connectivity: int = _default(_threshold.global_threshold, "connectivity")
@@ -215,6 +220,15 @@ class SegmentParams:
 
     def validate(self) -> None:
         """Raise :class:`ValueError` naming the first invalid parameter."""
+        if self.preprocessing is not None:
+            from cryoves.model import PREPROCESSING_KEYS
+
+            if not isinstance(self.preprocessing, dict):
+                raise ValueError("SegmentParams.preprocessing must be a dict (or None for the model card's)")
+            unknown = sorted(set(self.preprocessing) - set(PREPROCESSING_KEYS))
+            if unknown:
+                raise ValueError(f"SegmentParams.preprocessing: unknown key(s) {unknown}; "
+                                 f"allowed: {list(PREPROCESSING_KEYS)}")
         def pos(name, allow_zero=False):
             v = getattr(self, name)
             if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool) \
@@ -280,7 +294,8 @@ class SegmentParams:
         vs = check_voxel_size(voxel_size)
         if stage == "predict":
             return dict(tile_shape=self.tile_shape, halo=self.halo, batch_size=self.batch_size, tta=self.tta,
-                        blend=self.blend, max_tile_voxels=self.max_tile_voxels)
+                        blend=self.blend, max_tile_voxels=self.max_tile_voxels,
+                        preprocessing=None if self.preprocessing is None else dict(self.preprocessing))
         if stage == "global":
             return dict(thresholds=self.thresholds, connectivity=self.connectivity)
         if stage == "weak":
