@@ -261,12 +261,12 @@ def _check_cluster_options(args) -> None:
         raise CliError(f"--workers must be at least 1, got {workers}")
     if scheduler is not None and not scheduler.strip():
         raise CliError("--scheduler is empty; give the scheduler's address, e.g. tcp://node1:8786")
-    import importlib.util
-
-    if importlib.util.find_spec("distributed") is None:
+    try:  # the real import (about a second): a broken installation is reported here too
+        import distributed  # noqa: F401
+    except ImportError:
         from cryoves.batch import DASK_MISSING
 
-        raise CliError(f"{'--workers' if workers is not None else '--scheduler'}: {DASK_MISSING}")
+        raise CliError(f"{'--workers' if workers is not None else '--scheduler'}: {DASK_MISSING}") from None
 
 
 def run(args) -> int:
