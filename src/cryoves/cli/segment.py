@@ -428,7 +428,8 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
                 bars.close()
             take(tomo, outcome)
 
-    for tomo, s in records.items():
+    for tomo in [t for t in tomos if t in records]:  # in the order given (a cluster finishes in any order)
+        s = records[tomo]
         t = s["timings_s"]
         removed = ", ".join(f"{n} by {st}" for st, n in s["removed_by_stage"].items())
         thr = f"{s['threshold']:.2f}" if s["threshold"] is not None else "none"
@@ -455,7 +456,7 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
               f"failed in {time.perf_counter() - t_start:.1f} s")
     if failures:
         print(f"cryoves segment: {len(failures)} tomogram(s) failed:", file=sys.stderr)
-        for tomo, msg in failures.items():
-            print(f"  {msg}", file=sys.stderr)
+        for tomo in [t for t in tomos if t in failures]:  # in the order given
+            print(f"  {failures[tomo]}", file=sys.stderr)
         return 1
     return 0
