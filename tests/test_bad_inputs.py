@@ -178,7 +178,7 @@ def test_help_shows_every_default(capsys):
     import re
 
     entries = [e for e in re.split(r"\n  (?=-)", options) if e.strip()]
-    assert len(entries) == 13
+    assert len(entries) == 15  # + --workers, --scheduler
     for entry in entries:
         flag = entry.strip().split()[0]
         if flag in ("-h,", "--out", "-o"):

@@ -23,6 +23,11 @@ Several tomograms (batch): a failing one is reported and the others are still pr
 tomograms whose complete results already exist are skipped unless ``--overwrite`` (so a killed
 batch resumes where it stopped); a summary table ends the run, and the exit status is 1 when
 any tomogram failed.
+
+With ``--workers N`` (a local dask cluster of N worker processes) or ``--scheduler ADDRESS`` (a
+running dask cluster) the tomograms of the plan are distributed, one model per worker; each runs
+the same per-tomogram function (:func:`cryoves.batch.segment_one`), and the skipping, the
+summary and the exit status are the same (:mod:`cryoves.batch`).
 """
 
 from __future__ import annotations
@@ -33,12 +38,11 @@ import time
 import warnings
 from pathlib import Path
 
+from cryoves.batch import INTERMEDIATES as _INTERMEDIATES
+from cryoves.batch import RunError, RunOptions, load_model_checked, run_one, stem_of
 from cryoves.cli import CliError
 
 FORMATS = ("csv", "labels", "pyto", "star", "mod")
-_MRC_ENDINGS = (".mrc.gz", ".rec.gz", ".map.gz", ".mrc.bz2", ".rec.bz2", ".map.bz2",
-                ".mrc", ".rec", ".map", ".mrcs", ".st", ".ali")
-_INTERMEDIATES = ("probability", "labels_global", "labels_adaptive", "labels_refine", "labels_outliers")
 
 #: Defaults shown by ``--help`` (those of :class:`cryoves.pipeline.SegmentParams`, checked by a
 #: test; not imported here so that ``cryoves --help`` and input errors stay fast).
@@ -92,16 +96,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing complete results; with several tomograms, redo finished ones "
                         "(default: off: refuse for one tomogram, skip finished ones in a batch)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="distribute the tomograms over a local dask cluster of N single-threaded worker "
+                        "processes (one model each; needs pip install \"cryoves[dask]\") (default: none, "
+                        "one after the other in this process)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="distribute the tomograms over a running dask cluster, e.g. tcp://node1:8786 "
+                        "(its workers must see the input and output paths) (default: none)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output (default: off)")
     return p
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for ending in _MRC_ENDINGS:
-        if name.lower().endswith(ending) and len(name) > len(ending):
-            return name[: -len(ending)]
-    return path.stem or name
+    return stem_of(path)
 
 
 def _parse_formats(text: str) -> tuple[str, ...]:
@@ -169,26 +176,10 @@ def _info(args, msg: str) -> None:
 
 
 def _load_model(weights):
-    from cryoves.model import load_model
-
     try:
-        return load_model(weights)
-    except FileNotFoundError as err:
-        if weights is None:
-            raise CliError(f"no default U-Net weights ship with this installation ({err}). Pass weights with "
-                           f"--weights PATH: cryoves NAME.weights.h5 (its NAME.json card next to it) or the "
-                           f"reference CryoVesNet weights.h5") from None
-        raise CliError(f"--weights: {err}") from None
-    except (ValueError, OSError) as err:
-        raise CliError(_weights_error(weights, err)) from None
-
-
-def _weights_error(weights, err: Exception) -> str:
-    """The first line of the loader's message (:func:`cryoves.model.load_model` words its errors
-    in one line naming the file), prefixed with the option."""
-    text = str(err).strip()
-    first = text.splitlines()[0] if text else type(err).__name__
-    return f"--weights: {first}"
+        return load_model_checked(weights)
+    except RunError as err:
+        raise CliError(str(err)) from None
 
 
 def _check_input_file(path: Path, what: str) -> None:
@@ -215,90 +206,28 @@ def _check_header(tomo: Path, args, min_radius_nm: float) -> list[str]:
     return validate.check_shape(info.shape, vs, min_radius_nm=min_radius_nm, name=tomo.name)
 
 
-def _segment_one(tomo_path: Path, mask_path, folder: Path, args, get_params, get_model, formats) -> dict:
-    """Read, segment, check and write one tomogram; returns its run record. Raises ValueError/OSError.
+def _run_on_cluster(args, plan, options, params, take) -> None:
+    """The tomograms of ``plan`` on a dask cluster (:func:`cryoves.batch.run_on_cluster`)."""
+    from cryoves.batch import run_on_cluster
 
-    The tomogram is read (and its values checked) before the pipeline and the model are loaded,
-    so that bad data are reported within a second or two.
-    """
-    from cryoves import __version__
-    from cryoves import io as cio
-    from cryoves.export import export_results
+    done = []
 
-    stem = _stem(tomo_path)
-    timings = {}
-    notes: list[str] = []
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tomogram, vs = cio.read_tomogram(tomo_path, args.voxel_size)
-    notes += [str(w.message) for w in caught]
-    mask = None
-    if mask_path is not None:
-        mask, mask_vs = cio.read_labels(mask_path, check_shape=tomogram.shape)
-        if mask_vs is not None and abs(mask_vs - vs) > 0.01 * vs:
-            notes.append(f"{mask_path.name}: header voxel size {mask_vs:g} nm differs from the tomogram's {vs:g} nm")
-    timings["read"] = time.perf_counter() - t0
-    params = get_params()
-    model = get_model()
-    from cryoves.pipeline import segment
+    def on_result(tomo, outcome):
+        done.append(tomo)
+        what = ("done" if outcome["status"] == "done" else "FAILED")
+        _info(args, f"[{len(done)}/{len(plan)}] {tomo}: {what}")
+        take(tomo, outcome)
 
-    if args.invert:
-        import numpy as np
-
-        tomogram = np.negative(tomogram, dtype=np.float32)  # a new array: the input stays as it is
-
-    bars = _Bars(stem, args.quiet)
+    where = (f"a local dask cluster of {args.workers} worker(s)" if args.workers is not None
+             else f"the dask cluster at {args.scheduler}")
+    _info(args, f"{len(plan)} tomogram(s) on {where}; one model per worker")
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = segment(tomogram, vs, model, params=params, mask=mask,
-                             keep_intermediates=args.save_intermediates, progress=bars)
-    finally:
-        bars.close()
-    for w in caught:
-        msg = str(w.message)
-        if issubclass(w.category, UserWarning) and msg not in notes:
-            notes.append(msg)
-    if args.invert:
-        from cryoves.validate import INVERT_HINT
-
-        notes = [n.replace(INVERT_HINT, "this run used --invert: try without it") for n in notes]
-    timings.update({k: v for k, v in result.timings.items() if k != "total"})
-    for n in notes:
-        _warn(f"{tomo_path.name}: {n}")
-
-    t0 = time.perf_counter()
-    table, shape = result.table, tuple(tomogram.shape)
-    volumes = {}
-    if args.save_intermediates:
-        volumes["probability"] = result.probability
-        for s, vol in result.stage_labels.items():
-            volumes[f"labels_{s}"] = vol
-    record = {
-        "cryoves_version": __version__,
-        "tomogram": str(tomo_path.resolve()),
-        "mask": None if mask_path is None else str(Path(mask_path).resolve()),
-        "shape": list(shape),
-        "voxel_size_nm": vs,
-        "inverted": bool(args.invert),
-        "weights": None if model is None else str(getattr(model, "path", None) or getattr(model.card, "name", "")),
-        "threshold": result.threshold if result.threshold == result.threshold else None,
-        "n_accepted": result.n_accepted,
-        "n_removed": result.n_removed,
-        "removed_by_stage": result.removed_by_stage(),
-        "warnings": notes,
-        "params": params.to_dict(),
-    }
-
-    def final_record():  # called by export_results once every other file is written
-        timings["write"] = time.perf_counter() - t0
-        record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        return record
-
-    export_results(folder, stem, table, shape=shape, voxel_size=vs, formats=formats, mask=mask,
-                   labels=result.labels, volumes=volumes, record=final_record, overwrite=True)
-    return record
+        run_on_cluster(plan, options, params, workers=args.workers, scheduler=args.scheduler,
+                       on_result=on_result, info=lambda m: _info(args, m))
+    except RunError as err:
+        raise CliError(str(err)) from None
+    except ImportError as err:
+        raise CliError(str(err)) from None
 
 
 def _summary_table(rows) -> str:
@@ -321,6 +250,25 @@ def _remove_if_empty(folders) -> None:
             pass
 
 
+def _check_cluster_options(args) -> None:
+    """--workers / --scheduler: valid, not both, and dask installed (checked before any work)."""
+    workers, scheduler = getattr(args, "workers", None), getattr(args, "scheduler", None)
+    if workers is None and scheduler is None:
+        return
+    if workers is not None and scheduler is not None:
+        raise CliError("give --workers (a local dask cluster) or --scheduler (a running one), not both")
+    if workers is not None and workers < 1:
+        raise CliError(f"--workers must be at least 1, got {workers}")
+    if scheduler is not None and not scheduler.strip():
+        raise CliError("--scheduler is empty; give the scheduler's address, e.g. tcp://node1:8786")
+    try:  # the real import (about a second): a broken installation is reported here too
+        import distributed  # noqa: F401
+    except ImportError:
+        from cryoves.batch import DASK_MISSING
+
+        raise CliError(f"{'--workers' if workers is not None else '--scheduler'}: {DASK_MISSING}") from None
+
+
 def run(args) -> int:
     """Run ``cryoves segment``; returns the exit status (0 ok, 1 some tomograms failed)."""
     from cryoves import io as cio
@@ -339,6 +287,7 @@ def run(args) -> int:
             validate.check_voxel_size(args.voxel_size, name="--voxel-size")
         except (TypeError, ValueError) as err:
             raise CliError(str(err)) from None
+    _check_cluster_options(args)
     min_radius = HELP_DEFAULTS["min_radius_nm"] if args.min_radius_nm is None else args.min_radius_nm
     if not min_radius > 0 or min_radius != min_radius or min_radius == float("inf"):
         raise CliError(f"--min-radius-nm must be a positive, finite number of nm, got {args.min_radius_nm}")
@@ -448,26 +397,39 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
             model_box.append(_load_model(args.weights))
         return model_box[0]
 
+    options = RunOptions(voxel_size=args.voxel_size, invert=bool(args.invert), formats=formats,
+                         save_intermediates=bool(args.save_intermediates),
+                         weights=None if args.weights is None else str(args.weights))
     records = {}
     times = {}
-    for i, (tomo, mask, folder) in enumerate(plan):
-        _info(args, f"[{i + 1}/{len(plan)}] {tomo}" if not single else f"reading {tomo}")
-        t0 = time.perf_counter()
-        try:
-            records[tomo] = _segment_one(tomo, mask, folder, args, get_params, get_model, formats)
-            times[tomo] = time.perf_counter() - t0
-        except CliError:
-            raise
-        except (ValueError, OSError, TypeError) as err:
-            msg = str(err)
-            if single:
-                raise CliError(msg) from None
-            if str(tomo) not in msg and tomo.name not in msg:
-                msg = f"{tomo}: {msg}"
-            print(f"cryoves segment: error: {msg}", file=sys.stderr)
-            failures[tomo] = msg
 
-    for tomo, s in records.items():
+    def take(tomo, outcome):  # the outcome of one tomogram, the same for both ways of running
+        if outcome["status"] == "done":
+            records[tomo] = outcome["record"]
+            times[tomo] = outcome["seconds"]
+            return
+        msg = outcome["error"]
+        if single:
+            raise CliError(msg)
+        if str(tomo) not in msg and tomo.name not in msg:
+            msg = f"{tomo}: {msg}"
+        print(f"cryoves segment: error: {msg}", file=sys.stderr)
+        failures[tomo] = msg
+
+    if plan and (getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None):
+        _run_on_cluster(args, plan, options, get_params(), take)
+    else:
+        for i, (tomo, mask, folder) in enumerate(plan):
+            _info(args, f"[{i + 1}/{len(plan)}] {tomo}" if not single else f"reading {tomo}")
+            bars = _Bars(_stem(tomo), args.quiet)
+            try:
+                outcome = run_one(tomo, mask, folder, options, get_params, get_model, progress=bars, warn=_warn)
+            finally:
+                bars.close()
+            take(tomo, outcome)
+
+    for tomo in [t for t in tomos if t in records]:  # in the order given (a cluster finishes in any order)
+        s = records[tomo]
         t = s["timings_s"]
         removed = ", ".join(f"{n} by {st}" for st, n in s["removed_by_stage"].items())
         thr = f"{s['threshold']:.2f}" if s["threshold"] is not None else "none"
@@ -494,7 +456,7 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
               f"failed in {time.perf_counter() - t_start:.1f} s")
     if failures:
         print(f"cryoves segment: {len(failures)} tomogram(s) failed:", file=sys.stderr)
-        for tomo, msg in failures.items():
-            print(f"  {msg}", file=sys.stderr)
+        for tomo in [t for t in tomos if t in failures]:  # in the order given
+            print(f"  {failures[tomo]}", file=sys.stderr)
         return 1
     return 0
