@@ -370,10 +370,10 @@ def _save(model, out_stem, history, params, card_updates, t0):
     card.notes = ("trained by cryoves.train: " + json.dumps({**asdict(params), "seconds": round(history.seconds)})
                   + ("; " + card.notes if card.notes and not card.notes.startswith("trained by") else ""))
     model.save(out_stem)
-    path = Path(str(out_stem) + "_history.json")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(history.as_dict(), indent=1))
-    tmp.replace(path)
+    from cryoves.io import atomic_write_text
+
+    atomic_write_text(Path(str(out_stem) + "_history.json"), json.dumps(history.as_dict(), indent=1),
+                      overwrite=True)
 
 
 def plot_history(history: TrainingHistory, path: Path) -> None:
@@ -393,7 +393,10 @@ def plot_history(history: TrainingHistory, path: Path) -> None:
     ax[1].set(xlabel="epoch", ylabel="validation Dice", title=f"best Dice {history.best_val_dice:.3f}",
               ylim=(0, 1))
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    from cryoves.io import atomic_path
+
+    try:
+        with atomic_path(path, overwrite=True) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
