@@ -35,6 +35,7 @@ from cryoves.napari._layers import (ROLE_KEY, SHAPE_KEY, TOMO_KEY, base_name, im
                                     layer_name, set_thick_slicing, table_from_points, update_points,
                                     voxel_size_of)
 from cryoves.napari._runner import TaskRunner, describe_error
+from cryoves.napari._base import materialize, tomogram_array
 
 __all__ = ["EditorWidget", "KEYS", "MODES", "EDITED_KEY"]
 
@@ -74,17 +75,6 @@ RADIUS_STEP_VOX = 0.5
 def _camera(viewer):
     scene = getattr(viewer, "scene", None)
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
-
-
-def _tomogram_array(layer) -> np.ndarray:
-    data = layer.data
-    if getattr(layer, "multiscale", False):
-        data = data[0]
-    if data.ndim != 3:
-        raise ValueError(f"layer {layer.name!r} is {data.ndim}-D; the editor needs a 3-D tomogram (Z, Y, X)")
-    if hasattr(data, "compute") and not isinstance(data, np.ndarray):
-        data = np.asarray(data.compute())
-    return data
 
 
 class _TimeUp(Exception):
@@ -356,7 +346,7 @@ class EditorWidget(QWidget):
         vs = voxel_size_of(layer) or voxel_size_of(pts)
         if vs is None:
             raise ValueError(f"the voxel size of {layer.name!r} is unknown: enter it in the Predict widget")
-        tomo = _tomogram_array(layer)
+        tomo = materialize(tomogram_array(layer))
         shape = pts.metadata.get(SHAPE_KEY)
         if shape is not None and tuple(shape) != tuple(tomo.shape):
             raise ValueError(f"vesicles layer {pts.name!r} belongs to a {tuple(shape)} volume, "
