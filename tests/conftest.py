@@ -69,6 +69,18 @@ def small_tomogram_file(tmp_path_factory, small_simulation):
     return path
 
 
+@pytest.fixture
+def tomo(tmp_path, small_tomogram_file):
+    """A private copy of the small simulated tomogram in ``tmp_path/in`` (tests may look at its
+    bytes and mtime, or write results beside it)."""
+    import shutil
+
+    p = tmp_path / "in" / "tomo.mrc"
+    p.parent.mkdir()
+    shutil.copy(small_tomogram_file, p)
+    return p
+
+
 def oracle_probability_map(table, shape) -> np.ndarray:
     """What a well-trained network would output for the vesicles of ``table``.
 

@@ -51,14 +51,6 @@ def _mrc(path: Path, data, vs=2.2):
     return path
 
 
-@pytest.fixture
-def tomo(tmp_path, small_tomogram_file):
-    p = tmp_path / "in" / "tomo.mrc"
-    p.parent.mkdir()
-    shutil.copy(small_tomogram_file, p)
-    return p
-
-
 def _case(name, d: Path, tomo: Path):
     """(input path, extra arguments, expected message parts) for a bad-input case."""
     good = mrcfile.read(tomo).astype(np.float32)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import mrcfile
 import numpy as np
@@ -19,15 +18,6 @@ ALL_FILES = ("_vesicles.csv", "_labels.mrc", "_pyto.mrc", "_vesicles.star", "_ve
 def _snapshot(path):
     st = os.stat(path)
     return path.read_bytes(), st.st_mtime_ns, st.st_size
-
-
-@pytest.fixture
-def tomo(tmp_path, small_tomogram_file):
-    """A private copy of the small simulated tomogram (tests may look at its bytes and mtime)."""
-    p = tmp_path / "in" / "tomo.mrc"
-    p.parent.mkdir()
-    shutil.copy(small_tomogram_file, p)
-    return p
 
 
 def test_end_to_end_single(tmp_path, tomo, random_weights, capsys):
