@@ -125,7 +125,31 @@ def _summary(kind: str, rows: list[dict]) -> str:
                 name = {"f1": "F1", "dice_outliers": "final Dice", "delta_d": "δd", "delta_c_nm": "Δc (nm)"}[key]
                 checks.append(f"{name} {rel} {goal} → {val:.3f} {'✔' if ok and not math.isnan(val) else '✘'}")
         out.append("- Targets, default weights: " + "; ".join(checks) + ".")
+    out += _per_case_comparisons(by_w)
     return "\n".join(out)
+
+
+def _per_case_comparisons(by_w: dict) -> list:
+    """Case by case: default vs the reference weights, and the reference with vs without its smoothing."""
+    out = []
+    default = next((w for w in by_w if w.startswith("default")), None)
+    plain = [w for w in by_w if w.startswith("weights.h5") and "without" not in w]
+    unsmoothed = [w for w in by_w if w.startswith("weights.h5") and "without" in w]
+
+    def compare(a, b, what):
+        fa = {r["case"]: r["f1"] for r in by_w[a]}
+        fb = {r["case"]: r["f1"] for r in by_w[b]}
+        cases = [c for c in fa if c in fb]
+        worse = [f"`{c}` {fa[c]:.3f} vs {fb[c]:.3f}" for c in cases if fa[c] < fb[c]]
+        verdict = "✔" if not worse else "✘ (" + "; ".join(worse) + ")"
+        return f"- {what}: on {len(cases) - len(worse)} of {len(cases)} cases (F1) {verdict}."
+
+    if default and plain:
+        out.append(compare(default, plain[0], "Default weights ≥ `weights.h5` (with its own preprocessing)"))
+    if plain and unsmoothed:
+        out.append(compare(plain[0], unsmoothed[0],
+                           "`weights.h5` with its own preprocessing ≥ without its smoothing"))
+    return out
 
 
 def main_(argv=None) -> int:
@@ -147,7 +171,7 @@ def main_(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in suites:
             md, js = Path(tmp) / f"{kind}.md", Path(tmp) / f"{kind}.json"
-            argv_ = ["evaluate", "--suite", kind, "--report", str(md), "--json", str(js)]
+            argv_ = ["evaluate", "--suite", kind, "--report", str(md), "--json", str(js), "--compare-unsmoothed"]
             for w in weights:
                 argv_ += ["--weights", w]
             rc = main(argv_)

@@ -154,14 +154,22 @@ def test_bad_inputs(small_simulation, oracle_probability):
 _CALLER_ARGS = {"tomogram", "probability", "labels", "threshold", "voxel_size", "model", "table", "initial",
                 "mask", "normalization", "progress"}
 _STAGE_FUNCS = {"predict": ("cryoves.predict", "predict_probability"),
+                "large": ("cryoves.predict", "predict_probability"),
                 "global": ("cryoves.threshold", "global_threshold"),
                 "weak": ("cryoves.threshold", "add_weak_segments"),
+                "large_weak": ("cryoves.threshold", "add_weak_segments"),
                 "adaptive": ("cryoves.threshold", "adaptive_threshold"),
                 "refine": ("cryoves.refine", "refine_spheres"),
                 "outliers": ("cryoves.outliers", "filter_outliers")}
 # keywords of the stage functions deliberately not exposed as SegmentParams fields (fixed by design)
 _NOT_EXPOSED = {"adaptive": {"fill_split"}, "outliers": {"min_score", "keep_min_p", "keep_radius_z"},
-                "weak": {"min_overlap", "max_candidates", "min_weak_fraction"}}
+                "weak": {"min_overlap", "max_candidates", "min_weak_fraction", "fragment_radius_nm"},
+                "large_weak": {"min_overlap", "max_candidates"},
+                "predict": {"scale", "min_region_radius_nm"}}
+# keywords a stage sets on purpose to other values than the function's defaults
+_STAGE_OVERRIDES = {"large": {"scale", "min_region_radius_nm"},
+                    "large_weak": {"low_threshold", "min_radius_nm", "max_radius_nm", "min_weak_fraction",
+                                   "fragment_radius_nm"}}
 
 
 def _stage_fn(stage):
@@ -187,6 +195,8 @@ def test_stage_kwargs_defaults_are_the_stage_functions_defaults():
     for stage in _STAGE_FUNCS:
         params = inspect.signature(_stage_fn(stage)).parameters
         for k, v in p.stage_kwargs(stage, 2.2).items():
+            if k in _STAGE_OVERRIDES.get(stage, ()):
+                continue
             d = params[k].default
             assert (tuple(d) if isinstance(d, list) else d) == v, (stage, k)
 
@@ -197,7 +207,8 @@ def test_every_field_reaches_a_stage():
     flow = {"adaptive", "outliers", "threshold_mode"}  # switch stages on/off instead
     changed = {"thresholds": (0.5, 0.6), "tile_shape": (32, 64, 64), "halo": 9, "batch_size": 3,
                "features": ("radius", "density"), "extent_range": (0.2, 0.8), "radius_method": "second_derivative",
-               "box_margin_nm": 11.0, "connectivity": 3, "preprocessing": {"smooth_sigma": 0.0}}
+               "box_margin_nm": 11.0, "connectivity": 3, "preprocessing": {"smooth_sigma": 0.0},
+               "large_max_radius_nm": 45.0}
     for f in dataclasses.fields(SegmentParams):
         if f.name in flow:
             continue

@@ -358,3 +358,46 @@ def test_model_path_uses_the_shared_cache(tmp_path, shallow_model):
         b, predict_probability(tomo, 1.0, shallow_model, preprocessing={"smooth_sigma": 1.0}),
         atol=1e-6)
     assert np.abs(a - b).max() > 1e-3
+
+
+def test_scale_shrinks_the_view_and_min_region_radius_keeps_large_regions(random_model):
+    from cryoves.predict import large_regions
+
+    rng = np.random.default_rng(5)
+    tomo = rng.normal(size=(48, 72, 80)).astype(np.float32)
+    vs = random_model.card.voxel_size_nm
+    # a pass at scale s is a pass at scale 1 of a tomogram with voxels s times as large
+    shrunk = predict_probability(tomo, vs, random_model, scale=0.75)
+    np.testing.assert_array_equal(shrunk, predict_probability(tomo, vs * 0.75, random_model))
+    assert not np.allclose(shrunk, predict_probability(tomo, vs, random_model))
+    # regions are selected on the model grid (vs / 0.75 nm per voxel), then resampled back
+    kept = predict_probability(tomo, vs, random_model, scale=0.75, min_region_radius_nm=2 * vs)
+    raw = predict_probability(tomo, vs, random_model, scale=0.75)
+    assert kept.shape == tomo.shape and kept.any()
+    assert np.all(kept <= raw + 1e-6)
+    none = predict_probability(tomo, vs, random_model, scale=0.75, min_region_radius_nm=1000.0)
+    assert not none.any()
+
+
+def test_large_regions_keeps_regions_by_volume_with_a_margin():
+    from cryoves.predict import large_regions
+
+    p = np.zeros((40, 40, 40), np.float32)
+    zz, yy, xx = np.ogrid[:40, :40, :40]
+    big = (zz - 12) ** 2 + (yy - 12) ** 2 + (xx - 12) ** 2 <= 6 ** 2
+    small = (zz - 30) ** 2 + (yy - 30) ** 2 + (xx - 30) ** 2 <= 3 ** 2
+    p[big] = 0.9
+    p[small] = 0.9
+    p += 0.2 * (~(big | small))  # low background everywhere
+    out = large_regions(p, 2.0, min_radius_nm=10.0, margin_nm=4.0)  # 5 and 2 voxels
+    assert np.all(out[big] == p[big]) and not out[small].any()
+    assert out[12, 12, 12 + 7] == p[12, 12, 12 + 7]  # within the margin
+    assert out[12, 12, 12 + 10] == 0  # beyond it
+    assert not large_regions(np.zeros((8, 8, 8), np.float32), 1.0, 1.0).any()
+
+
+@pytest.mark.parametrize("bad", [dict(scale=0.1), dict(scale=float("nan")), dict(scale="x"), dict(scale=5.0),
+                                 dict(min_region_radius_nm=0.0), dict(min_region_radius_nm=-3.0)])
+def test_scale_and_region_radius_reject_bad_values(random_model, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        predict_probability(np.zeros((16, 16, 16), np.float32), 1.0, random_model, **bad)

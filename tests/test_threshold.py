@@ -274,3 +274,38 @@ def test_add_weak_segments_only_on_a_weak_map(small_simulation, oracle_probabili
     assert gated[ci] == 0
     rescued = add_weak_segments(sim.tomogram, prob, g.labels, sim.voxel_size, min_weak_fraction=0.0)
     assert rescued[ci] > g.labels.max()
+
+
+def test_large_candidates_are_verified_and_small_segments_are_not_released():
+    """The pipeline's large-vesicle pass: regions of a shrunk view become segments only where a
+    membrane is found, and small segments of the main map stay as they are."""
+    from _synthetic import draw_vesicles
+    from cryoves.predict import large_regions
+    from cryoves.threshold import add_weak_segments
+
+    vs = 2.0
+    shape = (56, 96, 96)
+    centers = np.array([[28.0, 30.0, 30.0], [28.0, 30.0, 70.0], [28.0, 68.0, 48.0]])
+    radii = np.array([7.0, 7.0, 16.0])  # 14, 14 and 32 nm: the last too large for the network
+    tomo = draw_vesicles(shape, centers, radii, thickness=2.0, noise=0.3, seed=3)
+    zz, yy, xx = np.indices(shape, dtype=np.float32)
+    dist = [np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) for c in centers]
+    labels = np.zeros(shape, np.int32)
+    labels[dist[0] <= 5.5] = 1  # small segments (below a 20 nm sphere) of the main map
+    labels[dist[1] <= 5.5] = 2
+    shrunk = np.zeros(shape, np.float32)
+    shrunk[dist[2] <= 14.0] = 0.95            # the large vesicle as a shrunk pass sees it
+    fake = np.array([28.0, 70.0, 82.0])        # and a large belief with no membrane under it
+    shrunk[np.sqrt((zz - fake[0]) ** 2 + (yy - fake[1]) ** 2 + (xx - fake[2]) ** 2) <= 11.0] = 0.9
+    shrunk[dist[0] <= 6.0] = 0.9               # a small one: below the region size, ignored
+    cand = large_regions(shrunk, vs, min_radius_nm=20.0)
+    assert cand[tuple(centers[2].astype(int))] > 0 and cand[tuple(centers[0].astype(int))] == 0
+    out = add_weak_segments(tomo, cand, labels, vs, low_threshold=0.5, min_radius_nm=20.0, max_radius_nm=34.0,
+                            min_weak_fraction=0.0, fragment_radius_nm=0.0)
+    np.testing.assert_array_equal(out[labels > 0], labels[labels > 0])  # nothing released or changed
+    big = out[tuple(centers[2].astype(int))]
+    assert big > 2 and np.count_nonzero(out == big) > 0.8 * 4 / 3 * np.pi * 16 ** 3
+    assert out[tuple(fake.astype(int))] == 0  # no membrane: not a segment
+    assert set(np.unique(out)) == {0, 1, 2, big}
+    with pytest.raises(ValueError, match="fragment_radius_nm"):
+        add_weak_segments(tomo, cand, labels, vs, fragment_radius_nm=-1.0)

@@ -87,6 +87,18 @@ class SegmentParams:
         predict: override of the model card's preprocessing for this run (any of
         ``smooth_sigma``, ``normalization``, ``invert``; see
         :func:`cryoves.predict.predict_probability`); None = the card's own.
+    large_scale : float or None
+        predict: a second, cheaper pass of the network on the tomogram shrunk to this scale
+        (0.75: 0.42x the first pass's time) proposes vesicles too large for the network at its
+        own size (outer radius above ~28 nm with the default weights); each is verified by its
+        membrane like a weak segment (:func:`cryoves.threshold.add_weak_segments`) before it
+        becomes a segment. ``None``: no such pass. Skipped when a probability map is given.
+    large_min_radius_nm : float
+        predict, large pass: smallest region (equivalent-sphere radius of ``p > 0.5``) proposed,
+        and smallest outer radius accepted.
+    large_max_radius_nm : float
+        large pass: largest outer radius accepted (synaptic vesicles reach ~35 nm; larger
+        round membranes are mostly endosomes and dense-core vesicles).
     thresholds : tuple of float or None
         global: candidate thresholds (default 0.80, 0.81, ..., 1.00).
     connectivity : int
@@ -172,6 +184,9 @@ class SegmentParams:
     blend: int = _default(_predict.predict_probability, "blend")
     max_tile_voxels: int = _default(_predict.predict_probability, "max_tile_voxels")
     preprocessing: Optional[dict] = _default(_predict.predict_probability, "preprocessing")
+    large_scale: Optional[float] = 0.75
+    large_min_radius_nm: float = 20.0
+    large_max_radius_nm: float = 40.0
     # global threshold
     thresholds: Optional[tuple] = _default(_threshold.global_threshold, "thresholds")
     connectivity: int = _default(_threshold.global_threshold, "connectivity")
@@ -220,6 +235,12 @@ class SegmentParams:
 
     def validate(self) -> None:
         """Raise :class:`ValueError` naming the first invalid parameter."""
+        if self.large_scale is not None and not (isinstance(self.large_scale, (int, float))
+                                                 and 0.25 <= self.large_scale < 1.0):
+            raise ValueError(f"SegmentParams.large_scale must be None or in [0.25, 1), got {self.large_scale!r}")
+        if not 0 < self.large_min_radius_nm < self.large_max_radius_nm:
+            raise ValueError("SegmentParams: need 0 < large_min_radius_nm < large_max_radius_nm, got "
+                             f"{self.large_min_radius_nm}, {self.large_max_radius_nm}")
         if self.preprocessing is not None:
             from cryoves.model import PREPROCESSING_KEYS
 
@@ -275,13 +296,15 @@ class SegmentParams:
 
         Parameters
         ----------
-        stage : {"predict", "global", "weak", "adaptive", "refine", "outliers"}
+        stage : {"predict", "large", "global", "weak", "large_weak", "adaptive", "refine", "outliers"}
             ``"predict"``: :func:`cryoves.predict.predict_probability`; ``"global"``:
             :func:`cryoves.threshold.global_threshold`; ``"weak"``:
             :func:`cryoves.threshold.add_weak_segments` (robust mode of the global stage);
             ``"adaptive"``: :func:`cryoves.threshold.adaptive_threshold`; ``"refine"``:
             :func:`cryoves.refine.refine_spheres`; ``"outliers"``:
-            :func:`cryoves.outliers.filter_outliers`.
+            :func:`cryoves.outliers.filter_outliers`; ``"large"`` and ``"large_weak"``: the
+            large-vesicle pass (``predict_probability`` at ``large_scale``, then
+            ``add_weak_segments`` on its large regions).
         voxel_size : float
             nm (converts the nm parameters that a stage takes in voxels).
 
@@ -296,6 +319,14 @@ class SegmentParams:
             return dict(tile_shape=self.tile_shape, halo=self.halo, batch_size=self.batch_size, tta=self.tta,
                         blend=self.blend, max_tile_voxels=self.max_tile_voxels,
                         preprocessing=None if self.preprocessing is None else dict(self.preprocessing))
+        if stage == "large":
+            if self.large_scale is None:
+                raise ValueError("SegmentParams.large_scale is None: no large-vesicle pass")
+            return dict(self.stage_kwargs("predict", vs), scale=self.large_scale,
+                        min_region_radius_nm=self.large_min_radius_nm)
+        if stage == "large_weak":
+            return dict(self.stage_kwargs("weak", vs), low_threshold=0.5, min_radius_nm=self.large_min_radius_nm,
+                        max_radius_nm=self.large_max_radius_nm, min_weak_fraction=0.0, fragment_radius_nm=0.0)
         if stage == "global":
             return dict(thresholds=self.thresholds, connectivity=self.connectivity)
         if stage == "weak":
@@ -318,7 +349,8 @@ class SegmentParams:
                         remove_overlaps=self.remove_overlaps, min_radius_nm=self.min_radius_nm,
                         features=self.features, robust=self.robust, max_rounds=self.max_rounds,
                         radius_method=self.radius_method, bilayer_nm=self.bilayer_nm, keep_score=self.keep_score)
-        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES[:2] + ('weak',) + STAGES[2:]}")
+        raise ValueError(f"unknown stage {stage!r}; choose one of "
+                         f"{STAGES[:1] + ('large',) + STAGES[1:2] + ('weak', 'large_weak') + STAGES[2:]}")
 
     def replace(self, **changes) -> "SegmentParams":
         """A copy with some fields changed (validated)."""
@@ -562,11 +594,14 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
 
     # 1. predict ------------------------------------------------------------------------------
     t0 = time.perf_counter()
+    large = None  # the large-vesicle pass's regions (SegmentParams.large_scale)
     if probability is None:
         from cryoves.predict import predict_probability
 
         sp = _StageProgress(progress, "predict")
         probability = predict_probability(tomogram, vs, model, progress=sp, **params.stage_kwargs("predict", vs))
+        if params.large_scale is not None:
+            large = predict_probability(tomogram, vs, model, progress=sp, **params.stage_kwargs("large", vs))
         sp.finish()
     else:
         probability = _check_probability(probability, shape)
@@ -585,6 +620,11 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     if params.threshold_mode == "robust":
         labels = add_weak_segments(tomogram, probability, labels, vs, mask=mask, normalization=normalization,
                                    progress=sp, **params.stage_kwargs("weak", vs))
+    if large is not None:
+        # vesicles too large for the network at its own size, each verified by its membrane
+        labels = add_weak_segments(tomogram, large, labels, vs, mask=mask, normalization=normalization,
+                                   progress=sp, **params.stage_kwargs("large_weak", vs))
+        del large
     sp.finish()
     if keep_intermediates:
         stage_labels["global"] = labels

@@ -525,7 +525,8 @@ def _opened(pts: np.ndarray) -> np.ndarray:
 
 def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshold: float = 0.5,
                       min_radius_nm: float = 10.0, max_radius_nm: float = 35.0, min_score: float = 5.0,
-                      min_overlap: float = 0.5, min_weak_fraction: float = 0.1, mask=None,
+                      min_overlap: float = 0.5, min_weak_fraction: float = 0.1,
+                      fragment_radius_nm: float | None = None, mask=None,
                       connectivity: int = 1, normalization=None,
                       max_candidates: int = 5000, progress: ProgressCallback = None) -> np.ndarray:
     """Add the vesicles a less confident network marks below the global threshold.
@@ -537,7 +538,7 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     it becomes a segment only when the tomogram shows a vesicle membrane there:
 
     0. the map must be weak (see ``min_weak_fraction``), else ``labels`` is returned as is;
-    1. segments of ``labels`` smaller than a sphere of ``min_radius_nm`` are not trusted (a
+    1. segments of ``labels`` smaller than a sphere of ``fragment_radius_nm`` are not trusted (a
        fragment of a weak vesicle); they are released back to the candidates (a fragment that
        no verified sphere takes over is put back at the end, for the adaptive stage to grow or
        drop as in the paper);
@@ -574,8 +575,7 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     low_threshold : float
         Candidates are regions of ``probability >= low_threshold``.
     min_radius_nm, max_radius_nm : float
-        Outer radii searched and accepted for a rescued vesicle; also the size below which a
-        segment of ``labels`` counts as a fragment.
+        Outer radii searched and accepted for a rescued vesicle.
     min_score : float
         Smallest accepted membrane detection score (robust z-score against the background;
         true vesicles in simulated tomograms score above 10, spheres in cytosol below 5).
@@ -589,6 +589,12 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
         confident map the half-beliefs left over are mostly look-alikes: with the rescue on,
         objects that are not synaptic vesicles but show a clear membrane (score 18) and p up to
         0.9 were added on 5 of 7 cases of the held-out suite (1-5 false positives each).
+    fragment_radius_nm : float, optional
+        Segments of ``labels`` smaller than a sphere of this radius count as fragments (step 1);
+        ``None``: ``min_radius_nm``; 0: none. :func:`cryoves.pipeline.segment` passes 0 when the
+        candidates are the large vesicles of a shrunk pass
+        (:func:`cryoves.predict.predict_probability` with ``scale < 1``), whose segments it
+        must not release.
     mask : (Z, Y, X) bool array, optional
         Candidates whose centroid lies outside are ignored.
     connectivity : {1, 2, 3}
@@ -622,11 +628,16 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     shape = labels.shape
     out = np.asarray(labels).astype(np.int32, copy=True)
     r_min = min_radius_nm / voxel_size
+    if fragment_radius_nm is None:
+        fragment_radius_nm = min_radius_nm
+    if not (np.isfinite(fragment_radius_nm) and fragment_radius_nm >= 0):
+        raise ValueError(f"fragment_radius_nm must be >= 0 nm, got {fragment_radius_nm}")
+    r_frag = fragment_radius_nm / voxel_size
     # 1. fragments are not trusted
-    stats = segment_stats(out) if out.max() > 0 else None
+    stats = segment_stats(out) if out.max() > 0 and r_frag > 0 else None
     frag_mask = None
     if stats is not None:
-        frag = stats["label"][stats["volume"] < 4.0 / 3.0 * np.pi * r_min ** 3]
+        frag = stats["label"][stats["volume"] < 4.0 / 3.0 * np.pi * r_frag ** 3]
         if len(frag):
             frag_mask = np.isin(out, frag)
             out[frag_mask] = 0

@@ -87,6 +87,9 @@ def add_parser(sub):
     p.add_argument("--json", default=None, metavar="FILE.json",
                    help="also write every row (all metrics, per stage) as JSON to this file (default: none)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation in prediction (default: off)")
+    p.add_argument("--compare-unsmoothed", action="store_true",
+                   help="also evaluate every weights file whose model card smooths its input without that "
+                        "smoothing (smooth_sigma 0), side by side (default: off)")
     return p
 
 
@@ -204,14 +207,25 @@ def run(args) -> int:
             raise CliError(f"cannot load weights {w!r}: {err}") from err
     labels = {w: ("default" if w == "default" else Path(w).name) for w in weights}
     titles = {w: f"{labels[w]} ({m.card.voxel_size_nm:g} nm)" for w, m in models.items()}
+    # (key, weights, preprocessing override): each weights as its card says, then unsmoothed where asked
+    runs = [(w, w, None) for w in weights]
+    if args.compare_unsmoothed:
+        for w in weights:
+            sigma = models[w].card.preprocessing["smooth_sigma"]
+            if sigma > 0:
+                key = f"{w} (unsmoothed)"
+                runs.append((key, w, {"smooth_sigma": 0.0}))
+                labels[key] = f"{labels[w]}, σ 0"
+                titles[key] = f"{labels[w]} without its σ {sigma:g} smoothing ({models[w].card.voxel_size_nm:g} nm)"
 
-    per_weights: dict[str, list[dict]] = {w: [] for w in weights}
+    per_weights: dict[str, list[dict]] = {key: [] for key, _, _ in runs}
     sim_seconds = 0.0
     for name, tomo, vs, truth, truth_labels, made in _load_cases(args):
         sim_seconds += made
-        for w, model in models.items():
+        for w, weights_key, prep in runs:
+            model = models[weights_key]
             t0 = time.perf_counter()
-            result = segment(tomo, vs, model=model, params=SegmentParams(tta=args.tta))
+            result = segment(tomo, vs, model=model, params=SegmentParams(tta=args.tta, preprocessing=prep))
             row = {"weights": titles[w], "case": name, **evaluate_segmentation(result, truth, truth_labels),
                    "seconds": time.perf_counter() - t0}
             per_weights[w].append(row)
@@ -219,7 +233,7 @@ def run(args) -> int:
                   f"δd {row['delta_d']:.3f}  Δc {row['delta_c_nm']:.2f} nm  "
                   f"({row['fn']} of {row['n_truth']} missed, {row['fp']} FP)", file=sys.stderr, flush=True)
     rows = []
-    for w in weights:
+    for w in per_weights:
         rows += per_weights[w]
         if len(per_weights[w]) > 1:
             rows.append({"weights": titles[w], "case": "**mean / total**", **summarize(per_weights[w])})
