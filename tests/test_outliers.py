@@ -234,3 +234,32 @@ def test_outliers_on_simulated_tomogram():
     d = np.linalg.norm(acc.centers[:, None] - acc.centers[None], axis=2)
     np.fill_diagonal(d, np.inf)
     assert np.all(d >= (acc.radii[:, None] + acc.radii[None]) * (1 - 1e-6))
+
+
+def test_membrane_visibility_threshold_follows_the_tomograms_contrast():
+    """Faint membranes (a low-contrast reconstruction): the fixed score 5 removes true vesicles,
+    the relative threshold keeps them; a sphere in empty cytosol is removed either way."""
+    from cryoves.refine import detection_score
+
+    centers, radii = random_vesicles(SHAPE, 16, r_range=(8.0, 10.0), seed=11)
+    contrasts = np.random.default_rng(3).permutation(np.linspace(0.25, 0.55, len(radii)))
+    tomo = draw_vesicles(SHAPE, centers, radii, contrasts=contrasts, noise=0.6, seed=11)
+    table = refine_spheres(tomo, VesicleTable.from_arrays(centers, radii, voxel_size=VOXEL), VOXEL)
+    grid = np.stack(np.meshgrid(np.arange(14, 51, 2.0), np.arange(14, 115, 2.0), np.arange(14, 115, 2.0),
+                                indexing="ij"), -1).reshape(-1, 3)
+    gap = np.min(np.linalg.norm(grid[:, None] - centers[None], axis=2) - radii[None], axis=1)
+    empty = grid[np.argmax(gap)][None]
+    assert gap.max() > 10  # nothing there
+    table = VesicleTable.concat([table, VesicleTable.from_arrays(empty, [9.0], voxel_size=VOXEL,
+                                                                 thickness=[2.0], density=[-0.6],
+                                                                 stage="refine")])
+    scores = np.array([detection_score(tomo, c, r, t) for c, r, t in
+                       zip(table.centers, table.radii, table["thickness"])])
+    true = np.arange(len(table) - 1)
+    assert np.median(scores[true]) < 12 and np.sum(scores[true] < 5) >= 1 and scores[-1] < 3
+    fixed = filter_outliers(tomo, table, VOXEL, min_radius_nm=10.0, min_score_relative=None)
+    relative = filter_outliers(tomo, table, VOXEL, min_radius_nm=10.0)
+    lost_fixed = np.sum(fixed["status"][true] == "removed")
+    lost_relative = np.sum(relative["status"][true] == "removed")
+    assert lost_fixed >= 1 and lost_relative < lost_fixed
+    assert relative["status"][-1] == "removed" and fixed["status"][-1] == "removed"

@@ -162,7 +162,8 @@ _STAGE_FUNCS = {"predict": ("cryoves.predict", "predict_probability"),
                 "refine": ("cryoves.refine", "refine_spheres"),
                 "outliers": ("cryoves.outliers", "filter_outliers")}
 # keywords of the stage functions deliberately not exposed as SegmentParams fields (fixed by design)
-_NOT_EXPOSED = {"adaptive": {"fill_split"}, "outliers": {"min_score", "keep_min_p", "keep_radius_z"},
+_NOT_EXPOSED = {"adaptive": {"fill_split"},
+                "outliers": {"min_score", "min_score_relative", "keep_min_p", "keep_radius_z"},
                 "weak": {"min_overlap", "max_candidates", "min_weak_fraction", "fragment_radius_nm"},
                 "large_weak": {"min_overlap", "max_candidates"},
                 "predict": {"scale", "min_region_radius_nm"}}
