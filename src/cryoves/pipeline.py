@@ -89,7 +89,7 @@ class SegmentParams:
         :func:`cryoves.predict.predict_probability`); None = the card's own.
     large_scale : float or None
         predict: a second, cheaper pass of the network on the tomogram shrunk to this scale
-        (0.6: about 0.22x the first pass's time) proposes vesicles too large for the network at its
+        (0.75: 0.42x the first pass's time) proposes vesicles too large for the network at its
         own size (outer radius above ~28 nm with the default weights); each is verified by its
         membrane like a weak segment (:func:`cryoves.threshold.add_weak_segments`) before it
         becomes a segment. ``None``: no such pass. Skipped when a probability map is given.
@@ -185,7 +185,7 @@ class SegmentParams:
     blend: int = _default(_predict.predict_probability, "blend")
     max_tile_voxels: int = _default(_predict.predict_probability, "max_tile_voxels")
     preprocessing: Optional[dict] = _default(_predict.predict_probability, "preprocessing")
-    large_scale: Optional[float] = 0.6
+    large_scale: Optional[float] = 0.75
     large_min_radius_nm: float = 20.0
     large_max_radius_nm: float = 34.0
     # global threshold

@@ -33,7 +33,7 @@ Test-time augmentation (``tta=True``) averages the 8 flips of every tile.
 
 **Scale and large regions.** A network learns the sizes it was shown: the default model,
 trained on outer radii up to ~30 nm, leaves larger vesicles empty or hollow in its map.
-``scale=0.6`` runs it on the tomogram shrunk (a 32 nm vesicle looks like a 19 nm one);
+``scale=0.75`` runs it on the tomogram shrunk (a 32 nm vesicle looks like a 24 nm one);
 ``min_region_radius_nm`` then keeps only the regions of ``p > 0.5`` at least that large (with
 a 4 nm margin), zero elsewhere. :func:`cryoves.pipeline.segment` uses such a map to propose
 large vesicles, each verified by its membrane
@@ -474,7 +474,7 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
         smoothing.
     scale : float
         Size at which the network sees the tomogram, relative to the model's voxel size
-        (0.25-4; 1.0 = as trained; 0.6 = shrunk, so vesicles look 40 % smaller and those
+        (0.25-4; 1.0 = as trained; 0.75 = shrunk, so vesicles look 25 % smaller and those
         larger than the training range are recognised; costs ``scale**3`` of a pass at 1.0).
     min_region_radius_nm : float, optional
         Keep only the 6-connected regions of ``p > 0.5`` whose volume is that of a sphere of at
