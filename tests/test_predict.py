@@ -358,3 +358,43 @@ def test_model_path_uses_the_shared_cache(tmp_path, shallow_model):
         b, predict_probability(tomo, 1.0, shallow_model, preprocessing={"smooth_sigma": 1.0}),
         atol=1e-6)
     assert np.abs(a - b).max() > 1e-3
+
+
+@pytest.mark.parametrize("shape, pre", [((37, 70, 61), {"smooth_sigma": 0.5}),
+                                        ((40, 64, 72), {"smooth_sigma": 1.0, "invert": True}),
+                                        ((1, 90, 93), {"smooth_sigma": 0.5}),
+                                        ((33, 50, 47), {"smooth_sigma": 0})])
+def test_streamed_preprocessing_gives_identical_maps(shape, pre, shallow_model, monkeypatch, tmp_path):
+    """Large volumes are preprocessed tile by tile from a memory map: bit for bit the same map."""
+    import cryoves.predict as P
+
+    rng = np.random.default_rng(5)
+    path = tmp_path / "t.raw"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
+    mm[:] = rng.normal(size=shape) * 3 + 7
+    mm.flush()
+    tomo = np.memmap(path, dtype=np.float32, mode="r", shape=shape)
+    tiles = dict(tile_shape=(32 if shape[0] > 30 else 1, 36, 36), halo=6, blend=4)
+    whole = predict_probability(tomo, 1.0, shallow_model, preprocessing=pre, **tiles)
+    monkeypatch.setattr(P, "STREAM_VOXELS", 1)  # every volume streamed
+    monkeypatch.setattr(P, "_SLAB_VOXELS", 2000)  # statistics gathered over many slabs
+    made = []
+    real = P._StreamedTiles.__call__
+    monkeypatch.setattr(P._StreamedTiles, "__call__", lambda self, *a: made.append(a) or real(self, *a))
+    streamed = predict_probability(tomo, 1.0, shallow_model, preprocessing=pre, **tiles)
+    assert len(made) > 1
+    np.testing.assert_array_equal(streamed, whole)
+
+
+def test_release_pages_leaves_private_maps_alone(tmp_path):
+    import cryoves.predict as P
+
+    path = tmp_path / "t.raw"
+    np.arange(4096, dtype=np.float32).tofile(path)
+    cow = np.memmap(path, dtype=np.float32, mode="c", shape=(4096,))
+    cow[:10] = -1  # private changes must survive
+    P._release_pages(cow[2:])
+    assert np.all(cow[:10] == -1)
+    shared = np.memmap(path, dtype=np.float32, mode="r", shape=(16, 256))
+    P._release_pages(shared[3])  # a view: its map's pages are dropped, the values stay readable
+    assert shared[3, 5] == 3 * 256 + 5
