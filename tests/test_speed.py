@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -33,6 +34,11 @@ def test_model_is_built_in_a_background_thread(tmp_path, tomo, random_weights, m
     assert rc == 0, capsys.readouterr().err
     assert seen == [False]
     assert (tmp_path / "o" / "tomo_vesicles.csv").is_file()
+    # the run record names the device the U-Net ran on (no GPU on the test machines)
+    import json
+
+    record = json.loads((tmp_path / "o" / "tomo_segment.json").read_text())
+    assert re.fullmatch(r"CPU \(\d+ cores\)", record["device"]), record["device"]
 
 
 def test_error_while_tensorflow_loads_reaches_stderr(tmp_path, tomo):

@@ -615,6 +615,7 @@ class _StreamedTiles:
         box = tuple(slice(max(0, int(i.min()) - self.radius), min(n, int(i.max()) + 1 + self.radius))
                     for i, n in zip(idx, self.src.shape))
         a = self._smoothed(box)
+        _release_pages(self.src)  # the tile is copied: the map's pages need not stay resident
         a -= self.offset
         a *= self.scale
         local = [i - b.start for i, b in zip(idx, box)]
