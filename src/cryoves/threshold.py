@@ -307,23 +307,36 @@ def _split_by_threshold(pc, seg, threshold, step, fine_step, min_part, min_keep,
     of ``min_keep`` voxels or more.
     """
     pm = np.where(seg, pc, -1.0).astype(np.float32)
+    # {pm >= t} shrinks as t grows, so two thresholds that keep as many voxels keep the same
+    # voxels: their labelling is looked up by that count instead of being redone
+    by_count = {}
 
     def parts_at(t):
-        lab, n = ndi.label(pm >= t, structure=structure)
-        if n < 2:
-            return lab, 0
-        sizes = np.bincount(lab.ravel())[1:]
-        return lab, int(np.sum(sizes >= min_part))
+        above = pm >= t
+        count = int(np.count_nonzero(above))
+        if count not in by_count:
+            if count < 2 * min_part:  # too few voxels for two parts
+                by_count[count] = (None, 0)
+            else:
+                lab, n = ndi.label(above, structure=structure)
+                if n < 2:
+                    by_count[count] = (lab, 0)
+                else:
+                    sizes = np.bincount(lab.ravel())[1:]
+                    by_count[count] = (lab, int(np.sum(sizes >= min_part)))
+        return by_count[count] + (count,)
 
     # coarse search in `step`, then refine the first splitting interval with `fine_step`
     lo_t = float(threshold)
     t = lo_t + step
     found = None
     while t <= 1.0 + 1e-12:
-        lab, n = parts_at(t)
+        lab, n, count = parts_at(t)
         if n >= 2:
             found = t
             break
+        if count < 2 * min_part:
+            break  # no higher threshold keeps enough voxels for two parts either
         lo_t = t
         t = round(t + step, 10)
     if found is None:
@@ -338,7 +351,7 @@ def _split_by_threshold(pc, seg, threshold, step, fine_step, min_part, min_keep,
             hi_t = mid
         else:
             lo_t = mid
-    lab, _ = parts_at(hi_t)
+    lab = parts_at(hi_t)[0]
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     markers = np.where(sizes[lab] >= min_part, lab, 0).astype(np.int32)
