@@ -385,16 +385,3 @@ def test_streamed_preprocessing_gives_identical_maps(shape, pre, shallow_model, 
     assert len(made) > 1
     np.testing.assert_array_equal(streamed, whole)
 
-
-def test_release_pages_leaves_private_maps_alone(tmp_path):
-    import cryoves.predict as P
-
-    path = tmp_path / "t.raw"
-    np.arange(4096, dtype=np.float32).tofile(path)
-    cow = np.memmap(path, dtype=np.float32, mode="c", shape=(4096,))
-    cow[:10] = -1  # private changes must survive
-    P._release_pages(cow[2:])
-    assert np.all(cow[:10] == -1)
-    shared = np.memmap(path, dtype=np.float32, mode="r", shape=(16, 256))
-    P._release_pages(shared[3])  # a view: its map's pages are dropped, the values stay readable
-    assert shared[3, 5] == 3 * 256 + 5

@@ -43,6 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from cryoves._progress import ProgressCallback, report
+from cryoves.io import release_pages
 from cryoves.table import check_voxel_size
 
 __all__ = ["predict_probability", "plan_tiles", "TilePlan", "resample", "normalize", "preprocess",
@@ -511,10 +512,10 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
         fetch = _StreamedTiles(tomogram, card.preprocessing, plan, pad_mode)
         prob = _predict_tiles(None, model, plan, batch_size, tta, progress, max_tile_voxels,
                               out_shape=model_shape, fetch=fetch)
-        _release_pages(tomogram)
+        release_pages(tomogram)
     else:
         vol = preprocess(vol, card.preprocessing, copy=vol is tomogram)  # in place on our own copy
-        _release_pages(tomogram)
+        release_pages(tomogram)
         pad = [(0, p - s) for p, s in zip(plan.shape, model_shape)]
         if any(after for _, after in pad):
             vol = np.pad(vol, pad, mode=pad_mode)
@@ -527,31 +528,6 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
         prob = resample(prob, in_shape, order=1, anti_alias=False)
     np.clip(prob, 0.0, 1.0, out=prob)
     return np.ascontiguousarray(prob, dtype=np.float32)
-
-
-def _release_pages(array) -> None:
-    """Drop a memory-mapped array's pages from this process's resident set (Linux ``madvise``).
-
-    The data stay in the operating system's file cache, so reading them again is cheap; the
-    process just stops holding them (its RSS falls by what it had read). No-op for arrays that are
-    not memory-mapped or where ``madvise`` is unavailable.
-    """
-    import mmap
-
-    base = array
-    while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
-        base = base.base
-    # only shared maps ("r", "r+", "w+"): dropping the pages of a copy-on-write map ("c") would
-    # discard its changes
-    if not isinstance(base, np.memmap) or getattr(base, "mode", None) not in ("r", "r+", "w+"):
-        return
-    base = getattr(base, "_mmap", None)
-    if not isinstance(base, mmap.mmap) or not hasattr(base, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    try:
-        base.madvise(mmap.MADV_DONTNEED)
-    except (OSError, ValueError):  # pragma: no cover - closed map, unsupported platform
-        pass
 
 
 #: Volumes of at least this many voxels (on the model grid, when no resampling is needed) are
@@ -605,7 +581,7 @@ class _StreamedTiles:
             z0, z1 = max(0, int(zs[0]) - r), min(shape[0], int(zs[-1]) + 1 + r)
             slab = self._smoothed((slice(z0, z1), slice(None), slice(None)))
             parts.append(np.asarray(slab[zs - z0, ::step, ::step], dtype=np.float64))
-            _release_pages(self.src)
+            release_pages(self.src)
         sub = np.concatenate(parts, axis=0).ravel()
         offset, scale = _statistics_of(sub, normalization)
         return np.float32(offset), np.float32(1.0 / scale)
@@ -615,7 +591,7 @@ class _StreamedTiles:
         box = tuple(slice(max(0, int(i.min()) - self.radius), min(n, int(i.max()) + 1 + self.radius))
                     for i, n in zip(idx, self.src.shape))
         a = self._smoothed(box)
-        _release_pages(self.src)  # the tile is copied: the map's pages need not stay resident
+        release_pages(self.src)  # the tile is copied: the map's pages need not stay resident
         a -= self.offset
         a *= self.scale
         local = [i - b.start for i, b in zip(idx, box)]

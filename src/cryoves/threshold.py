@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from cryoves._progress import ProgressCallback, report
+from cryoves.io import release_pages
 from cryoves.table import check_voxel_size
 
 __all__ = ["GlobalThresholdResult", "global_threshold", "adaptive_threshold", "segment_stats",
@@ -42,6 +43,7 @@ __all__ = ["GlobalThresholdResult", "global_threshold", "adaptive_threshold", "s
 #: ``"paper"``: the darkest-shell global threshold alone; ``"robust"``: plus
 #: :func:`add_weak_segments` (vesicles the network is less sure of, verified by their membrane).
 THRESHOLD_MODES = ("paper", "robust")
+_SLAB_VOXELS = 16 * 2 ** 20  # voxels per slab where whole-volume work is done slab by slab
 
 
 def default_thresholds() -> np.ndarray:
@@ -163,16 +165,28 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
     report(progress, "global threshold", 0, 2)
 
     p = np.asarray(probability, dtype=np.float32)
-    pmin = _ball1_min(p)
-    cand = p >= ts[0]
-    cand &= pmin < ts[-1]
-    if mask is not None:
-        cand &= mask
-    idx = np.flatnonzero(cand)
-    pv = p.ravel()[idx].astype(np.float64)
-    mv = pmin.ravel()[idx].astype(np.float64)
-    iv = np.asarray(tomogram).ravel()[idx].astype(np.float64)
-    del pmin, cand
+    # candidate shell voxels slab by slab (a slab's erosion sees one more plane on each side), in
+    # the order of the whole volume: no volume-sized temporaries
+    pv, mv, iv = [], [], []
+    n_z = p.shape[0]
+    step = max(1, _SLAB_VOXELS // max(1, p.shape[1] * p.shape[2]))
+    for z0 in range(0, n_z, step):
+        z1 = min(n_z, z0 + step)
+        a0, a1 = max(0, z0 - 1), min(n_z, z1 + 1)
+        pmin = _ball1_min(p[a0:a1])[z0 - a0: z1 - a0]
+        ps = p[z0:z1]
+        cand = ps >= ts[0]
+        cand &= pmin < ts[-1]
+        if mask is not None:
+            cand &= mask[z0:z1]
+        idx = np.flatnonzero(cand)
+        pv.append(ps.ravel()[idx])
+        mv.append(pmin.ravel()[idx])
+        iv.append(np.asarray(tomogram[z0:z1]).ravel()[idx])
+    pv = np.concatenate(pv).astype(np.float64)
+    mv = np.concatenate(mv).astype(np.float64)
+    iv = np.concatenate(iv).astype(np.float64)
+    release_pages(tomogram)
     # voxel is on the shell of thresholds ts[lo:hi]: ts > pmin and ts <= p
     lo = np.searchsorted(ts, mv, side="right")
     hi = np.searchsorted(ts, pv, side="right")
@@ -537,9 +551,11 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
     keep_labels = stats["label"][~bad]
     lut = np.zeros(int(out.max()) + 1 if out.size else 1, dtype=np.int32)
     lut[keep_labels] = np.arange(1, len(keep_labels) + 1, dtype=np.int32)
-    result = lut[out]
+    step = max(1, _SLAB_VOXELS // max(1, shape[1] * shape[2]))
+    for z0 in range(0, shape[0], step):  # relabel in place, slab by slab
+        out[z0:z0 + step] = lut[out[z0:z0 + step]]
     report(progress, "adaptive threshold", total, total)
-    return result
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
