@@ -274,3 +274,35 @@ def test_add_weak_segments_only_on_a_weak_map(small_simulation, oracle_probabili
     assert gated[ci] == 0
     rescued = add_weak_segments(sim.tomogram, prob, g.labels, sim.voxel_size, min_weak_fraction=0.0)
     assert rescued[ci] > g.labels.max()
+
+
+def test_slab_by_slab_stages_equal_whole_volume(monkeypatch):
+    """The global threshold's shell statistics, the weak-map test and the adaptive relabelling done
+    slab by slab (bounded memory) give exactly the whole-volume results."""
+    import cryoves.threshold as T
+
+    rng = np.random.default_rng(4)
+    shape = (23, 40, 37)
+    prob = ndi.gaussian_filter(rng.random(shape), 2.0)
+    prob = ((prob - prob.min()) / np.ptp(prob)).astype(np.float32)
+    tomo = rng.normal(size=shape).astype(np.float32)
+    whole = T.global_threshold(tomo, prob, thresholds=np.linspace(0.3, 0.9, 13))
+    labels = whole.labels
+    weak = {}
+    for low in (0.2, 0.5, 0.7):
+        for frac in (0.05, 0.3, 0.9):
+            weak[low, frac] = T._map_is_weak(prob, labels, low, frac, 30.0)
+    monkeypatch.setattr(T, "_SLAB_VOXELS", 3 * 40 * 37)  # slabs of 3 planes
+    sliced = T.global_threshold(tomo, prob, thresholds=np.linspace(0.3, 0.9, 13))
+    np.testing.assert_array_equal(sliced.shell_means, whole.shell_means)
+    np.testing.assert_array_equal(sliced.shell_counts, whole.shell_counts)
+    assert sliced.threshold == whole.threshold
+    for (low, frac), w in weak.items():
+        assert T._map_is_weak(prob, labels, low, frac, 30.0) == w
+        # the rule written out on whole volumes
+        stats = T.segment_stats(labels)
+        trusted = np.isin(labels, stats["label"][stats["volume"] >= 30.0])
+        cand = (prob >= np.float32(low)) & ~ndi.binary_dilation(trusted, structure=T._structure(1), iterations=2)
+        n_belief = np.count_nonzero(prob >= np.float32(low))
+        assert w == (n_belief > 0 and not np.count_nonzero(cand) < frac * n_belief)
+    assert len(set(weak.values())) == 2  # both answers were exercised

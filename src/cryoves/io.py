@@ -474,6 +474,7 @@ def read_tomogram(path, voxel_size: float | None = None, *, mmap: bool = True,
         del raw
     if check:
         _check_values(out, path)
+        release_pages(out)  # the scan read every page; they stay in the file cache, not in this process
     protect_path(path)
     return out, vs
 
