@@ -25,7 +25,10 @@
    (separable) sum of weights. Tiles are as large as ``max_tile_voxels`` allows and
    chosen to minimise the voxels pushed through the net; at the volume border a tile
    uses the network's own zero padding, as a whole-volume pass would, so the border costs
-   no halo. Prediction runs on the batch-norm-folded twin of the network
+   no halo. Volumes of at least :data:`STREAM_VOXELS` voxels that need no resampling are
+   preprocessed tile by tile from the (memory-mapped) input, with the same numbers, and at most
+   :data:`STREAM_MAX_TILE_VOXELS` voxels per network call, to bound the memory.
+   Prediction runs on the batch-norm-folded twin of the network
    (:meth:`cryoves.model.UNetModel.inference_model`) with ``predict_on_batch``.
 5. **Resamples back** to exactly the input shape (linear) and clips to [0, 1].
 
@@ -503,14 +506,16 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
     # 2.-3. invert, smooth, normalise; tiles
     rf_width, rf_radius = model.receptive_field
     halo = rf_radius if halo is None else int(halo)
-    plan = plan_tiles(model_shape, divisor=model.divisor, halo=halo, blend=blend,
-                      tile_shape=tile_shape, max_tile_voxels=max_tile_voxels)
+    streamed = vol is tomogram and int(np.prod(model_shape)) >= STREAM_VOXELS
+    budget = min(max_tile_voxels, STREAM_MAX_TILE_VOXELS) if streamed else max_tile_voxels
+    plan = plan_tiles(model_shape, divisor=model.divisor, halo=halo, blend=blend, tile_shape=tile_shape,
+                      max_tile_voxels=budget)
     pad_mode = "reflect" if min(model_shape) > 1 else "edge"
-    if vol is tomogram and int(np.prod(model_shape)) >= STREAM_VOXELS:
+    if streamed:
         # a large volume on the model grid: preprocessed tile by tile from the (memory-mapped)
         # input, the same numbers without a preprocessed copy of the whole volume
         fetch = _StreamedTiles(tomogram, card.preprocessing, plan, pad_mode)
-        prob = _predict_tiles(None, model, plan, batch_size, tta, progress, max_tile_voxels,
+        prob = _predict_tiles(None, model, plan, batch_size, tta, progress, budget,
                               out_shape=model_shape, fetch=fetch)
         release_pages(tomogram)
     else:
@@ -535,6 +540,10 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
 #: same numbers, one volume less memory, the smoothing of the tile overlaps computed again.
 STREAM_VOXELS = 64 * 2 ** 20
 _SLAB_VOXELS = 16 * 2 ** 20  # voxels per slab of the statistics pass
+#: Voxels per network call for such volumes (at most): the network's activations (~440 bytes per
+#: voxel measured on a CPU) stay within 1.5 GB + 1.5 times the tomogram's size, with the
+#: probability map, for a 300x1000x1000 float32 tomogram (tiles of 180x192x192: 2.17x the voxels).
+STREAM_MAX_TILE_VOXELS = 7_000_000
 
 
 class _StreamedTiles:
