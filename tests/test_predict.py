@@ -385,3 +385,18 @@ def test_streamed_preprocessing_gives_identical_maps(shape, pre, shallow_model, 
     assert len(made) > 1
     np.testing.assert_array_equal(streamed, whole)
 
+
+
+def test_streamed_volumes_use_the_smaller_tile_budget(shallow_model, monkeypatch):
+    import cryoves.predict as P
+
+    budgets = []
+    real = P.plan_tiles
+    monkeypatch.setattr(P, "plan_tiles", lambda *a, **k: budgets.append(k["max_tile_voxels"]) or real(*a, **k))
+    tomo = np.random.default_rng(0).normal(size=(40, 64, 64)).astype(np.float32)
+    whole = predict_probability(tomo, 1.0, shallow_model, max_tile_voxels=10 ** 7)
+    monkeypatch.setattr(P, "STREAM_VOXELS", 1)
+    monkeypatch.setattr(P, "STREAM_MAX_TILE_VOXELS", 40 * 64 * 40)
+    streamed = predict_probability(tomo, 1.0, shallow_model, max_tile_voxels=10 ** 7)
+    assert budgets == [10 ** 7, 40 * 64 * 40]
+    np.testing.assert_allclose(streamed, whole, atol=1e-4)  # other tiles: equal to float rounding
