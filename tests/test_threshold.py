@@ -306,3 +306,17 @@ def test_slab_by_slab_stages_equal_whole_volume(monkeypatch):
         n_belief = np.count_nonzero(prob >= np.float32(low))
         assert w == (n_belief > 0 and not np.count_nonzero(cand) < frac * n_belief)
     assert len(set(weak.values())) == 2  # both answers were exercised
+
+
+def test_add_weak_segments_adds_no_label_volume_on_a_confident_map():
+    from cryoves.threshold import add_weak_segments
+
+    shape = (24, 32, 32)
+    prob = np.zeros(shape, np.float32)
+    labels = np.zeros(shape, np.int32)
+    labels[4:20, 6:22, 6:22] = 1
+    prob[labels > 0] = 0.99
+    out = add_weak_segments(np.zeros(shape, np.float32), prob, labels, 2.0)
+    assert out is labels  # nothing to add: the same int32 volume, not a copy
+    out16 = add_weak_segments(np.zeros(shape, np.float32), prob, labels.astype(np.uint16), 2.0)
+    assert out16.dtype == np.int32 and np.array_equal(out16, labels)

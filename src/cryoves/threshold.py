@@ -653,7 +653,8 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     -------
     labels : ndarray of int32
         The segments of ``labels`` (kept with their values) plus one new segment per verified
-        candidate (values above ``labels.max()``).
+        candidate (values above ``labels.max()``). When the map is not weak (step 0) nothing is
+        added and the input ``labels`` is returned itself if it is int32 (else as an int32 copy).
     """
     from cryoves.refine import detection_score, fit_sphere_at, intensity_normalization
 
@@ -674,8 +675,9 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     if not _map_is_weak(probability, labels, low_threshold, min_weak_fraction,
                         4.0 / 3.0 * np.pi * r_min ** 3):
         # a confident map: the half-beliefs left over are more often look-alikes (measured: true
-        # vesicles are not lost by such maps, distractors with a clear membrane are rescued)
-        return np.asarray(labels).astype(np.int32, copy=True)
+        # vesicles are not lost by such maps, distractors with a clear membrane are rescued);
+        # nothing to add: ``labels`` itself when already int32 (one label volume less in memory)
+        return np.asarray(labels).astype(np.int32, copy=False)
     out = np.asarray(labels).astype(np.int32, copy=True)
     # 1. fragments are not trusted
     stats = segment_stats(out) if out.max() > 0 else None
