@@ -730,3 +730,38 @@ def test_read_tomogram_of_an_array_says_it_wants_a_path():
         cio.read_tomogram(np.zeros((3, 3, 3), np.float32))
     with pytest.raises(TypeError, match="read_labels\\(\\) wants the path"):
         cio.read_labels(42)
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_release_pages_drops_a_maps_resident_pages(tmp_path):
+    from cryoves.io import release_pages
+
+    path = tmp_path / "t.raw"
+    np.ones((64, 512, 512), np.float32).tofile(path)  # 64 MiB
+    shared = np.memmap(path, dtype=np.float32, mode="r", shape=(64, 512, 512))
+    before = _rss_mb()
+    assert float(shared.sum(dtype=np.float64)) == 64 * 512 * 512  # every page read
+    touched = _rss_mb()
+    release_pages(shared[3:5])  # a view: its whole map is released
+    after = _rss_mb()
+    assert touched - before > 48 and touched - after > 48, (before, touched, after)
+    assert shared[3, 5, 7] == 1.0  # still readable
+
+
+def test_release_pages_leaves_private_maps_alone(tmp_path):
+    from cryoves.io import release_pages
+
+    path = tmp_path / "t.raw"
+    np.arange(4096, dtype=np.float32).tofile(path)
+    cow = np.memmap(path, dtype=np.float32, mode="c", shape=(4096,))
+    cow[:10] = -1  # private changes must survive
+    release_pages(cow[2:])
+    assert np.all(cow[:10] == -1)
+    release_pages(np.zeros(3))  # not a map: nothing happens

@@ -401,3 +401,45 @@ def test_large_regions_keeps_regions_by_volume_with_a_margin():
 def test_scale_and_region_radius_reject_bad_values(random_model, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         predict_probability(np.zeros((16, 16, 16), np.float32), 1.0, random_model, **bad)
+
+
+@pytest.mark.parametrize("shape, pre", [((37, 70, 61), {"smooth_sigma": 0.5}),
+                                        ((40, 64, 72), {"smooth_sigma": 1.0, "invert": True}),
+                                        ((1, 90, 93), {"smooth_sigma": 0.5}),
+                                        ((33, 50, 47), {"smooth_sigma": 0})])
+def test_streamed_preprocessing_gives_identical_maps(shape, pre, shallow_model, monkeypatch, tmp_path):
+    """Large volumes are preprocessed tile by tile from a memory map: bit for bit the same map."""
+    import cryoves.predict as P
+
+    rng = np.random.default_rng(5)
+    path = tmp_path / "t.raw"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
+    mm[:] = rng.normal(size=shape) * 3 + 7
+    mm.flush()
+    tomo = np.memmap(path, dtype=np.float32, mode="r", shape=shape)
+    tiles = dict(tile_shape=(32 if shape[0] > 30 else 1, 36, 36), halo=6, blend=4)
+    whole = predict_probability(tomo, 1.0, shallow_model, preprocessing=pre, **tiles)
+    monkeypatch.setattr(P, "STREAM_VOXELS", 1)  # every volume streamed
+    monkeypatch.setattr(P, "_SLAB_VOXELS", 2000)  # statistics gathered over many slabs
+    made = []
+    real = P._StreamedTiles.__call__
+    monkeypatch.setattr(P._StreamedTiles, "__call__", lambda self, *a: made.append(a) or real(self, *a))
+    streamed = predict_probability(tomo, 1.0, shallow_model, preprocessing=pre, **tiles)
+    assert len(made) > 1
+    np.testing.assert_array_equal(streamed, whole)
+
+
+
+def test_streamed_volumes_use_the_smaller_tile_budget(shallow_model, monkeypatch):
+    import cryoves.predict as P
+
+    budgets = []
+    real = P.plan_tiles
+    monkeypatch.setattr(P, "plan_tiles", lambda *a, **k: budgets.append(k["max_tile_voxels"]) or real(*a, **k))
+    tomo = np.random.default_rng(0).normal(size=(40, 64, 64)).astype(np.float32)
+    whole = predict_probability(tomo, 1.0, shallow_model, max_tile_voxels=10 ** 7)
+    monkeypatch.setattr(P, "STREAM_VOXELS", 1)
+    monkeypatch.setattr(P, "STREAM_MAX_TILE_VOXELS", 40 * 64 * 40)
+    streamed = predict_probability(tomo, 1.0, shallow_model, max_tile_voxels=10 ** 7)
+    assert budgets == [10 ** 7, 40 * 64 * 40]
+    np.testing.assert_allclose(streamed, whole, atol=1e-4)  # other tiles: equal to float rounding

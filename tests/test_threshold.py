@@ -309,3 +309,49 @@ def test_large_candidates_are_verified_and_small_segments_are_not_released():
     assert set(np.unique(out)) == {0, 1, 2, big}
     with pytest.raises(ValueError, match="fragment_radius_nm"):
         add_weak_segments(tomo, cand, labels, vs, fragment_radius_nm=-1.0)
+
+
+def test_slab_by_slab_stages_equal_whole_volume(monkeypatch):
+    """The global threshold's shell statistics, the weak-map test and the adaptive relabelling done
+    slab by slab (bounded memory) give exactly the whole-volume results."""
+    import cryoves.threshold as T
+
+    rng = np.random.default_rng(4)
+    shape = (23, 40, 37)
+    prob = ndi.gaussian_filter(rng.random(shape), 2.0)
+    prob = ((prob - prob.min()) / np.ptp(prob)).astype(np.float32)
+    tomo = rng.normal(size=shape).astype(np.float32)
+    whole = T.global_threshold(tomo, prob, thresholds=np.linspace(0.3, 0.9, 13))
+    labels = whole.labels
+    weak = {}
+    for low in (0.2, 0.5, 0.7):
+        for frac in (0.05, 0.3, 0.9):
+            weak[low, frac] = T._map_is_weak(prob, labels, low, frac, 30.0)
+    monkeypatch.setattr(T, "_SLAB_VOXELS", 3 * 40 * 37)  # slabs of 3 planes
+    sliced = T.global_threshold(tomo, prob, thresholds=np.linspace(0.3, 0.9, 13))
+    np.testing.assert_array_equal(sliced.shell_means, whole.shell_means)
+    np.testing.assert_array_equal(sliced.shell_counts, whole.shell_counts)
+    assert sliced.threshold == whole.threshold
+    for (low, frac), w in weak.items():
+        assert T._map_is_weak(prob, labels, low, frac, 30.0) == w
+        # the rule written out on whole volumes
+        stats = T.segment_stats(labels)
+        trusted = np.isin(labels, stats["label"][stats["volume"] >= 30.0])
+        cand = (prob >= np.float32(low)) & ~ndi.binary_dilation(trusted, structure=T._structure(1), iterations=2)
+        n_belief = np.count_nonzero(prob >= np.float32(low))
+        assert w == (n_belief > 0 and not np.count_nonzero(cand) < frac * n_belief)
+    assert len(set(weak.values())) == 2  # both answers were exercised
+
+
+def test_add_weak_segments_adds_no_label_volume_on_a_confident_map():
+    from cryoves.threshold import add_weak_segments
+
+    shape = (24, 32, 32)
+    prob = np.zeros(shape, np.float32)
+    labels = np.zeros(shape, np.int32)
+    labels[4:20, 6:22, 6:22] = 1
+    prob[labels > 0] = 0.99
+    out = add_weak_segments(np.zeros(shape, np.float32), prob, labels, 2.0)
+    assert out is labels  # nothing to add: the same int32 volume, not a copy
+    out16 = add_weak_segments(np.zeros(shape, np.float32), prob, labels.astype(np.uint16), 2.0)
+    assert out16.dtype == np.int32 and np.array_equal(out16, labels)

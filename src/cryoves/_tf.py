@@ -26,7 +26,7 @@ import sys
 import tempfile
 import types
 
-__all__ = ["import_tensorflow", "import_keras"]
+__all__ = ["import_tensorflow", "import_keras", "compute_device"]
 
 _FLAGS_MODULE = "tensorflow.python.pywrap_dlopen_global_flags"
 
@@ -113,3 +113,27 @@ def import_keras():
     import keras
 
     return keras
+
+
+def compute_device() -> str:
+    """Where TensorFlow runs the U-Net: ``"GPU:0 (<name>)"`` when it sees a GPU, else ``"CPU (<n> cores)"``.
+
+    TensorFlow places the network on the first visible GPU by default; cryoves does not change
+    that. Imports TensorFlow. Recorded in the run record of ``cryoves segment`` and in the notes
+    of a trained model's card.
+    """
+    tf = import_tensorflow()
+    try:
+        gpus = tf.config.list_physical_devices("GPU")
+    except Exception:  # pragma: no cover - a broken CUDA set-up: TensorFlow falls back to the CPU
+        gpus = []
+    if gpus:  # pragma: no cover - no GPU on the test machines
+        name = ""
+        with contextlib.suppress(Exception):
+            name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "")
+        return f"GPU:0 ({name})" if name else "GPU:0"
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return f"CPU ({n} cores)"

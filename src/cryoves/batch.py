@@ -143,6 +143,7 @@ def segment_one(tomo_path, mask_path, folder, options: RunOptions, get_params: C
     """
     from cryoves import __version__
     from cryoves import io as cio
+    from cryoves._tf import compute_device
     from cryoves.export import export_results
 
     tomo_path = Path(tomo_path)
@@ -203,6 +204,7 @@ def segment_one(tomo_path, mask_path, folder, options: RunOptions, get_params: C
         "voxel_size_nm": vs,
         "inverted": bool(options.invert),
         "weights": None if model is None else str(getattr(model, "path", None) or getattr(model.card, "name", "")),
+        "device": compute_device(),  # where the U-Net ran
         "threshold": result.threshold if result.threshold == result.threshold else None,
         "n_accepted": result.n_accepted,
         "n_removed": result.n_removed,

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import math
+import mmap
 import os
 import shlex
 import struct
@@ -62,7 +63,7 @@ __all__ = [
     "write_vesicles_csv", "read_vesicles_csv", "vesicles_csv_text",
     "write_star", "read_star",
     "write_imod_model", "read_imod_model",
-    "protect_path", "is_protected", "check_output_dir",
+    "protect_path", "is_protected", "check_output_dir", "release_pages",
     "atomic_path", "atomic_write_bytes", "atomic_write_text",
     "VOXEL_SIZE_RANGE_NM", "MRC_SUFFIXES",
 ]
@@ -366,6 +367,36 @@ def _raw_data(info: MrcInfo) -> tuple[np.ndarray, bool]:
     return raw, False
 
 
+def release_pages(array) -> None:
+    """Drop a memory-mapped array's pages from this process's resident set (Linux ``madvise``).
+
+    The data stay in the operating system's file cache, so reading them again is cheap; the
+    process just stops holding them (its RSS falls by what it had read). Stages that read a whole
+    memory-mapped tomogram call it afterwards, so that a large tomogram is not held twice (as
+    file pages and as a working copy). No-op for arrays that are not memory-mapped, for
+    copy-on-write maps (whose changes would be lost) and where ``madvise`` is unavailable.
+
+    Parameters
+    ----------
+    array : ndarray
+        A :class:`numpy.memmap` or a view of one.
+    """
+    base = array
+    while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
+        base = base.base
+    # only shared maps ("r", "r+", "w+"): dropping the pages of a copy-on-write map ("c") would
+    # discard its changes
+    if not isinstance(base, np.memmap) or getattr(base, "mode", None) not in ("r", "r+", "w+"):
+        return
+    base = getattr(base, "_mmap", None)
+    if not isinstance(base, mmap.mmap) or not hasattr(base, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        base.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):  # pragma: no cover - closed map, unsupported platform
+        pass
+
+
 def read_tomogram(path, voxel_size: float | None = None, *, mmap: bool = True,
                   check: bool = True) -> tuple[np.ndarray, float]:
     """Read a tomogram from an MRC file as float32 (Z, Y, X) and its voxel size in nm.
@@ -443,6 +474,7 @@ def read_tomogram(path, voxel_size: float | None = None, *, mmap: bool = True,
         del raw
     if check:
         _check_values(out, path)
+        release_pages(out)  # the scan read every page; they stay in the file cache, not in this process
     protect_path(path)
     return out, vs
 

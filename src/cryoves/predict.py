@@ -25,7 +25,10 @@
    (separable) sum of weights. Tiles are as large as ``max_tile_voxels`` allows and
    chosen to minimise the voxels pushed through the net; at the volume border a tile
    uses the network's own zero padding, as a whole-volume pass would, so the border costs
-   no halo. Prediction runs on the batch-norm-folded twin of the network
+   no halo. Volumes of at least :data:`STREAM_VOXELS` voxels that need no resampling are
+   preprocessed tile by tile from the (memory-mapped) input, with the same numbers, and at most
+   :data:`STREAM_MAX_TILE_VOXELS` voxels per network call, to bound the memory.
+   Prediction runs on the batch-norm-folded twin of the network
    (:meth:`cryoves.model.UNetModel.inference_model`) with ``predict_on_batch``.
 5. **Resamples back** to exactly the input shape (linear) and clips to [0, 1].
 
@@ -53,6 +56,7 @@ import numpy as np
 from scipy import ndimage
 
 from cryoves._progress import ProgressCallback, report
+from cryoves.io import release_pages
 from cryoves.table import check_voxel_size
 
 __all__ = ["predict_probability", "large_regions", "plan_tiles", "TilePlan", "resample", "normalize", "preprocess",
@@ -313,7 +317,13 @@ def normalize(volume: np.ndarray, normalization: dict, invert: bool = False) -> 
 
 
 def _normalize_inplace(vol: np.ndarray, normalization: dict) -> None:
-    sub = _subsample(vol)
+    offset, scale = _statistics_of(_subsample(vol), normalization)
+    vol -= np.float32(offset)
+    vol *= np.float32(1.0 / scale)
+
+
+def _statistics_of(sub: np.ndarray, normalization: dict):
+    """``(offset, scale)`` of a normalisation from a (float64) subsample of the volume."""
     method = normalization.get("method")
     if method == "percentile":
         lo, hi = np.percentile(sub, [float(normalization["p_low"]),
@@ -325,8 +335,7 @@ def _normalize_inplace(vol: np.ndarray, normalization: dict) -> None:
         raise ValueError(f"unknown normalization method {method!r}")
     if not np.isfinite(scale) or scale <= 0:
         scale = 1.0  # constant volume: only shift it
-    vol -= np.float32(offset)
-    vol *= np.float32(1.0 / scale)
+    return offset, scale
 
 
 def preprocess(volume: np.ndarray, preprocessing: dict, *, copy: bool = True) -> np.ndarray:
@@ -518,23 +527,32 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
         model_shape = tuple(max(1, int(round(s * factor))) for s in in_shape)
         vol = resample(tomogram, model_shape, order=1, anti_alias=True)
 
-    # 2. invert, smooth, normalise (in place only on our own resampled copy)
-    vol = preprocess(vol, card.preprocessing, copy=vol is tomogram)
-
-    # 3. tiles
+    # 2.-3. invert, smooth, normalise; tiles
     rf_width, rf_radius = model.receptive_field
     halo = rf_radius if halo is None else int(halo)
-    plan = plan_tiles(model_shape, divisor=model.divisor, halo=halo, blend=blend,
-                      tile_shape=tile_shape, max_tile_voxels=max_tile_voxels)
-    pad = [(0, p - s) for p, s in zip(plan.shape, model_shape)]
-    if any(after for _, after in pad):
-        vol = np.pad(vol, pad, mode="reflect" if min(model_shape) > 1 else "edge")
-    prob = _predict_tiles(vol, model, plan, batch_size, tta, progress, max_tile_voxels)
-    del vol
-    prob = prob[: model_shape[0], : model_shape[1], : model_shape[2]]
+    streamed = vol is tomogram and int(np.prod(model_shape)) >= STREAM_VOXELS
+    budget = min(max_tile_voxels, STREAM_MAX_TILE_VOXELS) if streamed else max_tile_voxels
+    plan = plan_tiles(model_shape, divisor=model.divisor, halo=halo, blend=blend, tile_shape=tile_shape,
+                      max_tile_voxels=budget)
+    pad_mode = "reflect" if min(model_shape) > 1 else "edge"
+    if streamed:
+        # a large volume on the model grid: preprocessed tile by tile from the (memory-mapped)
+        # input, the same numbers without a preprocessed copy of the whole volume
+        fetch = _StreamedTiles(tomogram, card.preprocessing, plan, pad_mode)
+        prob = _predict_tiles(None, model, plan, batch_size, tta, progress, budget,
+                              out_shape=model_shape, fetch=fetch)
+        release_pages(tomogram)
+    else:
+        vol = preprocess(vol, card.preprocessing, copy=vol is tomogram)  # in place on our own copy
+        release_pages(tomogram)
+        pad = [(0, p - s) for p, s in zip(plan.shape, model_shape)]
+        if any(after for _, after in pad):
+            vol = np.pad(vol, pad, mode=pad_mode)
+        prob = _predict_tiles(vol, model, plan, batch_size, tta, progress, max_tile_voxels,
+                              out_shape=model_shape)
+        del vol
     if min_region_radius_nm is not None:  # on the model grid: vs / factor nm per voxel
-        vox_nm = vs / factor
-        prob = large_regions(prob, vox_nm, min_region_radius_nm)
+        prob = large_regions(prob, vs / factor, min_region_radius_nm)
 
     # 4. back to the input grid
     if model_shape != in_shape:
@@ -593,9 +611,90 @@ def large_regions(probability: np.ndarray, voxel_size: float, min_radius_nm: flo
     out[region] = prob[region]
     return out
 
-def _predict_tiles(vol: np.ndarray, model, plan: TilePlan, batch_size, tta: bool,
-                   progress: ProgressCallback, max_tile_voxels: int) -> np.ndarray:
-    """Run the network over the tiles of ``plan`` and blend; ``vol`` is already padded."""
+
+#: Volumes of at least this many voxels (on the model grid, when no resampling is needed) are
+#: preprocessed tile by tile from the (memory-mapped) input rather than as one float32 copy: the
+#: same numbers, one volume less memory, the smoothing of the tile overlaps computed again.
+STREAM_VOXELS = 64 * 2 ** 20
+_SLAB_VOXELS = 16 * 2 ** 20  # voxels per slab of the statistics pass
+#: Voxels per network call for such volumes (at most): the network's activations (~440 bytes per
+#: voxel measured on a CPU) stay within 1.5 GB + 1.5 times the tomogram's size, with the
+#: probability map, for a 300x1000x1000 float32 tomogram (tiles of 180x192x192: 2.17x the voxels).
+STREAM_MAX_TILE_VOXELS = 7_000_000
+
+
+class _StreamedTiles:
+    """Preprocessed tiles of a volume, made one at a time, equal to :func:`preprocess` + padding.
+
+    Smoothing a box that reaches ``radius`` voxels beyond the tile on every side that is not the
+    volume's border gives, inside the tile, exactly the values of smoothing the whole volume
+    (the same kernel over the same inputs); normalisation statistics come from the same regular
+    subsample of the smoothed volume, gathered slab by slab; padding maps padded coordinates back
+    onto the volume as :func:`numpy.pad` does.
+    """
+
+    def __init__(self, tomogram, preprocessing: dict, plan: TilePlan, pad_mode: str):
+        if "normalization" not in preprocessing:
+            raise ValueError("preprocessing needs a 'normalization' (see cryoves.model.ModelCard)")
+        self.src = tomogram
+        self.invert = bool(preprocessing.get("invert", False))
+        self.sigma = float(preprocessing.get("smooth_sigma", 0.0) or 0.0)
+        self.radius = int(4.0 * self.sigma + 0.5) if self.sigma > 0 else 0  # scipy's, truncate=4
+        shape = tuple(int(n) for n in tomogram.shape)
+        self.index = [np.pad(np.arange(n), (0, p - n), mode=pad_mode) for n, p in zip(shape, plan.shape)]
+        self.tile = plan.tile_shape
+        self.offset, self.scale = self._statistics(preprocessing["normalization"])
+
+    def _smoothed(self, box) -> np.ndarray:
+        """Inverted and smoothed ``src[box]`` (a new float32 array)."""
+        a = np.array(self.src[box], dtype=np.float32, copy=True)
+        if self.invert:
+            np.negative(a, out=a)
+        if self.sigma > 0:
+            ndimage.gaussian_filter(a, sigma=self.sigma, output=a, mode="nearest", truncate=4.0)
+        return a
+
+    def _statistics(self, normalization: dict):
+        shape = self.src.shape
+        n = int(np.prod(shape))
+        step = max(1, int(math.ceil((n / _STATS_VOXELS) ** (1.0 / 3.0))))  # as _subsample
+        rows = np.arange(0, shape[0], step)
+        per_slab = max(1, _SLAB_VOXELS // max(1, shape[1] * shape[2] * step))
+        parts = []
+        r = self.radius
+        for i in range(0, len(rows), per_slab):
+            zs = rows[i:i + per_slab]
+            z0, z1 = max(0, int(zs[0]) - r), min(shape[0], int(zs[-1]) + 1 + r)
+            slab = self._smoothed((slice(z0, z1), slice(None), slice(None)))
+            parts.append(np.asarray(slab[zs - z0, ::step, ::step], dtype=np.float64))
+            release_pages(self.src)
+        sub = np.concatenate(parts, axis=0).ravel()
+        offset, scale = _statistics_of(sub, normalization)
+        return np.float32(offset), np.float32(1.0 / scale)
+
+    def __call__(self, z: int, y: int, x: int) -> np.ndarray:
+        idx = [ind[s:s + t] for ind, s, t in zip(self.index, (z, y, x), self.tile)]
+        box = tuple(slice(max(0, int(i.min()) - self.radius), min(n, int(i.max()) + 1 + self.radius))
+                    for i, n in zip(idx, self.src.shape))
+        a = self._smoothed(box)
+        release_pages(self.src)  # the tile is copied: the map's pages need not stay resident
+        a -= self.offset
+        a *= self.scale
+        local = [i - b.start for i, b in zip(idx, box)]
+        if all(len(loc) == loc[-1] - loc[0] + 1 and np.all(np.diff(loc) == 1) for loc in local):
+            return a[tuple(slice(int(loc[0]), int(loc[-1]) + 1) for loc in local)]
+        return a[np.ix_(*local)]
+
+
+def _predict_tiles(vol: Optional[np.ndarray], model, plan: TilePlan, batch_size, tta: bool,
+                   progress: ProgressCallback, max_tile_voxels: int,
+                   out_shape: Optional[Sequence[int]] = None, fetch=None) -> np.ndarray:
+    """Run the network over the tiles of ``plan`` and blend.
+
+    ``vol`` is the preprocessed volume, already padded to ``plan.shape``, or None when
+    ``fetch(z, y, x)`` makes each preprocessed tile. The result has ``out_shape`` (default
+    ``plan.shape``): the padded margin beyond it is never stored.
+    """
     net = model.inference_model()
     tile = plan.tile_shape
     tile_vox = int(np.prod(tile))
@@ -611,14 +710,18 @@ def _predict_tiles(vol: np.ndarray, model, plan: TilePlan, batch_size, tta: bool
                for ax in range(3)]
     index = [{s: i for i, s in enumerate(plan.starts[ax])} for ax in range(3)]
 
-    out = np.zeros(plan.shape, dtype=np.float32)
+    out_shape = tuple(plan.shape) if out_shape is None else tuple(int(n) for n in out_shape)
+    out = np.zeros(out_shape, dtype=np.float32)
+    if fetch is None:
+        def fetch(z, y, xx):
+            return vol[z:z + tile[0], y:y + tile[1], xx:xx + tile[2]]
     report(progress, "predict", 0, n_batches)
     inv_n = np.float32(1.0 / len(flips))
     for b in range(n_batches):
         batch_jobs = jobs[b * batch_size:(b + 1) * batch_size]
         x = np.empty((len(batch_jobs),) + tile + (1,), dtype=np.float32)
         for i, ((z, y, xx), flip) in enumerate(batch_jobs):
-            t = vol[z:z + tile[0], y:y + tile[1], xx:xx + tile[2]]
+            t = fetch(z, y, xx)
             x[i, ..., 0] = np.flip(t, flip) if flip else t
         y_pred = np.asarray(net.predict_on_batch(x))[..., 0]
         del x
@@ -628,7 +731,9 @@ def _predict_tiles(vol: np.ndarray, model, plan: TilePlan, batch_size, tta: bool
                  * weights[1][index[1][y]][None, :, None]
                  * weights[2][index[2][xx]][None, None, :])
             w *= inv_n
-            out[z:z + tile[0], y:y + tile[1], xx:xx + tile[2]] += p * w
+            kz, ky, kx = (min(t, n - o) for t, n, o in zip(tile, out_shape, (z, y, xx)))
+            if kz > 0 and ky > 0 and kx > 0:  # a tile can lie wholly in the padded margin
+                out[z:z + kz, y:y + ky, xx:xx + kx] += p[:kz, :ky, :kx] * w[:kz, :ky, :kx]
         del y_pred
         report(progress, "predict", b + 1, n_batches)
 
@@ -640,7 +745,7 @@ def _predict_tiles(vol: np.ndarray, model, plan: TilePlan, batch_size, tta: bool
             acc[s:s + tile[ax]] += w
         if np.any(acc <= 0):  # pragma: no cover - guaranteed by plan_tiles
             raise RuntimeError("tile plan leaves voxels uncovered")
-        wsum.append((1.0 / acc).astype(np.float32))
+        wsum.append((1.0 / acc).astype(np.float32)[: out_shape[ax]])
     out *= wsum[0][:, None, None]
     out *= wsum[1][None, :, None]
     out *= wsum[2][None, None, :]

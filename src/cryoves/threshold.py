@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from cryoves._progress import ProgressCallback, report
+from cryoves.io import release_pages
 from cryoves.table import check_voxel_size
 
 __all__ = ["GlobalThresholdResult", "global_threshold", "adaptive_threshold", "segment_stats",
@@ -42,6 +43,7 @@ __all__ = ["GlobalThresholdResult", "global_threshold", "adaptive_threshold", "s
 #: ``"paper"``: the darkest-shell global threshold alone; ``"robust"``: plus
 #: :func:`add_weak_segments` (vesicles the network is less sure of, verified by their membrane).
 THRESHOLD_MODES = ("paper", "robust")
+_SLAB_VOXELS = 16 * 2 ** 20  # voxels per slab where whole-volume work is done slab by slab
 
 
 def default_thresholds() -> np.ndarray:
@@ -163,16 +165,28 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
     report(progress, "global threshold", 0, 2)
 
     p = np.asarray(probability, dtype=np.float32)
-    pmin = _ball1_min(p)
-    cand = p >= ts[0]
-    cand &= pmin < ts[-1]
-    if mask is not None:
-        cand &= mask
-    idx = np.flatnonzero(cand)
-    pv = p.ravel()[idx].astype(np.float64)
-    mv = pmin.ravel()[idx].astype(np.float64)
-    iv = np.asarray(tomogram).ravel()[idx].astype(np.float64)
-    del pmin, cand
+    # candidate shell voxels slab by slab (a slab's erosion sees one more plane on each side), in
+    # the order of the whole volume: no volume-sized temporaries
+    pv, mv, iv = [], [], []
+    n_z = p.shape[0]
+    step = max(1, _SLAB_VOXELS // max(1, p.shape[1] * p.shape[2]))
+    for z0 in range(0, n_z, step):
+        z1 = min(n_z, z0 + step)
+        a0, a1 = max(0, z0 - 1), min(n_z, z1 + 1)
+        pmin = _ball1_min(p[a0:a1])[z0 - a0: z1 - a0]
+        ps = p[z0:z1]
+        cand = ps >= ts[0]
+        cand &= pmin < ts[-1]
+        if mask is not None:
+            cand &= mask[z0:z1]
+        idx = np.flatnonzero(cand)
+        pv.append(ps.ravel()[idx])
+        mv.append(pmin.ravel()[idx])
+        iv.append(np.asarray(tomogram[z0:z1]).ravel()[idx])
+    pv = np.concatenate(pv).astype(np.float64)
+    mv = np.concatenate(mv).astype(np.float64)
+    iv = np.concatenate(iv).astype(np.float64)
+    release_pages(tomogram)
     # voxel is on the shell of thresholds ts[lo:hi]: ts > pmin and ts <= p
     lo = np.searchsorted(ts, mv, side="right")
     hi = np.searchsorted(ts, pv, side="right")
@@ -240,6 +254,24 @@ def _pad_slices(sl, shape, pad):
     return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(sl, shape))
 
 
+def _single_dome(image, seg) -> bool:
+    """True when ``h_maxima(image, h) & seg`` (any h > 0) is certainly one 26-connected piece or empty.
+
+    A voxel of the h-maxima (``image - reconstruction(image - h) >= h``, full 3x3x3 connectivity,
+    as :func:`skimage.morphology.h_maxima`) cannot have a neighbour higher than itself beyond
+    rounding: the ascending path from it would carry the reconstruction to within less than
+    ``h`` of its value. So the h-maxima lie among the voxels no neighbour exceeds (by more than a
+    tolerance far above rounding); when those that lie in ``seg`` fit in a 2x2x2 box, any subset
+    of them is 26-connected. A cheap, exact test that skips the costly h-maxima for most single
+    vesicles.
+    """
+    tol = 1e-7 * max(1.0, float(np.abs(image).max(initial=0.0)))
+    top = ndi.maximum_filter(image, size=3, mode="constant", cval=-np.inf) <= image + tol
+    top &= seg
+    pts = np.argwhere(top)
+    return len(pts) == 0 or bool(np.all(pts.max(axis=0) - pts.min(axis=0) <= 1))
+
+
 def _split_by_distance(seg, min_part, min_keep, structure):
     """Split touching spheres at the necks of the Euclidean distance transform.
 
@@ -251,7 +283,10 @@ def _split_by_distance(seg, min_part, min_keep, structure):
     from skimage.segmentation import watershed
 
     dist = ndi.distance_transform_edt(seg)
-    peaks = h_maxima(ndi.gaussian_filter(dist, 0.5), 0.5) & seg
+    smooth = ndi.gaussian_filter(dist, 0.5)
+    if _single_dome(smooth, seg):
+        return None  # what h_maxima and the labelling below would conclude, without them
+    peaks = h_maxima(smooth, 0.5) & seg
     markers, n = ndi.label(peaks, structure=np.ones((3, 3, 3), bool))
     if n < 2:
         return None
@@ -286,23 +321,36 @@ def _split_by_threshold(pc, seg, threshold, step, fine_step, min_part, min_keep,
     of ``min_keep`` voxels or more.
     """
     pm = np.where(seg, pc, -1.0).astype(np.float32)
+    # {pm >= t} shrinks as t grows, so two thresholds that keep as many voxels keep the same
+    # voxels: their labelling is looked up by that count instead of being redone
+    by_count = {}
 
     def parts_at(t):
-        lab, n = ndi.label(pm >= t, structure=structure)
-        if n < 2:
-            return lab, 0
-        sizes = np.bincount(lab.ravel())[1:]
-        return lab, int(np.sum(sizes >= min_part))
+        above = pm >= t
+        count = int(np.count_nonzero(above))
+        if count not in by_count:
+            if count < 2 * min_part:  # too few voxels for two parts
+                by_count[count] = (None, 0)
+            else:
+                lab, n = ndi.label(above, structure=structure)
+                if n < 2:
+                    by_count[count] = (lab, 0)
+                else:
+                    sizes = np.bincount(lab.ravel())[1:]
+                    by_count[count] = (lab, int(np.sum(sizes >= min_part)))
+        return by_count[count] + (count,)
 
     # coarse search in `step`, then refine the first splitting interval with `fine_step`
     lo_t = float(threshold)
     t = lo_t + step
     found = None
     while t <= 1.0 + 1e-12:
-        lab, n = parts_at(t)
+        lab, n, count = parts_at(t)
         if n >= 2:
             found = t
             break
+        if count < 2 * min_part:
+            break  # no higher threshold keeps enough voxels for two parts either
         lo_t = t
         t = round(t + step, 10)
     if found is None:
@@ -317,7 +365,7 @@ def _split_by_threshold(pc, seg, threshold, step, fine_step, min_part, min_keep,
             hi_t = mid
         else:
             lo_t = mid
-    lab, _ = parts_at(hi_t)
+    lab = parts_at(hi_t)[0]
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     markers = np.where(sizes[lab] >= min_part, lab, 0).astype(np.int32)
@@ -503,9 +551,11 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
     keep_labels = stats["label"][~bad]
     lut = np.zeros(int(out.max()) + 1 if out.size else 1, dtype=np.int32)
     lut[keep_labels] = np.arange(1, len(keep_labels) + 1, dtype=np.int32)
-    result = lut[out]
+    step = max(1, _SLAB_VOXELS // max(1, shape[1] * shape[2]))
+    for z0 in range(0, shape[0], step):  # relabel in place, slab by slab
+        out[z0:z0 + step] = lut[out[z0:z0 + step]]
     report(progress, "adaptive threshold", total, total)
-    return result
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,7 +659,8 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     -------
     labels : ndarray of int32
         The segments of ``labels`` (kept with their values) plus one new segment per verified
-        candidate (values above ``labels.max()``).
+        candidate (values above ``labels.max()``). When the map is not weak (step 0) nothing is
+        added and the input ``labels`` is returned itself if it is int32 (else as an int32 copy).
     """
     from cryoves.refine import detection_score, fit_sphere_at, intensity_normalization
 
@@ -626,13 +677,19 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
         raise ValueError(f"need 0 < min_radius_nm < max_radius_nm, got {min_radius_nm}, {max_radius_nm}")
     structure = _structure(connectivity)
     shape = labels.shape
-    out = np.asarray(labels).astype(np.int32, copy=True)
     r_min = min_radius_nm / voxel_size
     if fragment_radius_nm is None:
         fragment_radius_nm = min_radius_nm
     if not (np.isfinite(fragment_radius_nm) and fragment_radius_nm >= 0):
         raise ValueError(f"fragment_radius_nm must be >= 0 nm, got {fragment_radius_nm}")
     r_frag = fragment_radius_nm / voxel_size
+    if not _map_is_weak(probability, labels, low_threshold, min_weak_fraction,
+                        4.0 / 3.0 * np.pi * r_frag ** 3):
+        # a confident map: the half-beliefs left over are more often look-alikes (measured: true
+        # vesicles are not lost by such maps, distractors with a clear membrane are rescued);
+        # nothing to add: ``labels`` itself when already int32 (one label volume less in memory)
+        return np.asarray(labels).astype(np.int32, copy=False)
+    out = np.asarray(labels).astype(np.int32, copy=True)
     # 1. fragments are not trusted
     stats = segment_stats(out) if out.max() > 0 and r_frag > 0 else None
     frag_mask = None
@@ -727,6 +784,35 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
             found_r.append(r)
     report(progress, "weak segments", len(order), len(order))
     return _restore_fragments(out, labels, frag_mask)
+
+
+def _map_is_weak(probability, labels, low_threshold, min_weak_fraction, min_volume) -> bool:
+    """Step 0 of :func:`add_weak_segments`, slab by slab (no volume-sized temporaries).
+
+    True when at least ``min_weak_fraction`` of the voxels of ``probability >= low_threshold``
+    lie farther than 2 voxels (6-connected steps) from every segment of ``labels`` of at least
+    ``min_volume`` voxels (smaller ones are fragments, not trusted).
+    """
+    lab = np.asarray(labels)
+    trusted = np.zeros(int(lab.max()) + 1 if lab.size else 1, dtype=bool)
+    if lab.size and lab.max() > 0:
+        stats = segment_stats(lab)
+        trusted[stats["label"][stats["volume"] >= min_volume]] = True
+    low = np.float32(low_threshold)
+    n_z = lab.shape[0]
+    step = max(1, _SLAB_VOXELS // max(1, lab.shape[1] * lab.shape[2]))
+    n_belief = n_cand = 0
+    for z0 in range(0, n_z, step):
+        z1 = min(n_z, z0 + step)
+        a0, a1 = max(0, z0 - 2), min(n_z, z1 + 2)  # two dilation steps need two more planes
+        near = trusted[lab[a0:a1]]
+        if near.any():
+            near = ndi.binary_dilation(near, structure=_structure(1), iterations=2)
+        above = np.asarray(probability[z0:z1], dtype=np.float32) >= low
+        n_belief += int(np.count_nonzero(above))
+        above &= ~near[z0 - a0: z1 - a0]
+        n_cand += int(np.count_nonzero(above))
+    return n_belief > 0 and not n_cand < min_weak_fraction * n_belief
 
 
 def _restore_fragments(out, labels, frag_mask):

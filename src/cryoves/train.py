@@ -359,6 +359,8 @@ def train_model(train_volumes: Sequence[TrainingVolume], val_volumes: Sequence[T
 
 
 def _save(model, out_stem, history, params, card_updates, t0):
+    from cryoves._tf import compute_device
+
     history.seconds = time.perf_counter() - t0
     card = model.card
     for k, v in (card_updates or {}).items():
@@ -367,7 +369,8 @@ def _save(model, out_stem, history, params, card_updates, t0):
         setattr(card, k, v)
     card.metrics = {**card.metrics, "val_dice": round(history.best_val_dice, 4),
                     "best_epoch": history.best_epoch + 1, "epochs_run": len(history.val_dice)}
-    card.notes = ("trained by cryoves.train: " + json.dumps({**asdict(params), "seconds": round(history.seconds)})
+    card.notes = ("trained by cryoves.train: " + json.dumps({**asdict(params), "seconds": round(history.seconds),
+                                                     "device": compute_device()})
                   + ("; " + card.notes if card.notes and not card.notes.startswith("trained by") else ""))
     model.save(out_stem)
     from cryoves.io import atomic_write_text

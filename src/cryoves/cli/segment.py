@@ -33,7 +33,9 @@ summary and the exit status are the same (:mod:`cryoves.batch`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -180,6 +182,64 @@ def _load_model(weights):
         return load_model_checked(weights)
     except RunError as err:
         raise CliError(str(err)) from None
+
+
+class _ModelLoader:
+    """Import TensorFlow and build the U-Net in a background thread while the first tomogram is read.
+
+    Started only once every argument, header and output check has passed. While the thread runs,
+    ``sys.stderr`` (when it is the process's own) is a duplicate of the stderr file descriptor: :mod:`cryoves._tf` routes that
+    descriptor to a temporary file during the import (to drop TensorFlow's start-up chatter), and
+    this process's own messages (progress, errors) must not wait for it or be lost with it.
+    :meth:`result` waits for the model and raises the loading error, if any, in the caller's thread.
+    """
+
+    def __init__(self, weights):
+        self.weights = weights
+        self.thread = None
+        self.model = None
+        self.error = None
+        self._saved_stderr = None
+
+    def _work(self) -> None:
+        try:
+            model = _load_model(self.weights)
+            model.inference_model()  # the batch-norm-folded network prediction uses (cached)
+            self.model = model
+        except BaseException as err:  # re-raised by result() in the caller's thread
+            self.error = err
+
+    def start(self) -> None:
+        if self.thread is not None:
+            return
+        try:
+            if sys.stderr is not sys.__stderr__:  # already redirected (a caller's, a test's): not on the fd
+                raise ValueError
+            fd = os.dup(sys.__stderr__.fileno())
+            self._saved_stderr = sys.stderr
+            sys.stderr.flush()
+            sys.stderr = open(fd, "w", buffering=1, encoding=getattr(sys.__stderr__, "encoding", None),
+                              errors="backslashreplace", closefd=True)
+        except (OSError, ValueError, AttributeError):  # no real stderr: nothing to protect
+            self._saved_stderr = None
+        self.thread = threading.Thread(target=self._work, name="cryoves-load-model", daemon=True)
+        self.thread.start()
+
+    def result(self):
+        """The loaded model (loads it here when :meth:`start` was not called)."""
+        if self.thread is None:
+            self._work()
+        else:
+            self.thread.join()
+            if self._saved_stderr is not None:
+                # the duplicate stays open: a logging handler made during the import may hold it
+                sys.stderr.flush()
+                sys.stderr, self._saved_stderr = self._saved_stderr, None
+        if self.error is not None:
+            err, self.error = self.error, None
+            self.thread = None  # a later call tries again (and raises again)
+            raise err
+        return self.model
 
 
 def _check_input_file(path: Path, what: str) -> None:
@@ -372,9 +432,17 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
         plan.append((tomo, mask, folder))
 
     params_box = []
+    model_box = []
+    loader = _ModelLoader(args.weights)
+    local = [False]  # tomograms segmented in this process (not on a dask cluster)
 
     def get_params():  # the pipeline is imported only now (1.5-3 s), after the first tomogram is read
         if not params_box:
+            if local[0] and not model_box:
+                # the first tomogram is read and its values checked: TensorFlow is imported and the
+                # U-Net built in the background while the pipeline is imported here
+                _info(args, "loading the U-Net")
+                loader.start()
             from cryoves.pipeline import SegmentParams
 
             try:
@@ -389,12 +457,9 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
                                .replace("SegmentParams.min_radius_nm", "--min-radius-nm")) from None
         return params_box[0]
 
-    model_box = []
-
     def get_model():
         if not model_box:
-            _info(args, "loading the U-Net")
-            model_box.append(_load_model(args.weights))
+            model_box.append(loader.result())
         return model_box[0]
 
     options = RunOptions(voxel_size=args.voxel_size, invert=bool(args.invert), formats=formats,
@@ -419,6 +484,7 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
     if plan and (getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None):
         _run_on_cluster(args, plan, options, get_params(), take)
     else:
+        local[0] = True
         for i, (tomo, mask, folder) in enumerate(plan):
             _info(args, f"[{i + 1}/{len(plan)}] {tomo}" if not single else f"reading {tomo}")
             bars = _Bars(_stem(tomo), args.quiet)
