@@ -88,8 +88,9 @@ def add_parser(sub):
                    help="also write every row (all metrics, per stage) as JSON to this file (default: none)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation in prediction (default: off)")
     p.add_argument("--compare-unsmoothed", action="store_true",
-                   help="also evaluate every weights file whose model card smooths its input without that "
-                        "smoothing (smooth_sigma 0), side by side (default: off)")
+                   help="also evaluate every weights file given by path (not 'default') whose model card "
+                        "smooths its input without that smoothing (smooth_sigma 0), side by side "
+                        "(default: off)")
     return p
 
 
@@ -212,7 +213,7 @@ def run(args) -> int:
     if args.compare_unsmoothed:
         for w in weights:
             sigma = models[w].card.preprocessing["smooth_sigma"]
-            if sigma > 0:
+            if sigma > 0 and w != "default":
                 key = f"{w} (unsmoothed)"
                 runs.append((key, w, {"smooth_sigma": 0.0}))
                 labels[key] = f"{labels[w]}, σ 0"
