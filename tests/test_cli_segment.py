@@ -55,6 +55,7 @@ def test_end_to_end_single(tmp_path, tomo, random_weights, capsys):
     assert "vesicles found" in captured.out and "time:" in captured.out
     # no temporary files left
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert info["params"]["large_scale"] == 0.75  # the large-vesicle pass runs by default
 
 
 def test_refuses_to_overwrite_results(tmp_path, tomo, random_weights, capsys, monkeypatch):
@@ -207,3 +208,12 @@ def test_output_names():
     assert sorted(p.name for p in paths.values()) == sorted(
         ["t_vesicles.csv", "t_vesicles.mod", "t_segment.json", "t_probability.mrc", "t_labels_global.mrc",
          "t_labels_adaptive.mrc", "t_labels_refine.mrc", "t_labels_outliers.mrc"])
+
+
+def test_no_large_pass_is_recorded(tmp_path, tomo, random_weights, capsys):
+    out = tmp_path / "out"
+    rc = main(["segment", str(tomo), "--out", str(out), "--weights", str(random_weights), "--quiet",
+               "--no-large-pass", "--formats", "csv"])
+    assert rc == 0, capsys.readouterr().err
+    info = json.loads((out / "tomo_segment.json").read_text())
+    assert info["params"]["large_scale"] is None
