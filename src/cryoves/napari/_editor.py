@@ -794,15 +794,18 @@ class EditorWidget(QWidget):
     def _refresh_points(self, edited_ids=(), changed_ids=None) -> None:
         if self.points is None or self.editor is None:
             return
+        table = self.editor.table  # one copy per refresh
         self._syncing = True
         try:
-            update_points(self.points, self.editor.table, edited_ids=edited_ids,
+            update_points(self.points, table, edited_ids=edited_ids,
                           show_removed=bool(self.show_rejected.value), changed_ids=changed_ids)
-            self._last_ids = np.asarray(self.editor.table.ids).copy()
+            self._last_ids = table.ids
         finally:
             self._syncing = False
-        i = self._index(self._selected_id) if self._selected_id is not None else None
-        self.points.selected_data = {i} if i is not None else set()
+        hits = np.flatnonzero(table.ids == self._selected_id) if self._selected_id is not None else []
+        selected = {int(hits[0])} if len(hits) else set()
+        if set(self.points.selected_data) != selected:
+            self.points.selected_data = selected
         set_thick_slicing(self.viewer, self.points)
 
     def _update_undo_buttons(self) -> None:
