@@ -14,7 +14,10 @@ and release (or key press) is sent to the canvas. Two times per event:
 * ``handled``: from the press until the event is handled (napari's mouse-press picking, the edit
   with its log line, the labels repaint and the points update);
 * ``total``: from the press until the canvas has been redrawn *and shown*: the first
-  ``frameSwapped`` signal of the canvas (a ``QOpenGLWidget``) after the event was handled.
+  ``frameSwapped`` signal of the canvas (a ``QOpenGLWidget``) after the event was handled;
+* ``CPU``: the CPU time the process used over ``total`` (every thread, Mesa's rendering threads
+  included): what ``total`` would be on an idle machine if nothing ran in parallel, i.e. a
+  figure that does not grow with the load of other jobs.
 
 for
 
@@ -146,6 +149,7 @@ def main(argv=None):
 
         def timed(send):
             swaps.clear()
+            c = time.process_time()
             t = time.perf_counter()
             send()
             h = time.perf_counter()
@@ -153,6 +157,7 @@ def main(argv=None):
             parts["labels"].append(w.last_timing.get("labels", np.nan))
             parts["points"].append(w.last_timing.get("points", np.nan))
             shown = wait_for_frame(h)
+            parts["cpu"].append(time.process_time() - c)
             settle()
             return shown - t
 
@@ -167,21 +172,25 @@ def main(argv=None):
 
         rng = np.random.default_rng(a.seed + 11)
         res = {"add": [], "remove": [], "undo": [], "redo": []}
-        parts = {"handled": [], "labels": [], "points": []}
+        parts = {"handled": [], "labels": [], "points": [], "cpu": []}
         handled = {}
         inner = {}
+        cpu = {}
         ed = w.editor
         native.setFocus()
         look_at(table.centers[0])
-        idle = []
+        idle, idle_cpu = [], []
         for _ in range(a.reps):
+            c = time.process_time()
             t = time.perf_counter()
             native.update()
             idle.append(wait_for_frame(t) - t)
+            idle_cpu.append(time.process_time() - c)
             settle()
 
         def keep(op):
             handled[op] = list(parts["handled"])
+            cpu[op] = list(parts["cpu"])
             inner[op] = (np.nanpercentile(np.array(parts["labels"]) * 1e3, 50),
                          np.nanpercentile(np.array(parts["points"]) * 1e3, 50))
             for v in parts.values():
@@ -194,7 +203,8 @@ def main(argv=None):
             dt = timed_click(missed[k] + rng.uniform(-1.0, 1.0, 3))
             if len(ed.table) == n0:
                 n_fail += 1
-                parts["handled"].pop(), parts["labels"].pop(), parts["points"].pop()
+                for v in parts.values():
+                    v.pop()
                 continue
             res["add"].append(dt)
         keep("add")
@@ -225,11 +235,13 @@ def main(argv=None):
         if a.profile:
             pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
         print(f"Add found a vesicle at {len(res['add'])} of {len(res['add']) + n_fail} clicks")
-        print(f"{'':8}{'handled (ms)':<36}{'total, to the frame shown (ms)':<36}labels / points p50 (ms)")
+        print(f"{'':8}{'handled (ms)':<36}{'total, to the frame shown (ms)':<36}{'CPU of the total (ms)':<36}"
+              f"labels / points p50 (ms)")
         for k, v in res.items():
             if v:
-                print(f"{k:<8}{_pct(handled[k]):<36}{_pct(v):<36}{inner[k][0]:.1f} / {inner[k][1]:.1f}")
-        print(f"idle frame (redraw, nothing changed): {_pct(idle)} ms")
+                print(f"{k:<8}{_pct(handled[k]):<36}{_pct(v):<36}{_pct(cpu[k]):<36}"
+                      f"{inner[k][0]:.1f} / {inner[k][1]:.1f}")
+        print(f"idle frame (redraw, nothing changed): {_pct(idle)} ms; CPU {_pct(idle_cpu)} ms")
         print(f"canvas {size[0]} x {size[1]} px (device pixel ratio {dpr:g}); OpenGL renderer: {renderer}")
         print(f"{os.cpu_count()} CPUs visible, load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after; "
               f"napari {napari.__version__}")
