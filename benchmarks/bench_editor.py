@@ -25,7 +25,8 @@ for
 * ``remove``: a click in Remove mode inside a vesicle;
 * ``undo`` / ``redo``: Ctrl+Z / Ctrl+Shift+Z.
 
-It also times one redraw of the canvas with nothing changed (``idle frame``: the floor of
+napari's notification toasts are switched off for the run (their fade animations draw frames of
+their own). It also times one redraw of the canvas with nothing changed (``idle frame``: the floor of
 ``total`` set by the OpenGL renderer), and prints the canvas size in pixels, the OpenGL renderer
 (under Xvfb: Mesa llvmpipe, i.e. software rendering on the CPU), the CPU count and the load
 average before and after the run.
@@ -97,6 +98,10 @@ def main(argv=None):
         print(f"tomogram {tomo.shape} float32 memmap ({tomo.nbytes / 2**30:.2f} GiB), {len(table)} vesicles, "
               f"{len(missed)} missed; made in {time.perf_counter() - t0:.1f} s")
 
+        from napari.settings import get_settings
+
+        # no notification toasts: their fade animations would draw frames of their own while timing
+        get_settings().application.gui_notification_level = "none"
         viewer = napari.Viewer(show=True)
         viewer.window._qt_window.resize(*a.window)
         app = QApplication.instance()
