@@ -9,14 +9,28 @@ The tomogram is the float32 memory map of ``benchmarks/bench_editor_core.py`` (a
 synthetic vesicles), shown in a napari viewer with its vesicles layer (``--n`` vesicles) and the
 "6. Edit vesicles" dock widget editing it (edit log and autosave in a temporary folder). The view is
 centred on each target at ~3 screen pixels per voxel (as when proofreading), then one Qt mouse press
-and release (or key press) is sent to the canvas. Timed: from the press until the event is handled
-and the canvas has repainted (``QApplication.processEvents()`` then a synchronous ``repaint()``):
+and release (or key press) is sent to the canvas. Two times per event:
 
-* ``add``: a click in Add mode on a missed vesicle (sphere fit, label painting, points update, redraw);
+* ``handled``: from the press until the event is handled (napari's mouse-press picking, the edit
+  with its log line, the labels repaint and the points update);
+* ``total``: from the press until the canvas has been redrawn *and shown*: the first
+  ``frameSwapped`` signal of the canvas (a ``QOpenGLWidget``) after the event was handled;
+* ``CPU``: the CPU time the process used over ``total`` (every thread, Mesa's rendering threads
+  included): what ``total`` would be on an idle machine if nothing ran in parallel, i.e. a
+  figure that does not grow with the load of other jobs.
+
+for
+
+* ``add``: a click in Add mode on a missed vesicle (sphere fit, label painting, points update);
 * ``remove``: a click in Remove mode inside a vesicle;
 * ``undo`` / ``redo``: Ctrl+Z / Ctrl+Shift+Z.
 
-Prints p50 / p95 / max in ms, and the machine's CPU count and load.
+napari's notification toasts are switched off for the run (their fade animations draw frames of
+their own). It also times one redraw of the canvas with nothing changed (``idle frame``: the floor of
+``total`` set by the OpenGL renderer), and prints the canvas size in pixels, the OpenGL renderer
+(under Xvfb: Mesa llvmpipe, i.e. software rendering on the CPU), the CPU count and the load
+average before and after the run.
+Prints p50 / p95 / max in ms.
 """
 
 from __future__ import annotations
@@ -37,22 +51,19 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from bench_editor_core import build  # noqa: E402
 
 
-def _stats(name, times):
+def _pct(times) -> str:
     t = np.array(times) * 1e3
-    return (f"{name:<7} n={len(t):3d}  p50 {np.percentile(t, 50):7.1f}  p95 {np.percentile(t, 95):7.1f}  "
-            f"max {t.max():7.1f} ms")
+    return f"p50 {np.percentile(t, 50):6.1f}  p95 {np.percentile(t, 95):6.1f}  max {t.max():6.1f}"
 
 
-def _parts(parts) -> str:
-    """Parts of the last phase (then cleared): event handled (press to handler done, no redraw), and the
-    labels repaint and points update inside it."""
-    h = np.array(parts["handled"]) * 1e3
-    out = "handled p50 {:.0f} p95 {:.0f} (p50 of labels {:.0f}, points {:.0f}) ms".format(
-        np.percentile(h, 50), np.percentile(h, 95),
-        *(np.nanpercentile(np.array(parts[k]) * 1e3, 50) for k in ("labels", "points")))
-    for v in parts.values():
-        v.clear()
-    return out
+def _gl_renderer(native) -> str:
+    try:
+        from vispy.gloo import gl
+
+        native.makeCurrent()
+        return str(gl.glGetParameter(gl.GL_RENDERER))
+    except Exception as exc:  # noqa: BLE001 - informative only
+        return f"unknown ({exc})"
 
 
 def main(argv=None):
@@ -63,6 +74,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=30, help="timed clicks / keys per operation (default 30)")
     ap.add_argument("--voxel-size", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--window", type=int, nargs=2, default=(1400, 950), metavar=("W", "H"),
+                    help="size of the napari window (default 1400 950; the canvas is what the layer list "
+                         "and the editor dock leave of it, and what the screen allows)")
     ap.add_argument("--profile", action="store_true", help="print the top functions of the remove clicks (cProfile)")
     ap.add_argument("--tmp", default=None, help="folder for the memmap, log and autosave (default: system temp)")
     a = ap.parse_args(argv)
@@ -75,6 +89,7 @@ def main(argv=None):
     from cryoves.napari._editor import EditorWidget
     from cryoves.napari._layers import image_kwargs, points_layer_data, set_thick_slicing
 
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=a.tmp, prefix="cryoves-bench-editor-ui-") as d:
         d = Path(d)
         t0 = time.perf_counter()
@@ -83,8 +98,12 @@ def main(argv=None):
         print(f"tomogram {tomo.shape} float32 memmap ({tomo.nbytes / 2**30:.2f} GiB), {len(table)} vesicles, "
               f"{len(missed)} missed; made in {time.perf_counter() - t0:.1f} s")
 
+        from napari.settings import get_settings
+
+        # no notification toasts: their fade animations would draw frames of their own while timing
+        get_settings().application.gui_notification_level = "none"
         viewer = napari.Viewer(show=True)
-        viewer.window._qt_window.resize(1400, 950)
+        viewer.window._qt_window.resize(*a.window)
         app = QApplication.instance()
         name = "bench"
         img = viewer.add_image(tomo, **image_kwargs(a.voxel_size, name, contrast_limits=(-3.0, 3.0)))
@@ -102,16 +121,30 @@ def main(argv=None):
         canvas = viewer.window._qt_viewer.canvas
         native = canvas.native
         cam = viewer.scene.camera
+        swaps: list[float] = []
+        native.frameSwapped.connect(lambda: swaps.append(time.perf_counter()))
 
         def settle():
-            app.processEvents()
-            native.repaint()
-            app.processEvents()
+            for _ in range(3):
+                app.processEvents()
+
+        def wait_for_frame(after: float, timeout: float = 5.0) -> float:
+            """Time of the first frame shown after ``after`` (processing events until then)."""
+            end = after + timeout
+            while time.perf_counter() < end:
+                shown = [s for s in swaps if s > after]
+                if shown:
+                    return shown[0]
+                app.processEvents()
+            raise SystemExit("no frame was drawn within 5 s of an edit")
 
         def look_at(zyx):
             viewer.dims.set_point(0, float(zyx[0]) * a.voxel_size)
             cam.center = (float(zyx[1]) * a.voxel_size, float(zyx[2]) * a.voxel_size)
             cam.zoom = 3.0 / a.voxel_size
+            settle()
+            native.update()
+            wait_for_frame(time.perf_counter())
             settle()
 
         def pos_of(zyx):
@@ -119,33 +152,55 @@ def main(argv=None):
             xy = canvas.view.scene.transform.map([world[2], world[1]])[:2]
             return QPoint(int(round(xy[0])), int(round(xy[1])))
 
+        def timed(send):
+            swaps.clear()
+            c = time.process_time()
+            t = time.perf_counter()
+            send()
+            h = time.perf_counter()
+            parts["handled"].append(h - t)
+            parts["labels"].append(w.last_timing.get("labels", np.nan))
+            parts["points"].append(w.last_timing.get("points", np.nan))
+            shown = wait_for_frame(h)
+            parts["cpu"].append(time.process_time() - c)
+            settle()
+            return shown - t
+
         def timed_click(zyx):
             look_at(zyx)
             p = pos_of(zyx)
-            t = time.perf_counter()
-            QTest.mousePress(native, Qt.LeftButton, Qt.NoModifier, p)
-            QTest.mouseRelease(native, Qt.LeftButton, Qt.NoModifier, p)
-            parts["handled"].append(time.perf_counter() - t)
-            parts["labels"].append(w.last_timing.get("labels", np.nan))
-            parts["points"].append(w.last_timing.get("points", np.nan))
-            settle()
-            return time.perf_counter() - t
+            return timed(lambda: (QTest.mousePress(native, Qt.LeftButton, Qt.NoModifier, p),
+                                  QTest.mouseRelease(native, Qt.LeftButton, Qt.NoModifier, p)))
 
         def timed_key(k, mod):
-            t = time.perf_counter()
-            QTest.keyClick(native, k, mod)
-            parts["handled"].append(time.perf_counter() - t)
-            parts["labels"].append(w.last_timing.get("labels", np.nan))
-            parts["points"].append(w.last_timing.get("points", np.nan))
-            settle()
-            return time.perf_counter() - t
+            return timed(lambda: QTest.keyClick(native, k, mod))
 
         rng = np.random.default_rng(a.seed + 11)
         res = {"add": [], "remove": [], "undo": [], "redo": []}
-        parts = {"handled": [], "labels": [], "points": []}
-        breakdown = {}
+        parts = {"handled": [], "labels": [], "points": [], "cpu": []}
+        handled = {}
+        inner = {}
+        cpu = {}
         ed = w.editor
         native.setFocus()
+        look_at(table.centers[0])
+        idle, idle_cpu = [], []
+        for _ in range(a.reps):
+            c = time.process_time()
+            t = time.perf_counter()
+            native.update()
+            idle.append(wait_for_frame(t) - t)
+            idle_cpu.append(time.process_time() - c)
+            settle()
+
+        def keep(op):
+            handled[op] = list(parts["handled"])
+            cpu[op] = list(parts["cpu"])
+            inner[op] = (np.nanpercentile(np.array(parts["labels"]) * 1e3, 50),
+                         np.nanpercentile(np.array(parts["points"]) * 1e3, 50))
+            for v in parts.values():
+                v.clear()
+
         w.set_mode("add")
         n_fail = 0
         for k in rng.permutation(len(missed))[:a.reps]:
@@ -153,9 +208,11 @@ def main(argv=None):
             dt = timed_click(missed[k] + rng.uniform(-1.0, 1.0, 3))
             if len(ed.table) == n0:
                 n_fail += 1
+                for v in parts.values():
+                    v.pop()
                 continue
             res["add"].append(dt)
-        breakdown["add"] = _parts(parts)
+        keep("add")
         w.set_mode("remove")
         import cProfile
         import pstats
@@ -169,21 +226,30 @@ def main(argv=None):
             prof.disable()
             assert ed.row(int(vid))["status"] == "removed", w.status.value
             res["remove"].append(dt)
-        breakdown["remove"] = _parts(parts)
+        keep("remove")
         for _ in range(a.reps):
             res["undo"].append(timed_key(Qt.Key_Z, Qt.ControlModifier))
-        breakdown["undo"] = _parts(parts)
+        keep("undo")
         for _ in range(a.reps):
             res["redo"].append(timed_key(Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier))
-        breakdown["redo"] = _parts(parts)
+        keep("redo")
+        size = (native.width(), native.height())
+        dpr = native.devicePixelRatioF()
+        renderer = _gl_renderer(native)
         w.close_editor()
         if a.profile:
             pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
         print(f"Add found a vesicle at {len(res['add'])} of {len(res['add']) + n_fail} clicks")
+        print(f"{'':8}{'handled (ms)':<36}{'total, to the frame shown (ms)':<36}{'CPU of the total (ms)':<36}"
+              f"labels / points p50 (ms)")
         for k, v in res.items():
             if v:
-                print(_stats(k, v) + "   " + breakdown.get(k, ""))
-        print(f"{os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f}; napari {napari.__version__}")
+                print(f"{k:<8}{_pct(handled[k]):<36}{_pct(v):<36}{_pct(cpu[k]):<36}"
+                      f"{inner[k][0]:.1f} / {inner[k][1]:.1f}")
+        print(f"idle frame (redraw, nothing changed): {_pct(idle)} ms; CPU {_pct(idle_cpu)} ms")
+        print(f"canvas {size[0]} x {size[1]} px (device pixel ratio {dpr:g}); OpenGL renderer: {renderer}")
+        print(f"{os.cpu_count()} CPUs visible, load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after; "
+              f"napari {napari.__version__}")
         viewer.close()
 
 

@@ -274,6 +274,36 @@ def test_review_queue_order_and_progress(scene):
     assert ed.review_queue(unreviewed_only=True) == [2, 5, 4, 6, 9, 8]
 
 
+def test_review_queue_follows_every_edit_undo_and_redo(scene):
+    """The queue (kept between calls while nothing changes) is always the one of the current table."""
+    tomo, centers, _, _ = scene
+    ed = editor(scene)
+
+    def check():
+        fresh = VesicleEditor(tomo, ed.table, VOXEL, labels=ed.labels)
+        assert ed.review_queue() == fresh.review_queue()
+        assert ed.review_queue(unreviewed_only=True) == fresh.review_queue(unreviewed_only=True)
+        assert ed.review_progress == fresh.review_progress
+
+    check()
+    first = ed.review_queue()[0]
+    ed.remove(first)                         # leaves the queue
+    assert first not in ed.review_queue()
+    check()
+    ed.set_reviewed(ed.review_queue()[0], "accepted")
+    check()
+    c = ed.row(3)
+    ed.move(3, (c["z"], c["y"], 0.0))        # now touches the edge: moves up the queue
+    check()
+    ed.add_sphere((c["z"], c["y"], 6.0), 5.0)  # overlaps vesicle 3
+    check()
+    for _ in range(3):
+        ed.undo()
+        check()
+    ed.redo()
+    check()
+
+
 # ---------------------------------------------------------------------------------------------
 # property test: 200 random edits, undo all, redo all
 # ---------------------------------------------------------------------------------------------

@@ -370,6 +370,8 @@ class VesicleEditor:
         self._callbacks: list[Callable[[EditEvent], None]] = []
         self._lock = threading.RLock()
         self._seq = 0
+        self._version = 0  # bumped by every change of the table (keys the review-queue cache)
+        self._queue_cache: tuple | None = None
         self._replaying = False
         self._closed = False
 
@@ -627,33 +629,39 @@ class VesicleEditor:
         editor are not listed. Ties keep id order.
         """
         with self._lock:
-            t = self._table
-            n = len(t)
-            if n == 0:
-                return []
-            ids = t.ids
-            p = t["pvalue"]
-            acc = t["status"] == "accepted"
-            pipe_removed = (t["status"] == "removed") & (t["stage"] != "editor")
-            c, r = t.centers, t.radii
-            shape = np.array(self._shape, float)
-            with np.errstate(invalid="ignore"):
-                edge = np.any(c - r[:, None] < 0, axis=1) | np.any(c + r[:, None] > shape - 1, axis=1)
-                low_p = p < p_threshold
-            dup = self._overlapping(acc)
-            tier = np.full(n, 5)
-            tier[acc] = 3
-            tier[acc & dup] = 2
-            tier[acc & edge] = 1
-            tier[acc & low_p] = 0
-            tier[pipe_removed] = 4
-            pkey = np.where(np.isnan(p), np.inf, p)
-            pkey = np.where(tier == 4, -np.where(np.isnan(p), -np.inf, p), pkey)
-            order = np.lexsort((ids, pkey, tier))
-            order = order[tier[order] < 5]
-            if unreviewed_only:
-                order = order[t["reviewed"][order] == ""]
-            return [int(i) for i in ids[order]]
+            key = (self._version, float(p_threshold), bool(unreviewed_only))
+            if self._queue_cache is None or self._queue_cache[0] != key:
+                self._queue_cache = (key, self._review_order(float(p_threshold), bool(unreviewed_only)))
+            return list(self._queue_cache[1])
+
+    def _review_order(self, p_threshold: float, unreviewed_only: bool) -> list[int]:
+        t = self._table
+        n = len(t)
+        if n == 0:
+            return []
+        ids = t.ids
+        p = t["pvalue"]
+        acc = t["status"] == "accepted"
+        pipe_removed = (t["status"] == "removed") & (t["stage"] != "editor")
+        c, r = t.centers, t.radii
+        shape = np.array(self._shape, float)
+        with np.errstate(invalid="ignore"):
+            edge = np.any(c - r[:, None] < 0, axis=1) | np.any(c + r[:, None] > shape - 1, axis=1)
+            low_p = p < p_threshold
+        dup = self._overlapping(acc)
+        tier = np.full(n, 5)
+        tier[acc] = 3
+        tier[acc & dup] = 2
+        tier[acc & edge] = 1
+        tier[acc & low_p] = 0
+        tier[pipe_removed] = 4
+        pkey = np.where(np.isnan(p), np.inf, p)
+        pkey = np.where(tier == 4, -np.where(np.isnan(p), -np.inf, p), pkey)
+        order = np.lexsort((ids, pkey, tier))
+        order = order[tier[order] < 5]
+        if unreviewed_only:
+            order = order[t["reviewed"][order] == ""]
+        return [int(i) for i in ids[order]]
 
     @property
     def n_reviewed(self) -> int:
@@ -672,7 +680,9 @@ class VesicleEditor:
     def review_progress(self) -> str:
         """``"37 / 212 reviewed"``."""
         with self._lock:
-            return f"{self.n_reviewed} / {self.n_to_review} reviewed"
+            q = self.review_queue()
+            done = int(np.sum(self._table["reviewed"][np.isin(self._table.ids, q)] != ""))
+            return f"{done} / {len(q)} reviewed"
 
     def suggested_radius(self) -> float:
         """Radius (voxels) for a plain sphere: median of the accepted radii, else max_diameter_nm / 4."""
@@ -889,6 +899,7 @@ class VesicleEditor:
         self._after_change(EditEvent(kind, step.ids, step.box, kind))
 
     def _apply_rows(self, frm: list, to: list, reverse: bool = False) -> None:
+        self._version += 1
         pairs = list(zip(frm, to))
         if reverse:
             pairs = pairs[::-1]

@@ -419,3 +419,53 @@ def test_an_edit_repaints_the_displayed_labels(edit_setup, qtbot):
     np.testing.assert_allclose(pixel(viewer, tomo, c), bare, atol=2)
     w.editor.undo()
     np.testing.assert_allclose(pixel(viewer, tomo, c), labelled, atol=2)
+
+
+def test_an_edit_does_not_relayout_the_dock(edit_setup, qtbot):
+    """The status text and the review counter change after every edit, undo and redo without a
+    layout pass of the dock (each pass up to the main window is one more composition of the whole
+    window). A new mode (new help text) and the Undo / Redo buttons turning on or off (restyled)
+    may re-lay out: the steps measured here change neither."""
+    from qtpy.QtCore import QEvent, QObject
+
+    viewer, w, tomo, truth, missed, start = edit_setup
+
+    class Count(QObject):
+        n = 0
+
+        def eventFilter(self, obj, ev):  # noqa: N802 - Qt API
+            if ev.type() == QEvent.LayoutRequest:
+                Count.n += 1
+            return False
+
+    watch = Count()
+    w.installEventFilter(watch)
+    rows = [start.row(int(i)) for i in start.ids[[5, 9, 10, 11, 12]]]
+
+    def remove(r):
+        click(qtbot, viewer, tomo, [r["z"], r["y"], r["x"]])
+        assert w.editor.row(int(r["id"]))["status"] == "removed"
+
+    key(qtbot, viewer, Qt.Key_X)
+    remove(rows[0])
+    qtbot.wait(300)
+    Count.n = 0
+    remove(rows[1])
+    assert w.status.value.startswith(f"Removed vesicle {int(rows[1]['id'])}")
+    qtbot.wait(100)
+    assert Count.n == 0
+    remove(rows[2])
+    remove(rows[3])
+    key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier)
+    qtbot.wait(300)
+    Count.n = 0
+    key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier)
+    assert w.editor.row(int(rows[2]["id"]))["status"] == "accepted" and w.status.value.startswith("Undone")
+    key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)
+    assert w.editor.row(int(rows[2]["id"]))["status"] == "removed" and w.status.value.startswith("Redone")
+    qtbot.wait(100)
+    assert Count.n == 0
+    assert w.review_counter.value.endswith("reviewed")
+    long = "No membrane found at z=1, y=2, x=3: " + "a long explanation " * 20
+    w.status.value = long
+    assert w.status.value == long  # the whole text is kept (the status text scrolls)

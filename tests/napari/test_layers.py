@@ -132,3 +132,27 @@ def test_update_points_append_and_drop_rows(layer):
     update_points(layer, t, changed_ids=[11, 12])
     assert table_from_points(layer) == t
     assert list(layer.shown) == [True, False, True]
+
+
+def test_appended_row_is_drawn_and_styled_like_the_others(make_napari_viewer):
+    """After the cheap append (events blocked while the arrays grow), the new point is sliced and
+    drawn on its slice with the others' outline width and its own id as text, and dropping it
+    removes it from the view."""
+    viewer = make_napari_viewer()
+    t = _table()
+    data, kw, _ = points_layer_data(t, "tomo", (12, 20, 24))
+    layer = viewer.add_points(data, **kw)
+    layer.border_width = 0.25
+    layer.text = {"string": "{id}"}
+    viewer.dims.set_point(0, 6 * 1.5)          # the slice z = 6 (scale 1.5 nm)
+    t2 = VesicleTable.concat([t, VesicleTable.from_arrays([[6, 16, 20]], [2.0], voxel_size=1.5, id=[11],
+                                                          stage="editor")])
+    update_points(layer, t2, edited_ids=[11], changed_ids=[11])
+    assert table_from_points(layer) == t2
+    assert 3 in set(np.asarray(layer._view_indices).tolist())      # sliced: on the displayed slice
+    assert layer.border_width[3] == pytest.approx(0.25)
+    assert list(layer.text.values) == ["4", "9", "2", "11"]          # its id drawn, not a copied one
+    update_points(layer, t, changed_ids=[11])
+    assert table_from_points(layer) == t
+    assert 3 not in set(np.asarray(layer._view_indices).tolist())
+

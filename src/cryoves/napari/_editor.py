@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton,
+                               TextEdit)
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QButtonGroup, QFrame, QHBoxLayout, QRadioButton, QSizePolicy, QVBoxLayout, QWidget
 
 from cryoves.napari._editor_session import EditPaths, edit_paths
@@ -206,6 +208,7 @@ class EditorWidget(QWidget):
         review = Container(widgets=[self.review_button, self.accept_button, self.reject_button, self.next_button],
                            layout="horizontal", labels=False)
         review.margins = (0, 0, 0, 0)
+        _fix_size(self.review_counter.native, "00000 / 00000 reviewed")
 
         # fine-tune
         self.weights = FileEdit(mode="r", filter="*.h5", value="", label="Weights",
@@ -223,8 +226,8 @@ class EditorWidget(QWidget):
                                  layout="horizontal", labels=False)
         tune_buttons.margins = (0, 0, 0, 0)
 
-        self.status = Label(value="Choose the tomogram and its vesicles, then Start editing.")
-        self.status.native.setWordWrap(True)
+        self.status = TextEdit(value="Choose the tomogram and its vesicles, then Start editing.")
+        _quiet_text(self.status, lines=4)
         keys = "<br>".join(f"<b>{k}</b>: {d}" for k, (_, d) in KEYS.items())
         self.keys_label = Label(value=f"<small>Keys (canvas focused): <br>{keys}</small>")
 
@@ -794,15 +797,18 @@ class EditorWidget(QWidget):
     def _refresh_points(self, edited_ids=(), changed_ids=None) -> None:
         if self.points is None or self.editor is None:
             return
+        table = self.editor.table  # one copy per refresh
         self._syncing = True
         try:
-            update_points(self.points, self.editor.table, edited_ids=edited_ids,
+            update_points(self.points, table, edited_ids=edited_ids,
                           show_removed=bool(self.show_rejected.value), changed_ids=changed_ids)
-            self._last_ids = np.asarray(self.editor.table.ids).copy()
+            self._last_ids = table.ids
         finally:
             self._syncing = False
-        i = self._index(self._selected_id) if self._selected_id is not None else None
-        self.points.selected_data = {i} if i is not None else set()
+        hits = np.flatnonzero(table.ids == self._selected_id) if self._selected_id is not None else []
+        selected = {int(hits[0])} if len(hits) else set()
+        if set(self.points.selected_data) != selected:
+            self.points.selected_data = selected
         set_thick_slicing(self.viewer, self.points)
 
     def _update_undo_buttons(self) -> None:
@@ -1095,6 +1101,31 @@ def _repaint_region(lab, box) -> bool:
     except Exception:  # noqa: BLE001 - napari internals changed: fall back to a full refresh
         log.debug("cryoves editor: partial labels update unavailable", exc_info=True)
         return False
+
+
+def _quiet_text(widget, lines: int) -> None:
+    """Make a magicgui ``TextEdit`` a read-only, frameless status text ``lines`` lines high.
+
+    A new text in a plain label re-lays out its parents up to the main window, one event-loop pass
+    per level, and each pass makes Qt compose the whole window once more (tens of ms with software
+    OpenGL) after every edit. A text edit of fixed height shows a new text (scrolling when it is
+    long) without a layout pass.
+    """
+    widget.read_only = True
+    edit = widget.native
+    edit.setFrameShape(QFrame.NoFrame)
+    edit.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    edit.setFocusPolicy(Qt.NoFocus)  # keys stay with the canvas
+    edit.viewport().setAutoFillBackground(False)
+    edit.setStyleSheet("background: transparent;")
+    margin = 2 * edit.document().documentMargin()
+    edit.setFixedHeight(int(lines * edit.fontMetrics().lineSpacing() + margin + 2))
+
+
+def _fix_size(label, longest: str) -> None:
+    """A fixed size that holds ``longest``: its text changes then re-lay out nothing (see :func:`_quiet_text`)."""
+    hint = label.sizeHint()
+    label.setFixedSize(max(hint.width(), label.fontMetrics().horizontalAdvance(longest) + 8), hint.height())
 
 
 def _section(title: str) -> QWidget:

@@ -27,6 +27,7 @@ sphere's diameter), ``features`` = every table column (plus ``*_nm`` columns for
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -277,17 +278,16 @@ def update_points(layer, table: VesicleTable, *, edited_ids=(), show_removed: bo
     layer.metadata[VOXEL_KEY] = table.voxel_size
     if changed_ids is not None and same_view:
         n, m = len(layer.data), len(table)
-        if m != n and min(n, m) > 0 and _rows_match(layer, table, min(n, m)):
-            # rows appended (an add, a redo) or dropped at the end (its undo): napari's own add /
-            # remove of those rows is much cheaper than rebuilding every array of the layer
-            if m > n:
-                layer.add(table.centers[n:])
-                changed_ids = set(int(i) for i in changed_ids) | set(int(i) for i in table.ids[n:])
-            else:
-                layer.selected_data = set(range(m, n))
-                layer.remove_selected()
-        if _rows_match(layer, table):
-            _update_rows(layer, table, changed_ids, edited_ids, show_removed)
+        if _rows_match(layer, table, min(n, m)) and (m == n or min(n, m) > 0):
+            changed = set(int(i) for i in changed_ids)
+            if m != n:
+                # rows appended (an add, a redo) or dropped at the end (its undo): resize the
+                # layer's arrays without events, then rewrite the new rows (one refresh in all)
+                with layer.events.blocker_all(), _refresh_blocked(layer):
+                    layer.selected_data = set()
+                    layer.data = table.centers if m > n else np.asarray(layer.data)[:m]
+                changed |= set(int(i) for i in table.ids[n:])
+            _update_rows(layer, table, changed, edited_ids, show_removed, extent=m != n)
             return
     status = np.asarray(table["status"], dtype=str)
     with layer.events.blocker_all():
@@ -301,6 +301,19 @@ def update_points(layer, table: VesicleTable, *, edited_ids=(), show_removed: bo
     layer.refresh()
 
 
+def _constant_text(layer) -> bool:
+    """The layer's text does not depend on its features (napari's default: no text)."""
+    from napari.layers.utils.string_encoding import ConstantStringEncoding
+
+    return isinstance(getattr(layer.text, "string", None), ConstantStringEncoding)
+
+
+def _refresh_blocked(layer):
+    """napari's own refresh blocker (a private context manager of napari 0.5-0.9), else nothing."""
+    block = getattr(layer, "_block_refresh", None)
+    return block() if callable(block) else contextlib.nullcontext()
+
+
 def _rows_match(layer, table: VesicleTable, n: int | None = None) -> bool:
     """The layer's first ``n`` rows (default: all, and as many as the table's) hold the table's first ids."""
     f = layer.features
@@ -312,7 +325,7 @@ def _rows_match(layer, table: VesicleTable, n: int | None = None) -> bool:
             and np.array_equal(np.asarray(f["id"])[:n], table.ids[:n]))
 
 
-def _update_rows(layer, table: VesicleTable, changed_ids, edited_ids, show_removed) -> None:
+def _update_rows(layer, table: VesicleTable, changed_ids, edited_ids, show_removed, extent: bool = False) -> None:
     """Rewrite only the rows of ``changed_ids`` (+ the previously and newly highlighted ones), one refresh."""
     previous = tuple(layer.metadata.get("cryoves_edited_ids", ()))
     touched = set(int(i) for i in changed_ids) | set(previous) | set(int(i) for i in edited_ids)
@@ -334,8 +347,10 @@ def _update_rows(layer, table: VesicleTable, changed_ids, edited_ids, show_remov
         others = np.setdiff1d(np.arange(len(layer.data)), rows)
         if len(others):  # appended rows get napari's default width: use the others' (set for the zoom)
             layer.border_width[rows] = layer.border_width[others[0]]
+        if not _constant_text(layer):  # text drawn from the features (e.g. the ids): recompute it
+            layer.text.refresh(layer.features)
     layer.metadata["cryoves_edited_ids"] = tuple(int(i) for i in edited_ids)
-    layer.refresh(thumbnail=False, extent=False)  # the thumbnail of 1000s of points is slow
+    layer.refresh(thumbnail=False, extent=extent)  # the thumbnail of 1000s of points is slow
 
 
 def table_from_points(layer_or_data, features=None, size=None, metadata=None) -> VesicleTable:
