@@ -62,10 +62,17 @@ reconstruction, finer-grid reconstruction binned 2x, the Shepp-Logan filter, fla
 membrane leaflets, correlated detector noise). Neither says how cryoves does on real
 tomograms: no annotated real tomogram was available offline, and a third-party simulator or
 real data can differ in ways neither suite varies. The reference CryoVesNet weights (trained
-on real synaptosomes) run through the same cryoves pipeline.
+on real synaptosomes) run through the same cryoves pipeline, with the preprocessing of the
+reference's own inference (Gaussian σ = 1 voxel at 2.2 nm, then a z-score) and without its
+smoothing, side by side. On these suites the smoothing costs the reference weights precision
+(more false positives) on most cases and gains recall where the reconstruction differs most
+(SIRT: 83 instead of 57 of 90 found; the binned Shepp-Logan case; thick ice); on tomograms
+simulated independently of this repository, running them without it lost 40-70 % of the
+vesicles (issue 12). Which of the two our simulator represents better for real data, these numbers
+cannot say.
 
 Regenerate with `python benchmarks/accuracy.py --report docs/accuracy.md` (both suites, both
-weights). "time (s)" is the segmentation alone (prediction to outliers), on the CPU cores
+weights; about 35 min on 2 shared cores). "time (s)" is the segmentation alone (prediction to outliers), on the CPU cores
 stated in each section.
 """
 
@@ -140,9 +147,12 @@ def _per_case_comparisons(by_w: dict) -> list:
         fa = {r["case"]: r["f1"] for r in by_w[a]}
         fb = {r["case"]: r["f1"] for r in by_w[b]}
         cases = [c for c in fa if c in fb]
-        worse = [f"`{c}` {fa[c]:.3f} vs {fb[c]:.3f}" for c in cases if fa[c] < fb[c]]
+        # compared at the reported precision (3 decimals); ties are named
+        worse = [f"`{c}` {fa[c]:.3f} vs {fb[c]:.3f}" for c in cases if round(fa[c], 3) < round(fb[c], 3)]
+        ties = [f"`{c}` {fa[c]:.3f}" for c in cases if round(fa[c], 3) == round(fb[c], 3)]
         verdict = "✔" if not worse else "✘ (" + "; ".join(worse) + ")"
-        return f"- {what}: on {len(cases) - len(worse)} of {len(cases)} cases (F1) {verdict}."
+        tie = f"; equal on {len(ties)}: " + ", ".join(ties) if ties else ""
+        return f"- {what}: on {len(cases) - len(worse)} of {len(cases)} cases (F1 at 3 decimals) {verdict}{tie}."
 
     if default and plain:
         out.append(compare(default, plain[0], "Default weights ≥ `weights.h5` (with its own preprocessing)"))
