@@ -170,7 +170,7 @@ def test_help_shows_every_default(capsys):
     import re
 
     entries = [e for e in re.split(r"\n  (?=-)", options) if e.strip()]
-    assert len(entries) == 15  # + --workers, --scheduler
+    assert len(entries) == 16  # + --workers, --scheduler, --no-large-pass
     for entry in entries:
         flag = entry.strip().split()[0]
         if flag in ("-h,", "--out", "-o"):
