@@ -187,6 +187,11 @@ def report_block(rows, meta) -> str:
         lines.append(f"| {r['size']} | {r['ref_tiles']} | {r['ref_per_tile']:.3f} | {how} | "
                      f"**{r['ratio_predict']:.1f}×** | **{r['ratio_e2e']:.1f}×** | "
                      f"{r['load_ref'][0]:.1f} → {r['load_ref'][1]:.1f} |")
+    loads = [x for r in rows for x in (*r["load_seg"], *r["load_ref"])]
+    if loads and max(loads) > os.cpu_count():
+        lines += ["", f"**Other work shared the {os.cpu_count()} cores during these runs** (load up to "
+                      f"{max(loads):.1f}): the times are longer than on an idle machine, and the ratios compare "
+                      "runs made under different loads."]
     lines += ["", END]
     return "\n".join(lines)
 

@@ -329,6 +329,9 @@ def test_slab_by_slab_stages_equal_whole_volume(monkeypatch):
             weak[low, frac] = T._map_is_weak(prob, labels, low, frac, 30.0)
     monkeypatch.setattr(T, "_SLAB_VOXELS", 3 * 40 * 37)  # slabs of 3 planes
     sliced = T.global_threshold(tomo, prob, thresholds=np.linspace(0.3, 0.9, 13))
+    for minlength in (0, int(labels.max()) + 7):
+        np.testing.assert_array_equal(T._label_counts(labels, minlength),
+                                      np.bincount(labels.ravel(), minlength=minlength))
     np.testing.assert_array_equal(sliced.shell_means, whole.shell_means)
     np.testing.assert_array_equal(sliced.shell_counts, whole.shell_counts)
     assert sliced.threshold == whole.threshold

@@ -631,11 +631,14 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
         stage_labels["global"] = labels
     timings["global"] = time.perf_counter() - t0
 
+    g_threshold = g.threshold
+    del g  # its label volume lives on as `labels` only while needed (memory on large tomograms)
+
     # 3. adaptive threshold -------------------------------------------------------------------
     t0 = time.perf_counter()
     sp = _StageProgress(progress, "adaptive")
     if params.adaptive and labels.max() > 0:
-        labels = adaptive_threshold(probability, labels, g.threshold, vs, progress=sp,
+        labels = adaptive_threshold(probability, labels, g_threshold, vs, progress=sp,
                                     **params.stage_kwargs("adaptive", vs))
     if mask is not None:
         labels = _drop_segments_outside(labels, mask)

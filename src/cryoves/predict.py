@@ -617,9 +617,9 @@ def large_regions(probability: np.ndarray, voxel_size: float, min_radius_nm: flo
 #: same numbers, one volume less memory, the smoothing of the tile overlaps computed again.
 STREAM_VOXELS = 64 * 2 ** 20
 _SLAB_VOXELS = 16 * 2 ** 20  # voxels per slab of the statistics pass
-#: Voxels per network call for such volumes (at most): the network's activations (~440 bytes per
-#: voxel measured on a CPU) stay within 1.5 GB + 1.5 times the tomogram's size, with the
-#: probability map, for a 300x1000x1000 float32 tomogram (tiles of 180x192x192: 2.17x the voxels).
+#: Voxels per network call for such volumes (at most). Measured on a 300x1000x1000 float32
+#: tomogram (CPU): peak RSS while predicting 4.3 GB with this budget (98 tiles of 180x192x192, 2.17x
+#: the voxels through the network), 5.6 GB with the default 9 M (70 tiles, 2.0x).
 STREAM_MAX_TILE_VOXELS = 7_000_000
 
 

@@ -220,6 +220,17 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
 # adaptive threshold
 # ---------------------------------------------------------------------------------------------
 
+def _label_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """``np.bincount(labels.ravel(), minlength=minlength)`` slab by slab (bincount converts its input
+    to int64: on a whole volume that is a temporary twice the size of int32 labels)."""
+    step = max(1, _SLAB_VOXELS // max(1, int(np.prod(labels.shape[1:]))))
+    counts = np.zeros(max(int(minlength), int(labels.max()) + 1 if labels.size else 0), dtype=np.int64)
+    for z0 in range(0, labels.shape[0], step):
+        c = np.bincount(np.asarray(labels[z0:z0 + step]).ravel())
+        counts[:len(c)] += c
+    return counts
+
+
 def segment_stats(labels) -> dict[str, np.ndarray]:
     """Volume, bounding-box volume, extent and volume z-score of every segment.
 
@@ -237,7 +248,7 @@ def segment_stats(labels) -> dict[str, np.ndarray]:
     """
     labels = _check_volume("labels", labels)
     slices = ndi.find_objects(labels)
-    vol = np.bincount(labels.ravel(), minlength=len(slices) + 1)[1:]
+    vol = _label_counts(labels, minlength=len(slices) + 1)[1:]
     present = np.array([s is not None for s in slices], dtype=bool)
     labs = np.flatnonzero(present) + 1
     bbv = np.array([np.prod([sl.stop - sl.start for sl in slices[i - 1]]) for i in labs], dtype=np.float64)
@@ -505,7 +516,7 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
 
     # ---- 2. grow small segments by lowering their threshold ----------------------------
     slices = ndi.find_objects(out)
-    vols = np.bincount(out.ravel(), minlength=len(slices) + 1)
+    vols = _label_counts(out, minlength=len(slices) + 1)
     grow_pad = int(np.ceil(2 * r_min)) + 2
     t_grid = np.arange(threshold - step, grow_min - 1e-9, -step)
     n_lab = len(slices)
@@ -712,7 +723,7 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     report(progress, "weak segments", 0, max(n, 1))
     if n == 0:
         return _restore_fragments(out, labels, frag_mask)
-    sizes = np.bincount(comp.ravel())[1:]
+    sizes = _label_counts(comp)[1:]
     min_vox = max(8.0, 4.0 / 3.0 * np.pi * (0.4 * r_min) ** 3)
     order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_vox][:max_candidates]
     if not order:
