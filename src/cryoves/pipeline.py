@@ -89,8 +89,9 @@ class SegmentParams:
         :func:`cryoves.predict.predict_probability`); None = the card's own.
     large_scale : float or None
         predict: a second, cheaper pass of the network on the tomogram shrunk to this scale
-        (0.75: 0.42x the voxels; +57 % prediction time measured on 160x384x384) proposes vesicles too large for the network at its
-        own size (outer radius above ~28 nm with the default weights); each is verified by its
+        (0.75: 0.42x the voxels; +57 % prediction time measured on 160x384x384) proposes
+        vesicles too large for the network at its own size (outer radius above ~28 nm with the
+        default weights); each is verified by its
         membrane like a weak segment (:func:`cryoves.threshold.add_weak_segments`) before it
         becomes a segment. ``None``: no such pass. Skipped when a probability map is given.
     large_min_radius_nm : float
