@@ -140,8 +140,9 @@ def _per_case_comparisons(by_w: dict) -> list:
     """Case by case: default vs the reference weights, and the reference with vs without its smoothing."""
     out = []
     default = next((w for w in by_w if w.startswith("default")), None)
-    plain = [w for w in by_w if w.startswith("weights.h5") and "without" not in w]
-    unsmoothed = [w for w in by_w if w.startswith("weights.h5") and "without" in w]
+    # the reference weights, by whatever file name (titles: cli/evaluate.py)
+    plain = [w for w in by_w if not w.startswith("default") and " without its " not in w]
+    unsmoothed = [w for w in by_w if not w.startswith("default") and " without its " in w]
 
     def compare(a, b, what):
         fa = {r["case"]: r["f1"] for r in by_w[a]}

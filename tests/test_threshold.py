@@ -293,6 +293,8 @@ def test_large_candidates_are_verified_and_small_segments_are_not_released():
     labels = np.zeros(shape, np.int32)
     labels[dist[0] <= 5.5] = 1  # small segments (below a 20 nm sphere) of the main map
     labels[dist[1] <= 5.5] = 2
+    part = centers[2] + np.array([0.0, 0.0, 8.0])  # the main map's fragment of the large vesicle
+    labels[np.sqrt((zz - part[0]) ** 2 + (yy - part[1]) ** 2 + (xx - part[2]) ** 2) <= 3.5] = 3
     shrunk = np.zeros(shape, np.float32)
     shrunk[dist[2] <= 14.0] = 0.95            # the large vesicle as a shrunk pass sees it
     fake = np.array([28.0, 70.0, 82.0])        # and a large belief with no membrane under it
@@ -304,9 +306,14 @@ def test_large_candidates_are_verified_and_small_segments_are_not_released():
                             min_weak_fraction=0.0, fragment_radius_nm=0.0)
     np.testing.assert_array_equal(out[labels > 0], labels[labels > 0])  # nothing released or changed
     big = out[tuple(centers[2].astype(int))]
-    assert big > 2 and np.count_nonzero(out == big) > 0.8 * 4 / 3 * np.pi * 16 ** 3
+    assert big > 3 and np.count_nonzero(out == big) > 0.8 * 4 / 3 * np.pi * 16 ** 3
     assert out[tuple(fake.astype(int))] == 0  # no membrane: not a segment
-    assert set(np.unique(out)) == {0, 1, 2, big}
+    assert set(np.unique(out)) == {0, 1, 2, 3, big}
+    # the default fragment rule would have released the small segments, and the verified large
+    # sphere would have taken the one inside it over
+    released = add_weak_segments(tomo, cand, labels, vs, low_threshold=0.5, min_radius_nm=20.0,
+                                 max_radius_nm=34.0, min_weak_fraction=0.0)
+    assert not np.any(released == 3)
     with pytest.raises(ValueError, match="fragment_radius_nm"):
         add_weak_segments(tomo, cand, labels, vs, fragment_radius_nm=-1.0)
 

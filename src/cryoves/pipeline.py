@@ -99,8 +99,9 @@ class SegmentParams:
         and smallest outer radius accepted.
     large_max_radius_nm : float
         large pass: largest outer radius accepted (synaptic vesicles reach ~32 nm; larger
-        round membranes are mostly dense-core vesicles and endosomes: with 40 nm, dense-core
-        vesicles of the simulator were accepted on 2 of 7 cases of the default suite).
+        round membranes are mostly dense-core vesicles, 33-48 nm in the simulator, and
+        endosomes). With 40 nm the default suite gained two false positives that 34 nm does
+        not accept (34.4 nm on ``fine-1.0nm``, 21.1 nm on ``distractors-2.0nm``).
     thresholds : tuple of float or None
         global: candidate thresholds (default 0.80, 0.81, ..., 1.00).
     connectivity : int

@@ -88,8 +88,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="test-time augmentation (8 flips, 8x slower prediction) (default: off)")
     p.add_argument("--no-large-pass", action="store_true",
                    help="skip the second, shrunk pass of the U-Net that finds vesicles too large for it at its "
-                        "own scale (outer radius above ~28 nm with the default weights); saves about 30 %% of "
-                        "the prediction time (default: the pass runs)")
+                        "own scale (outer radius above ~28 nm with the default weights); saves about a third "
+                        "of the prediction time (default: the pass runs)")
     p.add_argument("--p-threshold", type=float, default=None, metavar="P",
                    help="outlier p-value threshold: vesicles with a lower Mahalanobis p-value are re-fitted "
                         f"or removed (default: {HELP_DEFAULTS['p_threshold']:g}; the paper used 0.3)")
