@@ -292,7 +292,8 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
         5 vesicles have a score. Scores depend on the reconstruction: the true vesicles of a
         simulated SIRT reconstruction scored 5.0 / 8.2 (5th percentile / median) against
         11-22 elsewhere, and ``min_score=5`` alone removed 4 of them (scores 3.5-4.8); no false
-        vesicle on either simulated suite scored below 7. ``None``: ``min_score`` as given.
+        vesicle on either simulated suite scored below 7 after refinement (measured without the
+        large-vesicle pass). ``None``: ``min_score`` as given.
     keep_score : float or None
         An outlier by p-value whose membrane is clearly visible (detection score >= ``keep_score``,
         for its first fit or its last re-fit, whichever scores higher), whose p-value is not
