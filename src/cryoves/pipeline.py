@@ -1,17 +1,19 @@
 """The whole CryoVesNet method composed: tomogram -> vesicle table and label volumes.
 
-:func:`segment` runs, in order, each stage from its own module (every stage can also be
-called alone):
+Each stage is one public function here, which calls its core module(s); :func:`segment` runs
+them in order, and the napari stage widgets call the same functions one at a time, so a
+stage-by-stage run gives the result of :func:`segment` with the same parameters:
 
-========== ======================================================= ==========================
-stage      function                                                 output kept
-========== ======================================================= ==========================
-predict    :func:`cryoves.predict.predict_probability`              ``probability``
-global     :func:`cryoves.threshold.global_threshold`               ``threshold``, labels
-adaptive   :func:`cryoves.threshold.adaptive_threshold`             labels
-refine     :func:`cryoves.refine.refine_spheres`                    table (``stage_tables``)
-outliers   :func:`cryoves.outliers.filter_outliers`                 the final ``table``
-========== ======================================================= ==========================
+* ``predict``: :func:`predict_stage`, :func:`cryoves.predict.predict_probability` at the
+  model's scale and again at ``large_scale`` (the large-vesicle pass) -> ``probability``;
+* ``global``: :func:`global_stage`, :func:`cryoves.threshold.global_threshold`, then
+  :func:`cryoves.threshold.add_weak_segments` (weak segments; large-vesicle candidates) ->
+  ``threshold``, labels;
+* ``adaptive``: :func:`adaptive_stage`, :func:`cryoves.threshold.adaptive_threshold` -> labels;
+* ``refine``: :func:`refine_stage`, :func:`cryoves.refine.refine_spheres` -> table
+  (``stage_tables``);
+* ``outliers``: :func:`outliers_stage`, :func:`cryoves.outliers.filter_outliers` -> the final
+  ``table``.
 
 Every parameter of every stage is a field of :class:`SegmentParams` (lengths in nm; the
 few sampling parameters that are naturally voxel counts end in ``_vox``).
@@ -48,7 +50,8 @@ from cryoves._progress import ProgressCallback, report
 from cryoves.table import VesicleTable, check_voxel_size, render_labels
 from cryoves.validate import check_inputs, check_result
 
-__all__ = ["SegmentParams", "SegmentationResult", "segment", "STAGES"]
+__all__ = ["SegmentParams", "SegmentationResult", "segment", "STAGES", "predict_stage", "global_stage",
+           "adaptive_stage", "refine_stage", "outliers_stage"]
 
 #: Pipeline stages, in order (keys of ``timings`` and ``stage_labels``).
 STAGES = ("predict", "global", "adaptive", "refine", "outliers")
@@ -529,10 +532,226 @@ def _remove_outside(table: VesicleTable, mask: np.ndarray, stage: str) -> Vesicl
     return out
 
 
+def _stage_params(params) -> SegmentParams:
+    params = SegmentParams() if params is None else params
+    if not isinstance(params, SegmentParams):
+        raise TypeError(f"params must be a SegmentParams, got {type(params).__name__}")
+    return params
+
+
+# -- the stages, one public function each: segment() composes them, the napari stage widgets call
+# -- them one by one (so a stage-by-stage run and a one-button run give the same result) ----------
+
+def predict_stage(tomogram, voxel_size: float, model=None, params: SegmentParams | None = None, *,
+                  progress: ProgressCallback = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Stage ``"predict"``: the probability map and the large-vesicle pass's map.
+
+    Parameters
+    ----------
+    tomogram : ndarray, shape (Z, Y, X)
+        Not modified.
+    voxel_size : float
+        nm.
+    model : UNetModel or str or Path, optional
+        As in :func:`segment`.
+    params : SegmentParams, optional
+        ``stage_kwargs("predict")``; ``stage_kwargs("large")`` for the second pass.
+    progress : callable, optional
+        ``progress("predict", done, total)``.
+
+    Returns
+    -------
+    probability : ndarray of float32
+        :func:`cryoves.predict.predict_probability` at the model's scale.
+    large : ndarray of float32 or None
+        The pass at ``params.large_scale`` restricted to its large regions (0 elsewhere), to
+        be handed to :func:`global_stage`; ``None`` when ``params.large_scale`` is ``None``.
+    """
+    from cryoves.predict import predict_probability
+
+    params = _stage_params(params)
+    vs = check_voxel_size(voxel_size)
+    sp = _StageProgress(progress, "predict")
+    probability = predict_probability(tomogram, vs, model, progress=sp, **params.stage_kwargs("predict", vs))
+    large = None
+    if params.large_scale is not None:
+        large = predict_probability(tomogram, vs, model, progress=sp, **params.stage_kwargs("large", vs))
+    sp.finish()
+    return probability, large
+
+
+def global_stage(tomogram, probability, voxel_size: float, params: SegmentParams | None = None, *,
+                 large=None, mask=None, normalization=None, progress: ProgressCallback = None):
+    """Stage ``"global"``: the darkest-shell threshold, the weak segments, the large vesicles.
+
+    :func:`cryoves.threshold.global_threshold`; then, with ``threshold_mode="robust"``,
+    :func:`cryoves.threshold.add_weak_segments` on ``probability``; then, when ``large`` is
+    given, ``add_weak_segments`` on it with ``stage_kwargs("large_weak")`` (large vesicles,
+    each verified by its membrane).
+
+    Parameters
+    ----------
+    tomogram, probability : ndarray, shape (Z, Y, X)
+        Not modified.
+    voxel_size : float
+        nm.
+    params : SegmentParams, optional
+        ``thresholds`` (a single value: the global threshold is that value) and the other
+        parameters of the stage.
+    large : ndarray, optional
+        The second map of :func:`predict_stage`; ``None``: no large-vesicle candidates.
+    mask : ndarray of bool, optional
+        Region mask (see :func:`segment`).
+    normalization : (offset, scale), optional
+        :func:`cryoves.refine.intensity_normalization` of ``tomogram`` (computed if not given).
+    progress : callable, optional
+        ``progress("global", done, total)``.
+
+    Returns
+    -------
+    GlobalThresholdResult
+        That of :func:`cryoves.threshold.global_threshold`, its ``labels`` holding the added
+        segments too.
+    """
+    from cryoves.refine import intensity_normalization
+    from cryoves.threshold import add_weak_segments, global_threshold
+
+    params = _stage_params(params)
+    vs = check_voxel_size(voxel_size)
+    sp = _StageProgress(progress, "global")
+    g = global_threshold(tomogram, probability, mask=mask, progress=sp, **params.stage_kwargs("global", vs))
+    if params.threshold_mode == "robust" or large is not None:
+        if normalization is None:
+            normalization = intensity_normalization(tomogram)
+        if params.threshold_mode == "robust":
+            g.labels = add_weak_segments(tomogram, probability, g.labels, vs, mask=mask, normalization=normalization,
+                                         progress=sp, **params.stage_kwargs("weak", vs))
+        if large is not None:
+            # vesicles too large for the network at its own size, each verified by its membrane
+            g.labels = add_weak_segments(tomogram, large, g.labels, vs, mask=mask, normalization=normalization,
+                                         progress=sp, **params.stage_kwargs("large_weak", vs))
+    sp.finish()
+    return g
+
+
+def adaptive_stage(probability, labels, threshold: float, voxel_size: float, params: SegmentParams | None = None,
+                   *, mask=None, progress: ProgressCallback = None) -> np.ndarray:
+    """Stage ``"adaptive"``: :func:`cryoves.threshold.adaptive_threshold` (if ``params.adaptive``).
+
+    Parameters
+    ----------
+    probability, labels : ndarray, shape (Z, Y, X)
+        The map and the labels of :func:`global_stage`. Not modified.
+    threshold : float
+        The global threshold.
+    voxel_size : float
+        nm.
+    params : SegmentParams, optional
+    mask : ndarray of bool, optional
+        Segments whose centroid lies outside are dropped.
+    progress : callable, optional
+        ``progress("adaptive", done, total)``.
+
+    Returns
+    -------
+    ndarray
+        The segments (``labels`` itself when there is nothing to do).
+    """
+    from cryoves.threshold import adaptive_threshold
+
+    params = _stage_params(params)
+    vs = check_voxel_size(voxel_size)
+    sp = _StageProgress(progress, "adaptive")
+    if params.adaptive and labels.max() > 0:
+        labels = adaptive_threshold(probability, labels, threshold, vs, progress=sp,
+                                    **params.stage_kwargs("adaptive", vs))
+    if mask is not None:
+        labels = _drop_segments_outside(labels, mask)
+    sp.finish()
+    return labels
+
+
+def refine_stage(tomogram, labels, voxel_size: float, params: SegmentParams | None = None, *, mask=None,
+                 normalization=None, progress: ProgressCallback = None) -> VesicleTable:
+    """Stage ``"refine"``: :func:`cryoves.refine.refine_spheres` on the segments.
+
+    Parameters
+    ----------
+    tomogram, labels : ndarray, shape (Z, Y, X)
+        Not modified.
+    voxel_size : float
+        nm.
+    params : SegmentParams, optional
+    mask : ndarray of bool, optional
+        Rows whose centre lies outside are marked removed.
+    normalization : (offset, scale), optional
+        As in :func:`global_stage`.
+    progress : callable, optional
+        ``progress("refine", done, total)``.
+
+    Returns
+    -------
+    VesicleTable
+    """
+    from cryoves.refine import refine_spheres
+
+    params = _stage_params(params)
+    vs = check_voxel_size(voxel_size)
+    sp = _StageProgress(progress, "refine")
+    table = refine_spheres(tomogram, labels, vs, normalization=normalization, progress=sp,
+                           **params.stage_kwargs("refine", vs))
+    sp.finish()
+    if mask is not None:
+        table = _remove_outside(table, mask, "refine")
+    return table
+
+
+def outliers_stage(tomogram, table: VesicleTable, voxel_size: float, params: SegmentParams | None = None, *,
+                   mask=None, normalization=None, progress: ProgressCallback = None) -> VesicleTable:
+    """Stage ``"outliers"``: :func:`cryoves.outliers.filter_outliers` (if ``params.outliers``).
+
+    Parameters
+    ----------
+    tomogram : ndarray, shape (Z, Y, X)
+        Not modified.
+    table : VesicleTable
+        That of :func:`refine_stage`. Not modified.
+    voxel_size : float
+        nm.
+    params : SegmentParams, optional
+    mask : ndarray of bool, optional
+        Rows whose centre moved outside are marked removed.
+    normalization : (offset, scale), optional
+        As in :func:`global_stage`.
+    progress : callable, optional
+        ``progress("outliers", done, total)``.
+
+    Returns
+    -------
+    VesicleTable
+    """
+    from cryoves.outliers import filter_outliers
+
+    params = _stage_params(params)
+    vs = check_voxel_size(voxel_size)
+    sp = _StageProgress(progress, "outliers")
+    if params.outliers and len(table):
+        table = filter_outliers(tomogram, table, vs, normalization=normalization, progress=sp,
+                                **params.stage_kwargs("outliers", vs))
+        if mask is not None:
+            table = _remove_outside(table, mask, "outliers")
+    sp.finish()
+    return table
+
+
 def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | None = None, mask=None,
             probability=None, keep_intermediates: bool = True,
             progress: ProgressCallback = None) -> SegmentationResult:
     """Find the synaptic vesicles of a tomogram and fit each as a sphere.
+
+    Runs :func:`predict_stage`, :func:`global_stage`, :func:`adaptive_stage`,
+    :func:`refine_stage` and :func:`outliers_stage` in order (the napari stage widgets call the
+    same functions one by one).
 
     Parameters
     ----------
@@ -550,7 +769,8 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
         Region mask on the tomogram's grid (non-zero = inside); restricts the search (see
         module docstring).
     probability : ndarray, optional
-        A probability map on the tomogram's grid; prediction is skipped.
+        A probability map on the tomogram's grid; prediction (and with it the large-vesicle
+        pass) is skipped.
     keep_intermediates : bool
         Keep the per-stage label volumes in ``stage_labels`` (memory: one volume each).
     progress : callable, optional
@@ -574,13 +794,9 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     cryoves.Cancelled
         If the progress callback raises it.
     """
-    from cryoves.outliers import filter_outliers
-    from cryoves.refine import intensity_normalization, refine_spheres
-    from cryoves.threshold import adaptive_threshold, add_weak_segments, global_threshold
+    from cryoves.refine import intensity_normalization
 
-    params = SegmentParams() if params is None else params
-    if not isinstance(params, SegmentParams):
-        raise TypeError(f"params must be a SegmentParams, got {type(params).__name__}")
+    params = _stage_params(params)
     params.validate()
     check_inputs(tomogram, voxel_size, params=params, model=model, predict=probability is None, warn=True)
     if not hasattr(tomogram, "shape") or not hasattr(tomogram, "dtype"):
@@ -599,13 +815,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     t0 = time.perf_counter()
     large = None  # the large-vesicle pass's regions (SegmentParams.large_scale)
     if probability is None:
-        from cryoves.predict import predict_probability
-
-        sp = _StageProgress(progress, "predict")
-        probability = predict_probability(tomogram, vs, model, progress=sp, **params.stage_kwargs("predict", vs))
-        if params.large_scale is not None:
-            large = predict_probability(tomogram, vs, model, progress=sp, **params.stage_kwargs("large", vs))
-        sp.finish()
+        probability, large = predict_stage(tomogram, vs, model, params, progress=progress)
     else:
         probability = _check_probability(probability, shape)
         report(progress, "predict", 1, 1)
@@ -613,22 +823,14 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
 
     # 2. global threshold ---------------------------------------------------------------------
     t0 = time.perf_counter()
-    sp = _StageProgress(progress, "global")
-    g = global_threshold(tomogram, probability, mask=mask, progress=sp, **params.stage_kwargs("global", vs))
+    normalization = intensity_normalization(tomogram)
+    g = global_stage(tomogram, probability, vs, params, large=large, mask=mask, normalization=normalization,
+                     progress=progress)
+    del large
     threshold = float(g.threshold)
-    labels = g.labels
     if not np.any(np.isfinite(g.shell_means)):
         threshold = float("nan")  # nothing above any candidate: no real choice was made
-    normalization = intensity_normalization(tomogram)
-    if params.threshold_mode == "robust":
-        labels = add_weak_segments(tomogram, probability, labels, vs, mask=mask, normalization=normalization,
-                                   progress=sp, **params.stage_kwargs("weak", vs))
-    if large is not None:
-        # vesicles too large for the network at its own size, each verified by its membrane
-        labels = add_weak_segments(tomogram, large, labels, vs, mask=mask, normalization=normalization,
-                                   progress=sp, **params.stage_kwargs("large_weak", vs))
-        del large
-    sp.finish()
+    labels = g.labels
     if keep_intermediates:
         stage_labels["global"] = labels
     timings["global"] = time.perf_counter() - t0
@@ -638,26 +840,15 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
 
     # 3. adaptive threshold -------------------------------------------------------------------
     t0 = time.perf_counter()
-    sp = _StageProgress(progress, "adaptive")
-    if params.adaptive and labels.max() > 0:
-        labels = adaptive_threshold(probability, labels, g_threshold, vs, progress=sp,
-                                    **params.stage_kwargs("adaptive", vs))
-    if mask is not None:
-        labels = _drop_segments_outside(labels, mask)
-    sp.finish()
+    labels = adaptive_stage(probability, labels, g_threshold, vs, params, mask=mask, progress=progress)
     if keep_intermediates:
         stage_labels["adaptive"] = labels
     timings["adaptive"] = time.perf_counter() - t0
 
     # 4. sphere refinement --------------------------------------------------------------------
     t0 = time.perf_counter()
-    sp = _StageProgress(progress, "refine")
-    table = refine_spheres(tomogram, labels, vs, normalization=normalization, progress=sp,
-                           **params.stage_kwargs("refine", vs))
-    sp.finish()
+    table = refine_stage(tomogram, labels, vs, params, mask=mask, normalization=normalization, progress=progress)
     del labels
-    if mask is not None:
-        table = _remove_outside(table, mask, "refine")
     stage_tables["refine"] = table
     if keep_intermediates:
         stage_labels["refine"] = render_labels(table, shape)
@@ -665,13 +856,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
 
     # 5. outliers -----------------------------------------------------------------------------
     t0 = time.perf_counter()
-    sp = _StageProgress(progress, "outliers")
-    if params.outliers and len(table):
-        table = filter_outliers(tomogram, table, vs, normalization=normalization, progress=sp,
-                                **params.stage_kwargs("outliers", vs))
-        if mask is not None:
-            table = _remove_outside(table, mask, "outliers")
-    sp.finish()
+    table = outliers_stage(tomogram, table, vs, params, mask=mask, normalization=normalization, progress=progress)
     stage_tables["outliers"] = table
     final = render_labels(table, shape)
     if keep_intermediates:
