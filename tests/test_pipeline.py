@@ -301,3 +301,26 @@ def test_robust_threshold_keeps_vesicles_of_a_weak_map_without_false_positives(s
     fi = np.rint(fakes).astype(int)
     assert np.all(g[fi[:, 0], fi[:, 1], fi[:, 2]] == 0)
     assert robust.threshold == paper.threshold  # the global threshold itself is the paper's
+
+
+def test_stage_functions_one_by_one_are_segment(small_simulation, oracle_probability):
+    """The public stage functions (what the napari stage widgets call), run one after the other
+    without shared state, give segment()'s table and labels."""
+    from cryoves.pipeline import adaptive_stage, global_stage, outliers_stage, refine_stage
+
+    sim = small_simulation
+    vs = sim.voxel_size
+    mask = np.zeros(sim.tomogram.shape, bool)
+    mask[:, :, : sim.tomogram.shape[2] * 2 // 3] = True
+    params = SegmentParams(p_threshold=0.05)
+    want = segment(sim.tomogram, vs, probability=oracle_probability, mask=mask, params=params)
+    g = global_stage(sim.tomogram, oracle_probability, vs, params, mask=mask)
+    np.testing.assert_array_equal(g.labels, want.stage_labels["global"])
+    assert g.threshold == want.threshold
+    labels = adaptive_stage(oracle_probability, g.labels, g.threshold, vs, params, mask=mask)
+    np.testing.assert_array_equal(labels, want.stage_labels["adaptive"])
+    table = refine_stage(sim.tomogram, labels, vs, params, mask=mask)
+    table = outliers_stage(sim.tomogram, table, vs, params, mask=mask)
+    assert table.ids.tolist() == want.table.ids.tolist()
+    for col in ("z", "y", "x", "radius", "thickness", "density", "pvalue", "status", "note"):
+        np.testing.assert_array_equal(table[col], want.table[col], err_msg=col)

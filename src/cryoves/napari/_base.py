@@ -16,7 +16,7 @@ __all__ = ["StageWidget", "default_of", "float_field", "optional_checkbox", "tom
            "check_probability"]
 
 #: Roles of layers that are never a tomogram (not listed in the tomogram pickers).
-NOT_TOMOGRAM = ("probability",)
+NOT_TOMOGRAM = ("probability", "probability_large")
 
 
 def default_of(func: Callable, name: str):
@@ -279,12 +279,13 @@ def materialize(data) -> np.ndarray:
 def check_probability(layer) -> np.ndarray:
     """The data of ``layer`` if it is a probability map, else a ValueError that says why not.
 
-    A probability map is a layer written by Predict (role ``"probability"``) or any 3-D image
-    whose values lie in [0, 1] (e.g. a map opened from a file); a tomogram is refused at once.
+    A probability map is a layer written by Predict (role ``"probability"`` or
+    ``"probability_large"``) or any 3-D image whose values lie in [0, 1] (e.g. a map opened
+    from a file); a tomogram is refused at once.
     """
     data = tomogram_array(layer)
     role = layer.metadata.get(ROLE_KEY)
-    if role == "probability":
+    if role in NOT_TOMOGRAM:
         return data
     lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
     if lo < 0.0 or hi > 1.0:

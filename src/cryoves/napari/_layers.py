@@ -12,6 +12,7 @@ layers the previous stage wrote)::
 
     <tomo>                      Image   role "tomogram"
     <tomo> probability          Image   role "probability"
+    <tomo> probability (large vesicles)  Image  role "probability_large" (the large-vesicle pass)
     <tomo> labels (global)      Labels  role "labels_global"
     <tomo> labels (adaptive)    Labels  role "labels_adaptive"
     <tomo> vesicles             Points  role "vesicles"   (the VesicleTable, as features)
@@ -51,6 +52,7 @@ SHAPE_KEY = "cryoves_shape"
 SUFFIX = {
     "tomogram": "",
     "probability": " probability",
+    "probability_large": " probability (large vesicles)",
     "labels_global": " labels (global)",
     "labels_adaptive": " labels (adaptive)",
     "vesicles": " vesicles",
@@ -138,7 +140,7 @@ def image_kwargs(voxel_size: float | None, name: str, role: str = "tomogram",
     kw: dict[str, Any] = {"name": name, "metadata": layer_meta(voxel_size, role, tomogram or name),
                           "projection_mode": "none"}
     kw.update(_spatial(voxel_size))
-    if role == "probability":
+    if role in ("probability", "probability_large"):
         kw.update(colormap="inferno", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0))
     else:
         kw.update(colormap="gray")

@@ -7,7 +7,7 @@ from magicgui.widgets import FloatSlider, Label
 
 from cryoves.napari._base import StageWidget, materialize, tomogram_array
 from cryoves.napari._layers import STATUS_COLORS, base_name, table_from_points
-from cryoves.napari._params import default_value, stage_kwargs
+from cryoves.napari._params import default_value
 from cryoves.napari._plots import feature_plot
 from cryoves.napari._results import show_vesicles
 
@@ -30,7 +30,8 @@ class OutlierWidget(StageWidget):
     they stay outliers) in red, in the viewer and in the feature plot. The preview changes only
     the display (border colours): the layer's features, which are exported, stay as they are,
     and the colours are restored when the widget closes. *Apply* runs
-    :func:`cryoves.outliers.filter_outliers` and writes the vesicles and vesicle labels.
+    :func:`cryoves.pipeline.outliers_stage` (:func:`cryoves.outliers.filter_outliers`, as the
+    full pipeline) and writes the vesicles and vesicle labels.
 
     Parameters
     ----------
@@ -189,17 +190,15 @@ class OutlierWidget(StageWidget):
         table = table_from_points(pts)
         if table.voxel_size is None:
             table.voxel_size = vs
-        kw = stage_kwargs(self.params(), "outliers", vs)
-        kw["p_threshold"] = float(self.p_threshold.value)
+        params = self.params().replace(p_threshold=float(self.p_threshold.value))
         name = base_name(layer)
 
         def work(progress):
-            from cryoves.outliers import filter_outliers
+            from cryoves.pipeline import outliers_stage
 
-            return filter_outliers(materialize(tomo), table, vs, progress=progress, **kw)
+            return outliers_stage(materialize(tomo), table, vs, params, progress=progress)
 
-        def done(result):
-            new = result.table if hasattr(result, "table") else result
+        def done(new):
             self.restore_colors()
             show_vesicles(self.viewer, new, name, tomo.shape)
             self._saved = None

@@ -3,8 +3,9 @@
 Each field is named after its :class:`cryoves.pipeline.SegmentParams` attribute and takes its
 default from ``SegmentParams()`` (which reads the stage functions' defaults), so the stage
 widgets and the one-button pipeline always offer the same parameters with the same defaults.
-:func:`stage_kwargs` turns a ``SegmentParams`` into a stage function's keyword arguments
-through :meth:`cryoves.pipeline.SegmentParams.stage_kwargs`, as :func:`cryoves.pipeline.segment` does.
+:func:`params_from` turns the fields into a ``SegmentParams``, which the stage widgets hand to
+the stage functions of :mod:`cryoves.pipeline` (``predict_stage``, ``global_stage``, ...), the
+functions :func:`cryoves.pipeline.segment` runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
 
-__all__ = ["SPECS", "make_field", "params_from", "stage_kwargs", "default_value", "STAGE_FIELDS"]
+__all__ = ["SPECS", "make_field", "params_from", "default_value", "STAGE_FIELDS"]
 
 # name -> (label, tooltip, kind, options)
 SPECS: dict[str, tuple[str, str, str, dict]] = {
@@ -151,16 +152,3 @@ def params_from(fields: dict) -> "SegmentParams":  # noqa: F821
         changes["extent_range"] = (float(values.get("extent_lo", lo)), float(values.get("extent_hi", hi)))
     return SegmentParams().replace(**changes)
 
-
-def stage_kwargs(p, stage: str, voxel_size: float) -> dict:
-    """Keyword arguments of the core function of ``stage``: :meth:`SegmentParams.stage_kwargs
-    <cryoves.pipeline.SegmentParams.stage_kwargs>`, the one mapping the pipeline uses too.
-
-    Parameters
-    ----------
-    p : SegmentParams
-    stage : {"predict", "global", "weak", "adaptive", "refine", "outliers"}
-    voxel_size : float
-        Voxel size (nm) of the tomogram.
-    """
-    return p.stage_kwargs(stage, voxel_size)

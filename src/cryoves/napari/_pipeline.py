@@ -40,7 +40,8 @@ class PipelineWidget(StageWidget):
         self.panel = WeightsPanel(self.tomogram)
         self.probability = self.layer_combo(
             "Reuse probability", "Image", "Optional: an existing probability map of this tomogram (values "
-            "0..1); the network is then skipped", nullable=True, name="probability")
+            "0..1); the network, and with it the large-vesicle pass, is then skipped", nullable=True,
+            exclude_roles=("probability_large",), name="probability")
         self.mask = self.layer_combo(
             "Region mask", "Labels", "Optional: only look for vesicles inside this region (non-zero "
             "voxels), e.g. the presynaptic cytoplasm; same shape as the tomogram", nullable=True,

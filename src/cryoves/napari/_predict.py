@@ -1,20 +1,49 @@
-"""1. Predict: the U-Net probability map of a tomogram → layer ``<tomo> probability``."""
+"""1. Predict: the U-Net probability map of a tomogram → layer ``<tomo> probability``, and the
+large-vesicle pass → layer ``<tomo> probability (large vesicles)``."""
 
 from __future__ import annotations
 
 from cryoves.napari._base import StageWidget, materialize, tomogram_array
 from cryoves.napari._layers import add_or_update, base_name, image_kwargs, layer_name
-from cryoves.napari._params import stage_kwargs
 from cryoves.napari._service import get_model, run_in_tf_thread
 from cryoves.napari._weights_panel import WeightsPanel
 
-__all__ = ["PredictWidget"]
+__all__ = ["PredictWidget", "show_prediction"]
+
+
+def show_prediction(viewer, tomo: str, voxel_size: float, probability, large=None) -> list[str]:
+    """Write the maps of :func:`cryoves.pipeline.predict_stage` as the layers of tomogram ``tomo``.
+
+    ``large`` (the large-vesicle pass) goes to ``<tomo> probability (large vesicles)``, hidden
+    (the Threshold widget picks it up); when it is ``None``, an older layer of that name is
+    removed, so that it never pairs with a new probability map.
+
+    Returns
+    -------
+    list of str
+        The names of the layers written.
+    """
+    names = [layer_name(tomo, "probability")]
+    add_or_update(viewer, (probability, image_kwargs(voxel_size, names[0], role="probability", tomogram=tomo),
+                           "image"))
+    lname = layer_name(tomo, "probability_large")
+    if large is not None:
+        add_or_update(viewer, (large, image_kwargs(voxel_size, lname, role="probability_large", tomogram=tomo,
+                                                   visible=False), "image"))
+        names.append(lname)
+    elif lname in viewer.layers:
+        viewer.layers.remove(lname)
+    return names
 
 
 class PredictWidget(StageWidget):
     """Stage 1: U-Net probability map of the chosen tomogram → layer ``<tomo> probability``.
 
-    The network runs in the plugin's TensorFlow thread (:mod:`cryoves.napari._service`).
+    With the large-vesicle pass on (:attr:`cryoves.pipeline.SegmentParams.large_scale`, as in
+    the full pipeline), its map of large regions goes to the hidden layer ``<tomo> probability
+    (large vesicles)``, which the Threshold widget uses. Both come from
+    :func:`cryoves.pipeline.predict_stage`, the function the full pipeline runs. The network
+    runs in the plugin's TensorFlow thread (:mod:`cryoves.napari._service`).
 
     Parameters
     ----------
@@ -40,18 +69,17 @@ class PredictWidget(StageWidget):
         data = tomogram_array(layer)
         vs = self.panel.voxel_size_for(layer)
         path = self.panel.require_weights()
-        kw = stage_kwargs(self.params(), "predict", vs)
+        params = self.params()
         self.panel.record(layer, vs)
         tomo = base_name(layer)
 
         def predict(progress):
-            from cryoves.predict import predict_probability
+            from cryoves.pipeline import predict_stage
 
-            return predict_probability(materialize(data), vs, get_model(path), progress=progress, **kw)
+            return predict_stage(materialize(data), vs, get_model(path), params, progress=progress)
 
-        def done(prob):
-            name = layer_name(tomo, "probability")
-            add_or_update(self.viewer, (prob, image_kwargs(vs, name, role="probability", tomogram=tomo), "image"))
-            return f"Probability map: {name}"
+        def done(maps):
+            names = show_prediction(self.viewer, tomo, vs, *maps)
+            return "Probability map: " + " and ".join(names)
 
         self.runner.start(lambda progress: run_in_tf_thread(predict, progress), done, "Prediction")

@@ -6,7 +6,6 @@ import numpy as np
 
 from cryoves.napari._base import StageWidget, materialize, tomogram_array
 from cryoves.napari._layers import base_name
-from cryoves.napari._params import stage_kwargs
 from cryoves.napari._results import show_vesicles
 
 __all__ = ["RefineWidget"]
@@ -14,6 +13,8 @@ __all__ = ["RefineWidget"]
 
 class RefineWidget(StageWidget):
     """Stage 3: fit every segment as a sphere by its radial profile → vesicles Points + labels.
+
+    Runs :func:`cryoves.pipeline.refine_stage`, as the full pipeline does.
 
     Parameters
     ----------
@@ -43,12 +44,12 @@ class RefineWidget(StageWidget):
             raise ValueError(f"segments {labels.shape} and tomogram {tomo.shape} differ in shape")
         vs = self.voxel_size_from(layer)
         name = base_name(layer)
-        kw = stage_kwargs(self.params(), "refine", vs)
+        params = self.params()
 
         def work(progress):
-            from cryoves.refine import refine_spheres
+            from cryoves.pipeline import refine_stage
 
-            return refine_spheres(materialize(tomo), labels, vs, progress=progress, **kw)
+            return refine_stage(materialize(tomo), labels, vs, params, progress=progress)
 
         def done(table):
             show_vesicles(self.viewer, table, name, tomo.shape)
