@@ -20,6 +20,7 @@ import numpy as np
 
 from cryoves import __version__
 from cryoves import io as cio
+from cryoves.cli.simulate import simulation_record
 from cryoves.simulate import SimulationParams, simulate_tomogram
 
 SHAPE = (76, 160, 160)
@@ -44,16 +45,9 @@ def main(outdir: Path) -> None:
     cio.write_mrc(outdir / "labels_truth.mrc", sim.labels.astype(np.int8), v, overwrite=True)
     cio.write_mrc(outdir / "mask.mrc", sim.mask.astype(np.int8), v, overwrite=True)
     cio.write_vesicles_csv(outdir / "vesicles_truth.csv", sim.table, overwrite=True)
-    meta = {
-        "generator": f"cryoves {__version__}: python sample_data/make_sample_data.py",
-        "shape": list(SHAPE),
-        "voxel_size_nm": v,
-        "n_vesicles": len(sim.table),
-        "tomogram_storage": "int8 (MRC mode 0), linear scaling of the float32 simulation: "
-                            "0.01/99.99 percentiles -> -128/127",
-        "tilt_angles_deg": [float(a) for a in sim.tilt_angles],
-        "params": sim.params.to_dict(),
-    }
+    meta = simulation_record(sim, f"cryoves {__version__}: python sample_data/make_sample_data.py",
+                             tomogram_storage="int8 (MRC mode 0), linear scaling of the float32 simulation: "
+                                              "0.01/99.99 percentiles -> -128/127")
     cio.atomic_write_text(outdir / "params.json", json.dumps(meta, indent=2) + "\n", overwrite=True)
     print(f"{len(sim.table)} vesicles -> {outdir}")
 

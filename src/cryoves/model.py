@@ -859,27 +859,25 @@ def load_model(path: Optional[PathLike] = None) -> UNetModel:
     card = _read_card(card_path)
     keras_model = build_unet(**card.architecture)
     arch = ", ".join(f"{k}={v}" for k, v in card.architecture.items())
+
+    def misfit(detail: str) -> ValueError:
+        return ValueError(f"weights in {path} do not fit the architecture in its card {card_path.name} "
+                          f"({arch}): {detail}")
+
     with _open_h5(path) as fh:
         diff = _layout_difference(fh, keras_model)
     if diff is not None:
-        raise ValueError(
-            f"weights in {path} do not fit the architecture in its card {card_path.name} "
-            f"({arch}): {diff}")
+        raise misfit(diff)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             keras_model.load_weights(str(path))
         except Exception as err:  # keras raises ValueError/KeyError on mismatch
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ValueError(
-                f"weights in {path} do not fit the architecture in its card {card_path.name} "
-                f"({arch}): {first}") from None
+            raise misfit((str(err).strip().splitlines() or [type(err).__name__])[0]) from None
     skipped = [str(w.message) for w in caught
                if "skipping" in str(w.message).lower() or "retain" in str(w.message).lower()]
     if skipped:  # keras would leave some layers randomly initialised: refuse
-        raise ValueError(
-            f"weights in {path} do not fit the architecture in its card {card_path.name} "
-            f"({arch}): {skipped[0].strip().splitlines()[0]}")
+        raise misfit(skipped[0].strip().splitlines()[0])
     for w in caught:
         if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -1490,6 +1490,27 @@ def tilt_angles(tilt_range: float = 60.0, tilt_step: float = 2.0) -> np.ndarray:
     return np.arange(-n, n + 1, dtype=np.float64) * tilt_step
 
 
+def _joseph_steps(u, n_step, step_centre, slope, cos_step, n_interp, interp_centre):
+    """One tilt of the Joseph projector: the line through each detector bin ``u`` visits every
+    voxel index ``k`` of the stepping axis at ``(u - (k - step_centre) * slope) / cos_step +
+    interp_centre`` on the other axis, split linearly between the two neighbouring voxels and
+    weighted by the path length ``1 / |cos_step|``.
+
+    Yields ``(detector bin, step index, interpolation index, weight)`` arrays, once for each of
+    the two neighbours, for the voxels inside the slice.
+    """
+    k = np.arange(n_step) - step_centre
+    f = (u[None, :] - k[:, None] * slope) / cos_step + interp_centre   # (n_step, nu)
+    f0 = np.floor(f).astype(np.int64)
+    w1 = f - f0
+    ki = np.broadcast_to(np.arange(n_step)[:, None], f.shape)
+    ui = np.broadcast_to(np.arange(len(u))[None, :], f.shape)
+    scale = 1.0 / abs(cos_step)
+    for fi, ww in ((f0, 1 - w1), (f0 + 1, w1)):
+        ok = (fi >= 0) & (fi < n_interp)
+        yield ui[ok], ki[ok], fi[ok], ww[ok] * scale
+
+
 def _projector(nz, nx, angles_deg):
     """Sparse Joseph projector: rows (tilt, u) <- columns (z, x) of one XZ slice.
 
@@ -1503,32 +1524,16 @@ def _projector(nz, nx, angles_deg):
     u = np.arange(nu) - uc
     for it, th in enumerate(np.deg2rad(angles_deg)):
         c, s = math.cos(th), math.sin(th)
-        if abs(c) >= abs(s):
-            zp = np.arange(nz) - zc
-            xf = (u[None, :] - zp[:, None] * s) / c + xc          # (nz, nu)
-            x0 = np.floor(xf).astype(np.int64)
-            w1 = xf - x0
-            zi = np.broadcast_to(np.arange(nz)[:, None], xf.shape)
-            ui = np.broadcast_to(np.arange(nu)[None, :], xf.shape)
-            scale = 1.0 / abs(c)
-            for xx, ww in ((x0, 1 - w1), (x0 + 1, w1)):
-                ok = (xx >= 0) & (xx < nx)
-                rows.append(it * nu + ui[ok])
-                cols.append(zi[ok] * nx + xx[ok])
-                vals.append(ww[ok] * scale)
-        else:
-            xp = np.arange(nx) - xc
-            zf = (u[None, :] - xp[:, None] * c) / s + zc          # (nx, nu)
-            z0 = np.floor(zf).astype(np.int64)
-            w1 = zf - z0
-            xi = np.broadcast_to(np.arange(nx)[:, None], zf.shape)
-            ui = np.broadcast_to(np.arange(nu)[None, :], zf.shape)
-            scale = 1.0 / abs(s)
-            for zz, ww in ((z0, 1 - w1), (z0 + 1, w1)):
-                ok = (zz >= 0) & (zz < nz)
-                rows.append(it * nu + ui[ok])
-                cols.append(zz[ok] * nx + xi[ok])
-                vals.append(ww[ok] * scale)
+        if abs(c) >= abs(s):  # steps along z, interpolation along x
+            for ui, zi, xx, ww in _joseph_steps(u, nz, zc, s, c, nx, xc):
+                rows.append(it * nu + ui)
+                cols.append(zi * nx + xx)
+                vals.append(ww)
+        else:  # steps along x, interpolation along z
+            for ui, xi, zz, ww in _joseph_steps(u, nx, xc, c, s, nz, zc):
+                rows.append(it * nu + ui)
+                cols.append(zz * nx + xi)
+                vals.append(ww)
     rows = np.concatenate(rows)
     cols = np.concatenate(cols)
     vals = np.concatenate(vals).astype(np.float32)

@@ -28,7 +28,19 @@ CSV_COLUMNS = ("id", "z", "y", "x", "radius", "thickness", "density", "pvalue", 
                "note", "reviewed", "z_nm", "y_nm", "x_nm", "radius_nm", "thickness_nm", "voxel_size_nm")
 
 
-#: simulator physics options: (flag, SimulationParams field, type or choices, metavar, help)
+#: main simulation options: (flag, SimulationParams field, type or choices, metavar, help)
+MAIN_OPTIONS = (
+    ("--voxel-size", "voxel_size", float, "NM", "voxel size in nm (default 1.5)"),
+    ("--seed", "seed", int, "N", "random seed (default 0)"),
+    ("--snr", "snr", float, "X", "projection SNR (Gaussian noise); default: Poisson noise from --dose"),
+    ("--dose", "dose", float, "E_PER_A2", "total electron dose of the tilt series in e/A^2 (default 100)"),
+    ("--defocus", "defocus_um", float, "UM", "defocus in micrometres, negative = underfocus (default -8)"),
+    ("--tilt-range", "tilt_range", float, "DEG", "maximum tilt angle; the series spans -DEG..+DEG (default 60)"),
+    ("--tilt-step", "tilt_step", float, "DEG", "tilt increment in degrees (default 2)"),
+    ("--n-vesicles", "n_vesicles", int, "N", "number of synaptic vesicles (default: from the volume)"),
+)
+
+#: simulator physics options, as :data:`MAIN_OPTIONS`
 PHYSICS_OPTIONS = (
     ("--voltage", "voltage_kv", float, "KV", "acceleration voltage in kV (default 300; 200 works)"),
     ("--extra-ice", "extra_ice_nm", float, "NM", "ice slab thicker than the volume by NM, half above and half "
@@ -84,30 +96,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("outdir", metavar="OUTDIR", help="output folder (created if missing)")
     p.add_argument("--shape", nargs=3, type=int, metavar=("Z", "Y", "X"), default=None,
                    help="volume shape in voxels (default 128 256 256)")
-    p.add_argument("--voxel-size", type=float, default=None, metavar="NM",
-                   help="voxel size in nm (default 1.5)")
-    p.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (default 0)")
-    p.add_argument("--snr", type=float, default=None, metavar="X",
-                   help="projection SNR (Gaussian noise); default: Poisson noise from --dose")
-    p.add_argument("--dose", type=float, default=None, metavar="E_PER_A2",
-                   help="total electron dose of the tilt series in e/A^2 (default 100)")
-    p.add_argument("--defocus", type=float, default=None, metavar="UM",
-                   help="defocus in micrometres, negative = underfocus (default -8)")
-    p.add_argument("--tilt-range", type=float, default=None, metavar="DEG",
-                   help="maximum tilt angle; the series spans -DEG..+DEG (default 60)")
-    p.add_argument("--tilt-step", type=float, default=None, metavar="DEG",
-                   help="tilt increment in degrees (default 2)")
-    p.add_argument("--n-vesicles", type=int, default=None, metavar="N",
-                   help="number of synaptic vesicles (default: from the volume)")
-    phys = p.add_argument_group(
-        "physics options", "all off by default; see docs/simulator.md and cryoves.simulate.SimulationParams")
-    for flag, name, kind, metavar, text in PHYSICS_OPTIONS:
-        if kind is bool:
-            phys.add_argument(flag, dest=name, action="store_true", default=None, help=text)
-        elif isinstance(kind, tuple):
-            phys.add_argument(flag, dest=name, choices=kind, default=None, help=text)
-        else:
-            phys.add_argument(flag, dest=name, type=kind, default=None, metavar=metavar, help=text)
+    _add_options(p, MAIN_OPTIONS)
+    _add_options(p.add_argument_group(
+        "physics options", "all off by default; see docs/simulator.md and cryoves.simulate.SimulationParams"),
+        PHYSICS_OPTIONS)
     p.add_argument("--params", default=None, metavar="JSON",
                    help="a params.json (from a previous run) to start from; options given "
                         "on the command line override it")
@@ -117,11 +109,44 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _add_options(parser, options) -> None:
+    """One argument per row of an option table; its value lands in ``args.<field>`` (None: not given)."""
+    for flag, name, kind, metavar, text in options:
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+        elif isinstance(kind, tuple):
+            parser.add_argument(flag, dest=name, choices=kind, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=metavar, help=text)
+
+
 def vesicles_csv_text(table) -> str:
     """The vesicle table as CSV text: :func:`cryoves.io.vesicles_csv_text` (kept for callers)."""
     from cryoves.io import vesicles_csv_text as _text
 
     return _text(table)
+
+
+def simulation_record(sim, generator: str, **extra) -> dict:
+    """The ``params.json`` of a simulated tomogram (``cryoves simulate``, the bundled sample data).
+
+    Parameters
+    ----------
+    sim : cryoves.simulate.Simulation
+    generator : str
+        What wrote it.
+    **extra
+        More entries, placed after ``n_vesicles``.
+
+    Returns
+    -------
+    dict
+        ``generator``, ``shape``, ``voxel_size_nm``, ``n_vesicles``, the ``extra`` entries,
+        ``tilt_angles_deg`` and ``params`` (every :class:`~cryoves.simulate.SimulationParams` field).
+    """
+    return {"generator": generator, "shape": [int(n) for n in sim.tomogram.shape], "voxel_size_nm": sim.voxel_size,
+            "n_vesicles": len(sim.table), **extra, "tilt_angles_deg": [float(a) for a in sim.tilt_angles],
+            "params": sim.params.to_dict()}
 
 
 def _progress_printer(quiet: bool):
@@ -161,14 +186,8 @@ def run(args) -> int:
     shape = tuple(args.shape) if args.shape is not None else tuple(loaded.get("shape", (128, 256, 256)))
     if len(shape) != 3 or min(shape) < 16:
         raise CliError(f"--shape must be three sizes of at least 16 voxels, got {shape}")
-    overrides = {}
-    for opt, name in (("voxel_size", "voxel_size"), ("seed", "seed"), ("snr", "snr"), ("dose", "dose"), ("defocus", "defocus_um"),
-                      ("tilt_range", "tilt_range"), ("tilt_step", "tilt_step"),
-                      ("n_vesicles", "n_vesicles")) + tuple((o[1], o[1]) for o in PHYSICS_OPTIONS):
-        val = getattr(args, opt)
-        if val is not None:
-            overrides[name] = val
-    base.update(overrides)
+    base.update({name: getattr(args, name) for _, name, *_ in MAIN_OPTIONS + PHYSICS_OPTIONS
+                 if getattr(args, name) is not None})
     try:
         params = SimulationParams.from_dict(base)
     except (ValueError, TypeError) as err:
@@ -191,16 +210,8 @@ def run(args) -> int:
     # 0/1 mask as 8-bit MRC (mode 0)
     cio.write_mrc(outdir / "mask.mrc", sim.mask.astype(np.int8), v, overwrite=ow)
     cio.write_vesicles_csv(outdir / "vesicles.csv", sim.table, overwrite=ow)
-    meta = {
-        "generator": f"cryoves {__version__} simulate",
-        "shape": list(shape),
-        "voxel_size_nm": v,
-        "n_vesicles": len(sim.table),
-        "n_vesicles_requested": sim.n_requested,
-        "tilt_angles_deg": [float(a) for a in sim.tilt_angles],
-        "seconds": round(elapsed, 2),
-        "params": sim.params.to_dict(),
-    }
+    meta = simulation_record(sim, f"cryoves {__version__} simulate", n_vesicles_requested=sim.n_requested,
+                             seconds=round(elapsed, 2))
     cio.atomic_write_text(outdir / "params.json", json.dumps(meta, indent=2) + "\n", overwrite=ow)
     if not args.quiet:
         print(f"simulated {shape} at {v} nm with {len(sim.table)} vesicles in {elapsed:.1f} s -> {outdir}")
