@@ -539,6 +539,12 @@ def _stage_params(params) -> SegmentParams:
     return params
 
 
+def _stage_start(stage: str, params, voxel_size, progress) -> tuple[SegmentParams, float, _StageProgress]:
+    """What every stage function starts with: its parameters (default ``SegmentParams()``),
+    the voxel size checked, and its progress reporter."""
+    return _stage_params(params), check_voxel_size(voxel_size), _StageProgress(progress, stage)
+
+
 # -- the stages, one public function each: segment() composes them, the napari stage widgets call
 # -- them one by one (so a stage-by-stage run and a one-button run give the same result) ----------
 
@@ -569,9 +575,7 @@ def predict_stage(tomogram, voxel_size: float, model=None, params: SegmentParams
     """
     from cryoves.predict import predict_probability
 
-    params = _stage_params(params)
-    vs = check_voxel_size(voxel_size)
-    sp = _StageProgress(progress, "predict")
+    params, vs, sp = _stage_start("predict", params, voxel_size, progress)
     probability = predict_probability(tomogram, vs, model, progress=sp, **params.stage_kwargs("predict", vs))
     large = None
     if params.large_scale is not None:
@@ -616,9 +620,7 @@ def global_stage(tomogram, probability, voxel_size: float, params: SegmentParams
     from cryoves.refine import intensity_normalization
     from cryoves.threshold import add_weak_segments, global_threshold
 
-    params = _stage_params(params)
-    vs = check_voxel_size(voxel_size)
-    sp = _StageProgress(progress, "global")
+    params, vs, sp = _stage_start("global", params, voxel_size, progress)
     g = global_threshold(tomogram, probability, mask=mask, progress=sp, **params.stage_kwargs("global", vs))
     if params.threshold_mode == "robust" or large is not None:
         if normalization is None:
@@ -659,9 +661,7 @@ def adaptive_stage(probability, labels, threshold: float, voxel_size: float, par
     """
     from cryoves.threshold import adaptive_threshold
 
-    params = _stage_params(params)
-    vs = check_voxel_size(voxel_size)
-    sp = _StageProgress(progress, "adaptive")
+    params, vs, sp = _stage_start("adaptive", params, voxel_size, progress)
     if params.adaptive and labels.max() > 0:
         labels = adaptive_threshold(probability, labels, threshold, vs, progress=sp,
                                     **params.stage_kwargs("adaptive", vs))
@@ -695,9 +695,7 @@ def refine_stage(tomogram, labels, voxel_size: float, params: SegmentParams | No
     """
     from cryoves.refine import refine_spheres
 
-    params = _stage_params(params)
-    vs = check_voxel_size(voxel_size)
-    sp = _StageProgress(progress, "refine")
+    params, vs, sp = _stage_start("refine", params, voxel_size, progress)
     table = refine_spheres(tomogram, labels, vs, normalization=normalization, progress=sp,
                            **params.stage_kwargs("refine", vs))
     sp.finish()
@@ -732,9 +730,7 @@ def outliers_stage(tomogram, table: VesicleTable, voxel_size: float, params: Seg
     """
     from cryoves.outliers import filter_outliers
 
-    params = _stage_params(params)
-    vs = check_voxel_size(voxel_size)
-    sp = _StageProgress(progress, "outliers")
+    params, vs, sp = _stage_start("outliers", params, voxel_size, progress)
     if params.outliers and len(table):
         table = filter_outliers(tomogram, table, vs, normalization=normalization, progress=sp,
                                 **params.stage_kwargs("outliers", vs))
