@@ -407,6 +407,9 @@ class SegmentationResult:
     warnings : list of str
         What :func:`cryoves.validate.check_result` found implausible (inverted contrast,
         centres outside the volume, radii out of range), one line each; empty when none.
+    large_probability : ndarray of float32 or None
+        The large-vesicle pass's map (computed, or the one passed in); ``None`` without one or
+        with ``keep_intermediates=False``.
     """
 
     table: VesicleTable
@@ -419,6 +422,7 @@ class SegmentationResult:
     params: SegmentParams = field(default_factory=SegmentParams)
     voxel_size: float = float("nan")
     warnings: list = field(default_factory=list)
+    large_probability: Optional[np.ndarray] = None
 
     @property
     def n_accepted(self) -> int:
@@ -472,17 +476,17 @@ def _check_mask(mask, shape) -> Optional[np.ndarray]:
     return mask
 
 
-def _check_probability(probability, shape) -> np.ndarray:
+def _check_probability(probability, shape, name: str = "probability") -> np.ndarray:
     p = np.asarray(probability)
     if p.shape != tuple(shape):
-        raise ValueError(f"probability shape {p.shape} differs from the tomogram's {tuple(shape)}")
+        raise ValueError(f"{name} shape {p.shape} differs from the tomogram's {tuple(shape)}")
     if p.dtype.kind not in "fiub":
-        raise TypeError(f"probability must be real numbers, got {p.dtype}")
+        raise TypeError(f"{name} must be real numbers, got {p.dtype}")
     p = p.astype(np.float32, copy=False)
     if not np.all(np.isfinite(p)):
-        raise ValueError("probability contains NaN or infinite values")
+        raise ValueError(f"{name} contains NaN or infinite values")
     if p.size and (p.min() < 0 or p.max() > 1):
-        raise ValueError(f"probability must lie in [0, 1], got [{p.min():g}, {p.max():g}]")
+        raise ValueError(f"{name} must lie in [0, 1], got [{p.min():g}, {p.max():g}]")
     return p
 
 
@@ -741,7 +745,7 @@ def outliers_stage(tomogram, table: VesicleTable, voxel_size: float, params: Seg
 
 
 def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | None = None, mask=None,
-            probability=None, keep_intermediates: bool = True,
+            probability=None, large_probability=None, keep_intermediates: bool = True,
             progress: ProgressCallback = None) -> SegmentationResult:
     """Find the synaptic vesicles of a tomogram and fit each as a sphere.
 
@@ -767,8 +771,14 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     probability : ndarray, optional
         A probability map on the tomogram's grid; prediction (and with it the large-vesicle
         pass) is skipped.
+    large_probability : ndarray, optional
+        With ``probability``: the large-vesicle pass's map of the same prediction (the second
+        map of :func:`predict_stage`, e.g. kept from an earlier run), so that a reused
+        prediction gives the result of a run with the network. Without it, a given
+        ``probability`` has no large-vesicle candidates.
     keep_intermediates : bool
-        Keep the per-stage label volumes in ``stage_labels`` (memory: one volume each).
+        Keep the per-stage label volumes in ``stage_labels`` and the large-vesicle map in
+        ``large_probability`` (memory: one volume each).
     progress : callable, optional
         ``progress(stage, done, total)`` with ``stage`` one of :data:`STAGES`. Raise
         :class:`cryoves.Cancelled` from it to stop.
@@ -811,9 +821,14 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     t0 = time.perf_counter()
     large = None  # the large-vesicle pass's regions (SegmentParams.large_scale)
     if probability is None:
+        if large_probability is not None:
+            raise ValueError("large_probability is used only with probability (a map of the same prediction); "
+                             "without probability the network computes both")
         probability, large = predict_stage(tomogram, vs, model, params, progress=progress)
     else:
         probability = _check_probability(probability, shape)
+        if large_probability is not None:
+            large = _check_probability(large_probability, shape, name="large_probability")
         report(progress, "predict", 1, 1)
     timings["predict"] = time.perf_counter() - t0
 
@@ -822,7 +837,8 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     normalization = intensity_normalization(tomogram)
     g = global_stage(tomogram, probability, vs, params, large=large, mask=mask, normalization=normalization,
                      progress=progress)
-    del large
+    if not keep_intermediates:
+        large = None
     threshold = float(g.threshold)
     if not np.any(np.isfinite(g.shell_means)):
         threshold = float("nan")  # nothing above any candidate: no real choice was made
@@ -863,4 +879,4 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
 
     return SegmentationResult(table=table, labels=final, probability=probability, stage_labels=stage_labels,
                               stage_tables=stage_tables, threshold=threshold, timings=timings,
-                              params=params, voxel_size=vs, warnings=list(warnings_))
+                              params=params, voxel_size=vs, warnings=list(warnings_), large_probability=large)

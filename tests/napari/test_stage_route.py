@@ -74,3 +74,16 @@ def test_stage_widgets_give_the_pipelines_table(make_napari_viewer, qtbot, large
     # the large pass's map is a layer of its own, used by the Threshold widget
     large = viewer.layers["sim probability (large vesicles)"]
     assert widgets[ThresholdWidget].large.value is large and not large.visible
+
+    # the one-button pipeline reusing both maps of that prediction gives the same table again;
+    # reusing the probability map alone, the table without the large-vesicle pass
+    from cryoves.napari._pipeline import PipelineWidget
+
+    pw = dock(viewer, PipelineWidget)
+    pw.probability.value = viewer.layers["sim probability"]
+    for reuse_large, expected in ((large, want.table), (None, without.table)):
+        pw.large.value = reuse_large
+        click(qtbot, pw.run_button)
+        assert wait_done(qtbot, pw) == "ok", pw.status.value
+        _same_table(table_from_points(viewer.layers["sim vesicles"]), expected)
+    assert "sim probability (large vesicles)" in viewer.layers  # kept: it still pairs with the probability map

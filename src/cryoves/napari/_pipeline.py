@@ -8,6 +8,7 @@ from magicgui.widgets import Label
 from cryoves.napari._base import StageWidget, check_probability, materialize, tomogram_array
 from cryoves.napari._layers import base_name
 from cryoves.napari._params import SPECS, make_field
+from cryoves.napari._predict import show_large_map
 from cryoves.napari._results import show_segmentation
 from cryoves.napari._service import get_model, run_in_tf_thread
 from cryoves.napari._weights_panel import WeightsPanel
@@ -42,12 +43,16 @@ class PipelineWidget(StageWidget):
             "Reuse probability", "Image", "Optional: an existing probability map of this tomogram (values "
             "0..1); the network, and with it the large-vesicle pass, is then skipped", nullable=True,
             exclude_roles=("probability_large",), name="probability")
+        self.large = self.layer_combo(
+            "Reuse large-vesicle map", "Image", "Optional, with 'Reuse probability': the large-vesicle map "
+            "written by Predict with that probability map (layer '... probability (large vesicles)'), so that "
+            "the result is that of a run with the network", nullable=True, name="large")
         self.mask = self.layer_combo(
             "Region mask", "Labels", "Optional: only look for vesicles inside this region (non-zero "
             "voxels), e.g. the presynaptic cytoplasm; same shape as the tomogram", nullable=True,
             exclude_roles=("labels_global", "labels_adaptive", "vesicle_labels", "truth_labels"), name="mask")
         self.main.extend([self.tomogram, *self.panel.widgets])
-        self.advanced.extend([self.probability, self.mask])
+        self.advanced.extend([self.probability, self.large, self.mask])
         for title, names in GROUPS:
             self.advanced.append(Label(value=f"<b>{title}</b>", label=""))
             for name in names:
@@ -74,6 +79,14 @@ class PipelineWidget(StageWidget):
             prob = check_probability(self.probability.value)
             if prob.shape != data.shape:
                 raise ValueError(f"probability {prob.shape} and tomogram {data.shape} differ in shape")
+        large = None
+        if self.large.value is not None:
+            if prob is None:
+                raise ValueError("a large-vesicle map is reused only with its probability map: choose "
+                                 "'Reuse probability' too, or clear 'Reuse large-vesicle map'")
+            large = check_probability(self.large.value)
+            if large.shape != data.shape:
+                raise ValueError(f"large-vesicle map {large.shape} and tomogram {data.shape} differ in shape")
         mask = None
         if self.mask.value is not None:
             mask = np.asarray(self.mask.value.data)
@@ -89,7 +102,8 @@ class PipelineWidget(StageWidget):
 
             model = get_model(path) if prob is None else None
             return segment(materialize(data), vs, model, params=params, mask=mask,
-                           probability=None if prob is None else materialize(prob), progress=progress)
+                           probability=None if prob is None else materialize(prob),
+                           large_probability=None if large is None else materialize(large), progress=progress)
 
         def work(progress):
             if prob is not None:  # no network: run right here
@@ -98,6 +112,8 @@ class PipelineWidget(StageWidget):
 
         def done(result):
             show_segmentation(self.viewer, result, name, data.shape, vs)
+            if prob is None or result.large_probability is not None:  # a new prediction, or the map reused
+                show_large_map(self.viewer, name, vs, result.large_probability)
             line = f"{result.n_accepted} vesicles found"
             if result.n_removed:
                 line += f" ({result.n_removed} candidates rejected, kept as hidden points for review)"

@@ -8,32 +8,38 @@ from cryoves.napari._layers import add_or_update, base_name, image_kwargs, layer
 from cryoves.napari._service import get_model, run_in_tf_thread
 from cryoves.napari._weights_panel import WeightsPanel
 
-__all__ = ["PredictWidget", "show_prediction"]
+__all__ = ["PredictWidget", "show_prediction", "show_large_map"]
 
 
 def show_prediction(viewer, tomo: str, voxel_size: float, probability, large=None) -> list[str]:
     """Write the maps of :func:`cryoves.pipeline.predict_stage` as the layers of tomogram ``tomo``.
 
-    ``large`` (the large-vesicle pass) goes to ``<tomo> probability (large vesicles)``, hidden
-    (the Threshold widget picks it up); when it is ``None``, an older layer of that name is
-    removed, so that it never pairs with a new probability map.
+    ``probability`` goes to ``<tomo> probability``, ``large`` (the large-vesicle pass) as in
+    :func:`show_large_map`.
 
     Returns
     -------
     list of str
         The names of the layers written.
     """
-    names = [layer_name(tomo, "probability")]
-    add_or_update(viewer, (probability, image_kwargs(voxel_size, names[0], role="probability", tomogram=tomo),
-                           "image"))
-    lname = layer_name(tomo, "probability_large")
-    if large is not None:
-        add_or_update(viewer, (large, image_kwargs(voxel_size, lname, role="probability_large", tomogram=tomo,
-                                                   visible=False), "image"))
-        names.append(lname)
-    elif lname in viewer.layers:
-        viewer.layers.remove(lname)
-    return names
+    name = layer_name(tomo, "probability")
+    add_or_update(viewer, (probability, image_kwargs(voxel_size, name, role="probability", tomogram=tomo), "image"))
+    large_name = show_large_map(viewer, tomo, voxel_size, large)
+    return [name] + ([large_name] if large_name else [])
+
+
+def show_large_map(viewer, tomo: str, voxel_size: float, large) -> str | None:
+    """Write the large-vesicle pass's map to the hidden layer ``<tomo> probability (large vesicles)``
+    (the Threshold widget picks it up); when ``large`` is ``None``, remove an older layer of that
+    name, so that it never pairs with a new probability map. Returns the name written, or None."""
+    name = layer_name(tomo, "probability_large")
+    if large is None:
+        if name in viewer.layers:
+            viewer.layers.remove(name)
+        return None
+    add_or_update(viewer, (large, image_kwargs(voxel_size, name, role="probability_large", tomogram=tomo,
+                                               visible=False), "image"))
+    return name
 
 
 class PredictWidget(StageWidget):
