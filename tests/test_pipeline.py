@@ -324,3 +324,48 @@ def test_stage_functions_one_by_one_are_segment(small_simulation, oracle_probabi
     assert table.ids.tolist() == want.table.ids.tolist()
     for col in ("z", "y", "x", "radius", "thickness", "density", "pvalue", "status", "note"):
         np.testing.assert_array_equal(table[col], want.table[col], err_msg=col)
+
+
+#: Vesicles of 20-36 nm outer radius (textured lumens, as the suite's wide-radius case): at its own
+#: scale the default network leaves most of those above ~30 nm empty (the large-vesicle pass's case).
+LARGE_VESICLES = dict(radius_mean_nm=31.0, radius_sd_nm=4.0, radius_min_nm=20.0, radius_max_nm=36.0,
+                      lumen_texture=0.12, lumen_contrast=0.3, membrane_thickness_nm=4.2,
+                      membrane_thickness_sd_nm=0.4)
+
+
+def large_vesicle_simulation():
+    """80x128x128 at 2.0 nm, seed 3: 6 vesicles of 21-32 nm, two of them found only by the large pass."""
+    from cryoves.simulate import SimulationParams, simulate_tomogram
+
+    return simulate_tomogram((80, 128, 128), 2.0, seed=3, params=SimulationParams(**LARGE_VESICLES))
+
+
+@pytest.mark.slow
+def test_a_reused_prediction_with_its_large_map_gives_the_network_run():
+    from cryoves.model import default_weights_path
+
+    try:
+        weights = default_weights_path()
+    except FileNotFoundError:
+        pytest.skip("no default weights")
+    sim = large_vesicle_simulation()
+    run = segment(sim.tomogram, sim.voxel_size, weights)
+    assert run.large_probability is not None and run.large_probability.shape == sim.tomogram.shape
+    again = segment(sim.tomogram, sim.voxel_size, probability=run.probability,
+                    large_probability=run.large_probability)
+    alone = segment(sim.tomogram, sim.voxel_size, probability=run.probability)
+    assert again.table == run.table
+    assert alone.large_probability is None and alone.n_accepted < run.n_accepted  # the pass matters here
+    assert segment(sim.tomogram, sim.voxel_size, weights, keep_intermediates=False).large_probability is None
+
+
+def test_large_probability_is_checked(small_simulation, oracle_probability):
+    sim = small_simulation
+    with pytest.raises(ValueError, match="only with probability"):
+        segment(sim.tomogram, sim.voxel_size, large_probability=oracle_probability)
+    with pytest.raises(ValueError, match="large_probability shape"):
+        segment(sim.tomogram, sim.voxel_size, probability=oracle_probability,
+                large_probability=oracle_probability[1:])
+    with pytest.raises(ValueError, match=r"large_probability must lie in \[0, 1\]"):
+        segment(sim.tomogram, sim.voxel_size, probability=oracle_probability,
+                large_probability=oracle_probability * 2)

@@ -14,19 +14,11 @@ from napari_helpers import click, dock, wait_done
 
 pytestmark = pytest.mark.napari
 
-#: Vesicles of 20-36 nm outer radius (textured lumens, as the suite's wide-radius case): the
-#: default network leaves most of those above ~30 nm empty at its own scale.
-LARGE_VESICLES = dict(radius_mean_nm=31.0, radius_sd_nm=4.0, radius_min_nm=20.0, radius_max_nm=36.0,
-                      lumen_texture=0.12, lumen_contrast=0.3, membrane_thickness_nm=4.2,
-                      membrane_thickness_sd_nm=0.4)
-VOXEL_NM = 2.0
-
-
 @pytest.fixture(scope="module")
 def large_simulation():
-    from cryoves.simulate import SimulationParams, simulate_tomogram
+    from test_pipeline import large_vesicle_simulation  # tests/: on the path (its conftest.py)
 
-    return simulate_tomogram((80, 128, 128), VOXEL_NM, seed=3, params=SimulationParams(**LARGE_VESICLES))
+    return large_vesicle_simulation()
 
 
 def _same_table(got, want):
@@ -48,14 +40,14 @@ def test_stage_widgets_give_the_pipelines_table(make_napari_viewer, qtbot, large
     from cryoves.pipeline import SegmentParams, segment
 
     sim = large_simulation
-    want = segment(sim.tomogram, VOXEL_NM, weights_path)
+    want = segment(sim.tomogram, sim.voxel_size, weights_path)
     # the large-vesicle pass matters here: without it (a given probability map skips it) fewer
     # vesicles are found
-    without = segment(sim.tomogram, VOXEL_NM, probability=want.probability)
+    without = segment(sim.tomogram, sim.voxel_size, probability=want.probability)
     assert want.params == SegmentParams() and want.n_accepted >= without.n_accepted + 1
 
     viewer = make_napari_viewer()
-    viewer.add_image(sim.tomogram, **image_kwargs(VOXEL_NM, "sim", data=sim.tomogram))
+    viewer.add_image(sim.tomogram, **image_kwargs(sim.voxel_size, "sim", data=sim.tomogram))
     steps = [(PredictWidget, "run_button"), (ThresholdWidget, "run_button"), (ThresholdWidget, "adaptive_button"),
              (RefineWidget, "run_button"), (OutlierWidget, "run_button")]
     widgets = {}
