@@ -104,7 +104,8 @@ class SegmentParams:
         large pass: largest outer radius accepted (synaptic vesicles reach ~32 nm; larger
         round membranes are mostly dense-core vesicles, 33-48 nm in the simulator, and
         endosomes). With 40 nm the default suite gained two false positives that 34 nm does
-        not accept (34.4 nm on ``fine-1.0nm``, 21.1 nm on ``distractors-2.0nm``).
+        not accept (34.4 nm on ``fine-1.0nm``, 21.1 nm on ``distractors-2.0nm``). Default: the
+        outlier stage's ``max_radius_nm`` (one size range for every path).
     thresholds : tuple of float or None
         global: candidate thresholds (default 0.80, 0.81, ..., 1.00).
     connectivity : int
@@ -127,6 +128,9 @@ class SegmentParams:
         segment ends at the membrane centre, ~2-3 nm inside the outer radius; see
         :func:`cryoves.threshold.adaptive_threshold`); robust global mode: smallest radius
         searched for a rescued vesicle, and segments below it count as fragments.
+    max_radius_nm : float or None
+        outliers: accepted vesicles with a fitted outer radius > this (34 nm) are re-fitted, then
+        removed if still larger (dense-core vesicles, endosomes); ``None``: no upper limit.
     min_radius_nm : float
         outliers: accepted vesicles with a fitted outer radius <= this are removed
         (paper/reference: 12 nm).
@@ -178,6 +182,14 @@ class SegmentParams:
         (see :func:`cryoves.outliers.filter_outliers`); ``None``: the paper's rule.
     max_rounds : int
         outliers: rounds of p-value recomputation.
+    min_coverage : float or None
+        outliers: a sphere whose membrane is seen in fewer than this fraction of the directions
+        (a tube, a fold, an ellipsoidal compartment) is removed unless a re-fit closes it (see
+        :func:`cryoves.outliers.filter_outliers`); ``None``: no such check.
+    lumen_deviation : float or None
+        outliers: a sphere whose lumen contrast lies this far (or 5 robust standard deviations)
+        from the median of the tomogram's vesicles (a dense core; a sphere inside a denser
+        compartment) is removed unless a re-fit brings it back; ``None``: no such check.
     features : tuple of str
         outliers: feature columns for the Mahalanobis distance.
     """
@@ -192,7 +204,7 @@ class SegmentParams:
     preprocessing: Optional[dict] = _default(_predict.predict_probability, "preprocessing")
     large_scale: Optional[float] = 0.75
     large_min_radius_nm: float = 20.0
-    large_max_radius_nm: float = 34.0
+    large_max_radius_nm: float = _default(_outliers.filter_outliers, "max_radius_nm")
     # global threshold
     thresholds: Optional[tuple] = _default(_threshold.global_threshold, "thresholds")
     connectivity: int = _default(_threshold.global_threshold, "connectivity")
@@ -223,6 +235,7 @@ class SegmentParams:
     # outliers
     outliers: bool = True
     min_radius_nm: float = _default(_outliers.filter_outliers, "min_radius_nm")
+    max_radius_nm: Optional[float] = _default(_outliers.filter_outliers, "max_radius_nm")
     p_threshold: float = _default(_outliers.filter_outliers, "p_threshold")
     outlier_max_iter: int = _default(_outliers.filter_outliers, "max_iter")
     grow_vox: int = _default(_outliers.filter_outliers, "grow_vox")
@@ -230,6 +243,8 @@ class SegmentParams:
     robust: bool = _default(_outliers.filter_outliers, "robust")
     keep_score: Optional[float] = _default(_outliers.filter_outliers, "keep_score")
     max_rounds: int = _default(_outliers.filter_outliers, "max_rounds")
+    min_coverage: Optional[float] = _default(_outliers.filter_outliers, "min_coverage")
+    lumen_deviation: Optional[float] = _default(_outliers.filter_outliers, "lumen_deviation")
     features: tuple = _default(_outliers.filter_outliers, "features")
 
     def __post_init__(self) -> None:
@@ -282,6 +297,18 @@ class SegmentParams:
                 raise ValueError(f"SegmentParams.thresholds must be values in [0, 1], got {self.thresholds}")
         if self.box_margin_nm is not None:
             pos("box_margin_nm", allow_zero=True)
+        if self.max_radius_nm is not None:
+            pos("max_radius_nm")
+            if self.max_radius_nm <= self.min_radius_nm:
+                raise ValueError("SegmentParams.max_radius_nm must be above min_radius_nm")
+        if self.min_coverage is not None and not (isinstance(self.min_coverage, (int, float))
+                                                  and 0.0 <= self.min_coverage <= 1.0):
+            raise ValueError(f"SegmentParams.min_coverage must be None or in [0, 1], got {self.min_coverage!r}")
+        if self.lumen_deviation is not None and not (isinstance(self.lumen_deviation, (int, float))
+                                                     and np.isfinite(self.lumen_deviation)
+                                                     and self.lumen_deviation > 0):
+            raise ValueError(f"SegmentParams.lumen_deviation must be None or a positive number, "
+                             f"got {self.lumen_deviation!r}")
         if self.keep_score is not None and not np.isfinite(self.keep_score):
             raise ValueError(f"SegmentParams.keep_score must be a finite number or None, got {self.keep_score}")
         if self.radius_method not in _refine.RADIUS_METHODS:
@@ -353,8 +380,10 @@ class SegmentParams:
         if stage == "outliers":
             return dict(p_threshold=self.p_threshold, max_iter=self.outlier_max_iter, grow_vox=self.grow_vox,
                         remove_overlaps=self.remove_overlaps, min_radius_nm=self.min_radius_nm,
+                        max_radius_nm=self.max_radius_nm,
                         features=self.features, robust=self.robust, max_rounds=self.max_rounds,
-                        radius_method=self.radius_method, bilayer_nm=self.bilayer_nm, keep_score=self.keep_score)
+                        radius_method=self.radius_method, bilayer_nm=self.bilayer_nm, keep_score=self.keep_score,
+                        min_coverage=self.min_coverage, lumen_deviation=self.lumen_deviation)
         raise ValueError(f"unknown stage {stage!r}; choose one of "
                          f"{STAGES[:1] + ('large',) + STAGES[1:2] + ('weak', 'large_weak') + STAGES[2:]}")
 

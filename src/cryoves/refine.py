@@ -69,6 +69,7 @@ from cryoves._progress import ProgressCallback, report
 from cryoves.table import VesicleTable, check_voxel_size
 
 __all__ = ["radial_profile", "refine_spheres", "fit_sphere_at", "intensity_normalization", "detection_score",
+           "membrane_shape", "MembraneShape",
            "initial_spheres_from_labels", "SphereFit", "fit_sphere", "FitError"]
 
 #: Outer-edge rules of :func:`fit_sphere` (see the module docstring).
@@ -827,6 +828,130 @@ def detection_score(tomogram, center, radius, thickness, *, normalization=None) 
     # the value at the centre, allowing the sub-voxel rounding of the box (best of the 27 nearest)
     near = sub[r2 <= 3.0]
     return (float(near.max()) - med) / mad
+
+
+def _fibonacci_directions(n: int) -> np.ndarray:
+    """``n`` nearly uniform unit vectors (z, y, x) on the sphere (Fibonacci lattice)."""
+    i = np.arange(n) + 0.5
+    polar = np.arccos(1.0 - 2.0 * i / n)
+    azim = np.pi * (1.0 + 5.0 ** 0.5) * i
+    return np.stack([np.cos(polar), np.sin(polar) * np.sin(azim), np.sin(polar) * np.cos(azim)], axis=1)
+
+
+#: Directions of :func:`membrane_shape`: 48 on the sphere, of which those within ~37 degrees of the
+#: XY plane are used (the missing wedge blurs the caps of a vesicle along the beam axis Z).
+_SHAPE_DIRECTIONS = _fibonacci_directions(48)
+_SHAPE_MAX_POLAR_COS = 0.6
+
+
+@functools.lru_cache(maxsize=64)
+def _shape_sectors(h: int) -> np.ndarray:
+    """Sector (nearest of ``_SHAPE_DIRECTIONS``) of every voxel of a box of edge 2h+1 (read-only)."""
+    ax = np.arange(-h, h + 1, dtype=np.float64)
+    v = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3)
+    sec = np.argmax(v @ _SHAPE_DIRECTIONS.T, axis=1).astype(np.int16).reshape((2 * h + 1,) * 3)
+    sec.setflags(write=False)
+    return sec
+
+
+@dataclass
+class MembraneShape:
+    """Result of :func:`membrane_shape`.
+
+    Attributes
+    ----------
+    coverage : float
+        Fraction of the directions around the sphere (a band of +-37 degrees about the XY plane)
+        in which the membrane is seen at the fitted radius: its dark band is at least
+        ``contrast_fraction`` as deep there as on the whole sphere (0 when the membrane band is not
+        darker than its sides on the whole sphere). A vesicle's membrane is closed: about 1. A sphere fitted to a tube, a microtubule, an ellipsoidal compartment or a bent
+        membrane sheet sees its "membrane" only in some directions. NaN if not measurable.
+    lumen : float
+        Lumen contrast: how much darker the inner half of the sphere (``d < r_m / 2``) is than the
+        cytosol just outside the membrane, in units of the membrane's own depth. Synaptic vesicles
+        (lumen about as dense as cytosol): about 0-0.6; dense-core vesicles and gold beads: about 1
+        and more; a sphere fitted inside a denser compartment (an intraluminal vesicle): negative.
+        NaN when there is no membrane (``depth <= 0``).
+    depth : float
+        Depth of the membrane's dark band over the whole sphere, normalised intensity units.
+    """
+
+    coverage: float
+    lumen: float
+    depth: float
+
+
+def membrane_shape(tomogram, center, radius, thickness, *, normalization=None,
+                   contrast_fraction: float = 0.4) -> MembraneShape:
+    """Is the membrane at (center, radius) closed, and is the lumen that of a vesicle?
+
+    Around the fitted membrane centre ``r_m = radius - thickness / 2`` three bands of width
+    ``w = max(1, thickness / 2)`` voxels are compared: the membrane (``|d - r_m| <= w``), an inner
+    (``r_m - 3w .. r_m - 1.5w``) and an outer (``r_m + 1.5w .. r_m + 3w``) band. Their contrast
+    (mean of inner and outer minus membrane) is the membrane depth, measured on the whole sphere
+    and in each of 48 cone-shaped sectors; sectors near the Z axis are left out, where the missing
+    wedge of a tilt series blurs a vesicle's caps. Voxels outside the volume are ignored.
+
+    Parameters
+    ----------
+    tomogram : (Z, Y, X) array
+    center : (z, y, x) float
+    radius, thickness : float
+        Outer radius and membrane thickness, voxels (a thickness that is not finite counts as 2).
+    normalization : (offset, scale), optional
+    contrast_fraction : float
+        A sector sees the membrane when its depth is at least this fraction of the whole sphere's.
+
+    Returns
+    -------
+    MembraneShape
+    """
+    tomogram = _check_tomogram(tomogram)
+    if normalization is None:
+        normalization = (0.0, 1.0)
+    t = float(thickness) if np.isfinite(thickness) and thickness > 0 else 2.0
+    w = max(1.0, 0.5 * t)
+    rm = max(float(radius) - 0.5 * t, 2.0)
+    h = int(math.ceil(rm + 3.0 * w)) + 1
+    nan = MembraneShape(float("nan"), float("nan"), float("nan"))
+    try:
+        box = _extract_box(tomogram, center, h, normalization)
+    except FitError:
+        return nan
+    d = box.d
+    ok = np.ones(d.shape, bool) if box.valid is None else box.valid
+    sel = ok & (((d >= rm - 3.0 * w) & (d <= rm + 3.0 * w)) | (d <= 0.5 * rm))
+    dd = d[sel]
+    x = box.data[sel].astype(np.float64)
+    sector = _shape_sectors(h)[sel]
+    band = np.full(dd.shape, -1)
+    band[np.abs(dd - rm) <= w] = 0
+    band[(dd >= rm - 3.0 * w) & (dd <= rm - 1.5 * w)] = 1
+    band[(dd >= rm + 1.5 * w) & (dd <= rm + 3.0 * w)] = 2
+    nsec = len(_SHAPE_DIRECTIONS)
+    key = sector * 3 + band
+    inband = band >= 0
+    cnt = np.bincount(key[inband], minlength=3 * nsec).reshape(nsec, 3)
+    tot = np.bincount(key[inband], x[inband], minlength=3 * nsec).reshape(nsec, 3)
+    allc, allt = cnt.sum(axis=0), tot.sum(axis=0)
+    if np.any(allc < 3):
+        return nan
+    m_all = allt / allc
+    depth = 0.5 * (m_all[1] + m_all[2]) - m_all[0]
+    lum = dd <= 0.5 * rm
+    lumen = float((m_all[2] - x[lum].mean()) / depth) if lum.sum() >= 3 and depth > 0 else float("nan")
+    if not depth > 0:
+        # the "membrane" band is not darker than its sides: no membrane at this radius at all
+        # (e.g. a sphere fitted to a solid dark body such as a gold bead)
+        return MembraneShape(0.0, float("nan"), float(depth))
+    eq = np.abs(_SHAPE_DIRECTIONS[:, 0]) <= _SHAPE_MAX_POLAR_COS
+    use = eq & np.all(cnt >= 3, axis=1)
+    if not use.any():
+        return MembraneShape(float("nan"), lumen, float(depth))
+    m = tot[use] / cnt[use]
+    sdepth = 0.5 * (m[:, 1] + m[:, 2]) - m[:, 0]
+    coverage = float(np.mean(sdepth >= contrast_fraction * depth))
+    return MembraneShape(coverage, lumen, float(depth))
 
 
 def fit_sphere_at(tomogram, point_zyx, voxel_size, *, max_diameter_nm: float = 50.0,

@@ -86,6 +86,9 @@ SPECS: dict[str, tuple[str, str, str, dict]] = {
                "paper's plain estimates).", "bool", {}),
     "max_rounds": ("Outlier rounds", "Rounds of p-value recomputation after removals.", "int",
                    {"min": 1, "max": 20}),
+    "min_coverage": ("Closed membrane", "Remove spheres whose membrane is seen in fewer than this fraction of "
+                     "the directions (tubes, folds, ellipsoids) unless a re-fit closes it; 0 = no check.",
+                     "float", {"min": 0.0, "max": 1.0, "step": 0.05}),
 }
 
 #: Which fields each stage widget shows (main, advanced); the pipeline shows all of them.
@@ -97,7 +100,7 @@ STAGE_FIELDS = {
     "refine": ((), ("refine_min_radius_nm", "refine_max_radius_nm", "refine_max_iter", "sigma_vox",
                     "radius_method", "capture")),
     "outliers": ((), ("min_radius_nm", "outlier_max_iter", "grow_vox", "remove_overlaps", "robust",
-                      "max_rounds")),
+                      "max_rounds", "min_coverage")),
 }
 
 

@@ -1,0 +1,65 @@
+"""Membrane shape checks: a closed membrane and a vesicle's lumen (cryoves.refine.membrane_shape)
+and their use by the outlier stage (cryoves.outliers.filter_outliers)."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from _synthetic import draw_vesicles, random_vesicles, shell_profile
+from cryoves.outliers import filter_outliers
+from cryoves.refine import MembraneShape, intensity_normalization, membrane_shape
+from cryoves.table import VesicleTable
+
+SHAPE = (64, 96, 160)
+TUBE = (40.0, 70.0)      # (z, y) of a tube running along X
+TUBE_R = 8.0
+CORE = np.array([20.0, 20.0, 130.0])  # a dense-core vesicle
+CORE_R = 9.0
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """Ten vesicles, one tube along X (a sphere of its radius fits its cross-section), one dense-core vesicle."""
+    centers, radii = random_vesicles((SHAPE[0], 60, 100), 10, r_range=(7.0, 10.0), seed=3)
+    tomo = draw_vesicles(SHAPE, centers, radii, noise=0.25, seed=5).astype(np.float64)
+    zz, yy, xx = np.ogrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
+    d_axis = np.sqrt((zz - TUBE[0]) ** 2 + (yy - TUBE[1]) ** 2) + 0 * xx
+    tube = shell_profile(d_axis, TUBE_R)
+    tube[..., :20] = 0  # the tube ends inside the volume
+    tomo += tube
+    d = np.sqrt((zz - CORE[0]) ** 2 + (yy - CORE[1]) ** 2 + (xx - CORE[2]) ** 2)
+    tomo += shell_profile(d, CORE_R) - 0.9 * ndi.gaussian_filter((d < 0.65 * CORE_R).astype(float), 0.7)
+    return tomo.astype(np.float32), centers, radii
+
+
+def test_membrane_shape_vesicle_tube_dense_core(scene):
+    tomo, centers, radii = scene
+    norm = intensity_normalization(tomo)
+    ves = [membrane_shape(tomo, c, r, 2.0, normalization=norm) for c, r in zip(centers, radii)]
+    assert all(isinstance(v, MembraneShape) for v in ves)
+    assert min(v.coverage for v in ves) >= 0.85
+    assert all(-0.3 <= v.lumen <= 0.7 for v in ves)
+    tube = membrane_shape(tomo, (TUBE[0], TUBE[1], 90.0), TUBE_R, 2.0, normalization=norm)
+    assert tube.coverage < 0.7          # the membrane is missing along the tube's axis
+    core = membrane_shape(tomo, CORE, CORE_R, 2.0, normalization=norm)
+    assert core.coverage >= 0.85        # closed ...
+    assert core.lumen > 0.9             # ... but dense inside
+    # outside the volume: not measurable, says so with NaN
+    out = membrane_shape(tomo, (-50.0, -50.0, -50.0), 8.0, 2.0, normalization=norm)
+    assert np.isnan(out.coverage)
+
+
+def test_filter_outliers_removes_tube_and_dense_core(scene):
+    tomo, centers, radii = scene
+    extra_c = np.array([[TUBE[0], TUBE[1], 90.0], CORE])
+    table = VesicleTable.from_arrays(np.vstack([centers, extra_c]), np.r_[radii, TUBE_R, CORE_R], voxel_size=2.0,
+                                     thickness=np.full(len(radii) + 2, 2.0), density=np.full(len(radii) + 2, -1.0))
+    kw = dict(min_radius_nm=1.0, max_iter=2, remove_overlaps=False, keep_score=None, p_threshold=0.0)
+    out = filter_outliers(tomo, table, 2.0, **kw)
+    n = len(radii)
+    assert list(out["status"][:n]) == ["accepted"] * n
+    assert out["status"][n] == "removed" and out["note"][n].startswith("membrane not closed")
+    assert out["status"][n + 1] == "removed" and out["note"][n + 1].startswith("lumen unlike the other vesicles' (dense")
+    # the checks can be turned off
+    off = filter_outliers(tomo, table, 2.0, min_coverage=None, lumen_deviation=None, **kw)
+    assert off["status"][n] == "accepted" and off["status"][n + 1] == "accepted"
