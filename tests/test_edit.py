@@ -109,6 +109,34 @@ def test_add_at_fits_paints_and_gets_next_id(scene):
     assert ed.n_edits == n
 
 
+def test_add_at_tries_half_the_radii_and_fits_the_same_sphere(scene, monkeypatch):
+    """The click fit starts with a coarser radius search than fit_sphere_at's default (a faster
+    click) and ends on the same sphere (the radial-profile iterations measure the radius)."""
+    import cryoves.refine as refine
+
+    tomo, centers, radii, base = scene
+    tried = []
+    capture = refine._capture
+
+    def counting(tomogram, center, trial_radii, *args):
+        tried.append(len(trial_radii))
+        return capture(tomogram, center, trial_radii, *args)
+
+    monkeypatch.setattr(refine, "_capture", counting)
+    ed = editor(scene)
+    for k, off in ((N_BASE + 2, [0.5, 1.0, -1.0]), (N_BASE + 3, [-1.5, 0.0, 2.0])):
+        click = centers[k] + np.array(off)
+        row = ed.row(ed.add_at(click))
+        n_click = tried[-1]
+        full = refine.fit_sphere_at(tomo, click, VOXEL, max_diameter_nm=50.0, normalization=ed.normalization)
+        assert n_click <= (tried[-1] + 1) // 2
+        assert np.linalg.norm(np.array([row["z"], row["y"], row["x"]]) - full.centers[0]) < 0.05
+        assert abs(row["radius"] - full.radii[0]) < 0.05 and abs(row["thickness"] - full["thickness"][0]) < 0.05
+    for bad in (0.5, float("nan"), "two"):
+        with pytest.raises(ValueError, match="radius_step_factor"):
+            refine.fit_sphere_at(tomo, centers[0], VOXEL, radius_step_factor=bad)
+
+
 def test_add_at_without_membrane_raises_and_changes_nothing(scene, tmp_path):
     tomo, centers, radii, base = scene
     ed = editor(scene, log_path=tmp_path / "log.jsonl")

