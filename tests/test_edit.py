@@ -593,3 +593,44 @@ def test_edit_not_made_when_the_log_cannot_be_written(scene, tmp_path):
         with pytest.raises(OSError, match="the edit was not made"):
             call()
         assert same_table(ed.table, t) and np.array_equal(ed.labels, lab) and ed.n_edits == 1
+
+
+def test_log_lines_are_flushed_at_once_and_fsynced_off_the_editing_thread(scene, tmp_path, monkeypatch):
+    """An edit returns once its line is in the operating system (it survives the process being
+    killed); the fsync to the disk (1-10 ms) is done by a background thread, and a failed one stops
+    the next edit rather than going unnoticed."""
+    import errno
+    import threading
+
+    real = os.fsync
+    calls = []
+    fail = []
+
+    def fsync(fd):
+        calls.append(threading.current_thread() is threading.main_thread())
+        if fail:
+            raise OSError(errno.EIO, "I/O error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    log = tmp_path / "edits.jsonl"
+    ed = editor(scene, log_path=log)
+    ed.remove(3)
+    assert log.read_bytes().count(b"\n") == 2          # header + the edit, readable at once
+    assert json.loads(log.read_bytes().splitlines()[1])["kind"] == "remove"
+    deadline = time.monotonic() + 10
+    while len(calls) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls and not any(calls)                     # synced, and not by the editing thread
+    fail.append(True)
+    ed.remove(4)                                        # flushed; its fsync fails in the background
+    deadline = time.monotonic() + 10
+    while ed._syncer._error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(OSError, match="edit log .* the edit was not made"):
+        ed.remove(5)
+    assert ed.row(5)["status"] == "accepted" and ed.n_edits == 2
+    fail.clear()
+    ed.undo()
+    ed.close()                                          # the last line synced before close returns
+    assert calls[-1] is True and log.read_bytes().count(b"\n") == 4

@@ -122,6 +122,7 @@ class EditorWidget(QWidget):
         self.restore_answer: bool | None = None
         self.last_timing: dict[str, float] = {}
         self._paint_held = None  # the canvas signal the dock's painting waits for
+        self._post_frame: list[Callable[[], None]] = []  # what waits for it too
         self._build()
         self._bind_keys()
         self.viewer.mouse_drag_callbacks.append(self._on_mouse)
@@ -787,7 +788,7 @@ class EditorWidget(QWidget):
             if self.points is not None:
                 self.points.metadata[EDITED_KEY] = True
             self._update_undo_buttons()
-            self._update_counter()
+            self._after_frame(self._update_counter)  # the review queue is rebuilt: ~1 ms for 1,000
         except Exception as exc:  # noqa: BLE001 - keep the editor usable; the edit itself is done and logged
             log.exception("cryoves editor: showing an edit failed")
             self._error(exc)
@@ -812,6 +813,13 @@ class EditorWidget(QWidget):
         swapped.connect(self._release_dock_paint)
         QTimer.singleShot(250, self._release_dock_paint)
 
+    def _after_frame(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the canvas has shown the edit (at once when the dock paints as usual)."""
+        if self._paint_held is None:
+            fn()
+        elif fn not in self._post_frame:
+            self._post_frame.append(fn)
+
     def _release_dock_paint(self) -> None:
         swapped, self._paint_held = self._paint_held, None
         if swapped is None:
@@ -820,6 +828,9 @@ class EditorWidget(QWidget):
             swapped.disconnect(self._release_dock_paint)
         except (TypeError, RuntimeError):  # already disconnected, or the canvas is gone
             pass
+        todo, self._post_frame = self._post_frame, []
+        for fn in todo:
+            self._guard(fn)()
         self.setUpdatesEnabled(True)  # and a full repaint of the dock
 
     def _repaint(self, box) -> None:

@@ -370,7 +370,9 @@ def _update_rows(layer, table: VesicleTable, changed_ids, edited_ids, show_remov
         if not _constant_text(layer):  # text drawn from the features (e.g. the ids): recompute it
             layer.text.refresh(layer.features)
     layer.metadata["cryoves_edited_ids"] = tuple(int(i) for i in edited_ids)
-    layer.refresh(thumbnail=False, extent=extent)  # the thumbnail of 1000s of points is slow
+    # the thumbnail of 1000s of points is slow; the selection highlight only needs redrawing when
+    # there is a selection (or one was cleared above, when rows were appended or dropped)
+    layer.refresh(thumbnail=False, extent=extent, highlight=extent or bool(len(layer.selected_data)))
 
 
 def table_from_points(layer_or_data, features=None, size=None, metadata=None) -> VesicleTable:
