@@ -634,3 +634,18 @@ def test_log_lines_are_flushed_at_once_and_fsynced_off_the_editing_thread(scene,
     ed.undo()
     ed.close()                                          # the last line synced before close returns
     assert calls[-1] is True and log.read_bytes().count(b"\n") == 4
+
+
+def test_reading_gives_the_table_itself_under_the_lock(scene):
+    import threading
+
+    ed = editor(scene)
+    done = threading.Event()
+    with ed.reading() as t:
+        assert same_table(t, ed.table) and t is not ed.table  # the table itself; .table is a copy
+        worker = threading.Thread(target=lambda: (ed.remove(2), done.set()))
+        worker.start()
+        assert not done.wait(0.3)            # an edit from another thread waits for the block
+        assert t.row(2)["status"] == "accepted"
+    worker.join(10)
+    assert done.is_set() and ed.row(2)["status"] == "removed"

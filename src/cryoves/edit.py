@@ -61,6 +61,7 @@ methods take a lock, so a worker thread may edit while another reads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -395,6 +396,16 @@ class VesicleEditor:
         """The current table (a copy; removed vesicles keep their row with status "removed")."""
         with self._lock:
             return self._table.copy()
+
+    @contextlib.contextmanager
+    def reading(self):
+        """``with editor.reading() as table:`` the current table itself, not a copy (under the lock).
+
+        For a display that reads the table after every edit: a copy of 1,000 rows takes ~0.5 ms.
+        Read it inside the block only; do not modify it or keep references to its arrays.
+        """
+        with self._lock:
+            yield self._table
 
     @property
     def labels(self) -> np.ndarray:

@@ -852,15 +852,16 @@ class EditorWidget(QWidget):
     def _refresh_points(self, edited_ids=(), changed_ids=None) -> None:
         if self.points is None or self.editor is None:
             return
-        table = self.editor.table  # one copy per refresh
         self._syncing = True
         try:
-            update_points(self.points, table, edited_ids=edited_ids,
-                          show_removed=bool(self.show_rejected.value), changed_ids=changed_ids)
-            self._last_ids = table.ids
+            with self.editor.reading() as table:  # the editor's own table: no copy of 1,000s of rows
+                update_points(self.points, table, edited_ids=edited_ids,
+                              show_removed=bool(self.show_rejected.value), changed_ids=changed_ids)
+                self._last_ids = table.ids.copy()
         finally:
             self._syncing = False
-        hits = np.flatnonzero(table.ids == self._selected_id) if self._selected_id is not None else []
+        ids = self._last_ids
+        hits = np.flatnonzero(ids == self._selected_id) if self._selected_id is not None else []
         selected = {int(hits[0])} if len(hits) else set()
         if set(self.points.selected_data) != selected:
             self.points.selected_data = selected
