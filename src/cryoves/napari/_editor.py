@@ -794,7 +794,7 @@ class EditorWidget(QWidget):
             self._error(exc)
 
     def _hold_dock_paint(self) -> None:
-        """Paint the dock after the canvas has shown the next frame (at the latest after 0.25 s).
+        """Paint the dock after the canvas has shown the next frame (at the latest after 0.15 s).
 
         The widgets' values change at once (``status.value`` reads the new text); only their
         painting waits, so the frame that shows an edit is not delayed by a composition of the
@@ -811,7 +811,7 @@ class EditorWidget(QWidget):
         self._paint_held = swapped
         self.setUpdatesEnabled(False)
         swapped.connect(self._release_dock_paint)
-        QTimer.singleShot(250, self._release_dock_paint)
+        QTimer.singleShot(150, self._release_dock_paint)
 
     def _after_frame(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` once the canvas has shown the edit (at once when the dock paints as usual)."""
