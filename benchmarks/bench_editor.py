@@ -8,10 +8,11 @@ Run from the repository root (needs a display; Xvfb is fine)::
 The tomogram is the float32 memory map of ``benchmarks/bench_editor_core.py`` (a tiled block of
 synthetic vesicles), shown in a napari viewer with its vesicles layer (``--n`` vesicles) and the
 "6. Edit vesicles" dock widget editing it (edit log and autosave in a temporary folder). The view is
-centred on each target at ~3 screen pixels per voxel (as when proofreading), then one Qt mouse press
-and release (or key press) is sent to the canvas. Two times per event:
+centred on each target at ~3 screen pixels per voxel (as when proofreading), the mouse is moved
+onto the target (untimed: as a hand does before it clicks; napari updates its status bar then),
+then one Qt mouse press and release (or key press) is sent to the canvas. Two times per event:
 
-* ``handled``: from the press until the event is handled (napari's mouse-press picking, the edit
+* ``handled``: from the press until the event is handled (napari's mouse handling, the edit
   with its log line, the labels repaint and the points update);
 * ``total``: from the press until the canvas has been redrawn *and shown*: the first
   ``frameSwapped`` signal of the canvas (a ``QOpenGLWidget``) after the event was handled;
@@ -31,6 +32,10 @@ their own). It also times one redraw of the canvas with nothing changed (``idle 
 (under Xvfb: Mesa llvmpipe, i.e. software rendering on the CPU), the CPU count and the load
 average before and after the run.
 Prints p50 / p95 / max in ms.
+
+``--trace`` also prints where the time of each event goes (napari's picking, the editor's
+callback, the canvas paint, Qt's window events by type, the widgets painted before the frame);
+``--profile add|remove|undo|redo`` prints a cProfile of that operation's events (press -> frame).
 """
 
 from __future__ import annotations
