@@ -79,12 +79,15 @@ def _install_trace(spans: list, widget) -> None:  # widget: the EditorWidget cla
     from vispy.app.backends import _qt as vqt
     from vispy.scene.canvas import SceneCanvas
 
-    stack: list[str] = []
+    import threading
+
+    local = threading.local()  # one stack of open calls per thread
 
     def wrap(owner, attr, name):
         orig = getattr(owner, attr)
 
         def wrapper(*args, **kw):
+            stack = local.__dict__.setdefault("stack", [])
             label = name(*args) if callable(name) else name
             if stack:
                 label = f"{label} < {stack[-1].split(' < ')[0]}"
@@ -125,6 +128,9 @@ def _install_trace(spans: list, widget) -> None:  # widget: the EditorWidget cla
     wrap(vqt.CanvasBackendDesktop, "paintGL", "canvas paintGL")
     wrap(SceneCanvas, "visual_at", "vispy picking (visual_at)")
     wrap(qmw._QtMainWindow, "set_status_and_tooltip", "status bar update")
+    import cryoves.io
+
+    wrap(cryoves.io, "write_vesicles_csv", "autosave (in its thread)")
     ed_cls = widget
     wrap(ed_cls, "click", "editor click (edit + display)")
     wrap(ed_cls, "undo", "editor undo (edit + display)")
