@@ -97,7 +97,7 @@ def _install_trace(spans: list, widget) -> None:  # widget: the EditorWidget cla
                 return orig(*args, **kw)
             finally:
                 stack.pop()
-                spans.append((label, time.perf_counter() - t))
+                spans.append((label, time.perf_counter() - t, t))
 
         setattr(owner, attr, wrapper)
 
@@ -113,7 +113,7 @@ def _install_trace(spans: list, widget) -> None:  # widget: the EditorWidget cla
     class _PaintSpy(QObject):
         def eventFilter(self, obj, ev):  # noqa: N802 - Qt API
             if ev.type() == QEvent.Paint:
-                spans.append((f"paint {type(obj).__name__}", 0.0))
+                spans.append((f"paint {type(obj).__name__}", 0.0, time.perf_counter()))
             return False
 
     spy = _PaintSpy()
@@ -251,8 +251,12 @@ def main(argv=None):
             prof.disable()
             if a.trace:
                 per = trace.setdefault(op, {})
-                for name, dt in spans:
+                for name, dt, _ in spans:
                     per.setdefault(name, []).append(dt)
+                starts = [t0 for name, _, t0 in spans if name.startswith(("Qt window event 77", "Qt window event UpdateRequest"))
+                          and t0 >= h]
+                if starts:  # the wait between the event handled and the composition of its frame
+                    per.setdefault("(handled -> frame's UpdateRequest)", []).append(starts[0] - h)
                 per.setdefault("_events", []).append(1)
             settle()
             return shown - t
