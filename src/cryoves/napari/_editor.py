@@ -123,6 +123,7 @@ class EditorWidget(QWidget):
         self.last_timing: dict[str, float] = {}
         self._paint_held = None  # the canvas signal the dock's painting waits for
         self._post_frame: list[Callable[[], None]] = []  # what waits for it too
+        self._hold_seq = 0
         self._build()
         self._bind_keys()
         self.viewer.mouse_drag_callbacks.append(self._on_mouse)
@@ -794,13 +795,13 @@ class EditorWidget(QWidget):
             self._error(exc)
 
     def _hold_dock_paint(self) -> None:
-        """Paint the dock after the canvas has shown the next frame (at the latest after 0.15 s).
+        """Paint the dock after the canvas has shown the next frame (at the latest after 0.5 s).
 
         The widgets' values change at once (``status.value`` reads the new text); only their
         painting waits, so the frame that shows an edit is not delayed by a composition of the
         dock (see :meth:`_on_edit`).
         """
-        if self._paint_held:
+        if self._paint_held is not None:
             return
         native = getattr(getattr(getattr(self.viewer, "window", None), "_qt_viewer", None), "canvas", None)
         swapped = getattr(getattr(native, "native", None), "frameSwapped", None)
@@ -809,9 +810,11 @@ class EditorWidget(QWidget):
         from qtpy.QtCore import QTimer
 
         self._paint_held = swapped
+        self._hold_seq += 1
+        seq = self._hold_seq
         self.setUpdatesEnabled(False)
         swapped.connect(self._release_dock_paint)
-        QTimer.singleShot(150, self._release_dock_paint)
+        QTimer.singleShot(500, lambda: self._release_dock_paint(seq))  # no frame came: paint anyway
 
     def _after_frame(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` once the canvas has shown the edit (at once when the dock paints as usual)."""
@@ -820,10 +823,10 @@ class EditorWidget(QWidget):
         elif fn not in self._post_frame:
             self._post_frame.append(fn)
 
-    def _release_dock_paint(self) -> None:
+    def _release_dock_paint(self, seq: int | None = None) -> None:
+        if self._paint_held is None or (seq is not None and seq != self._hold_seq):
+            return  # released already (a timer of an earlier hold)
         swapped, self._paint_held = self._paint_held, None
-        if swapped is None:
-            return
         try:
             swapped.disconnect(self._release_dock_paint)
         except (TypeError, RuntimeError):  # already disconnected, or the canvas is gone
@@ -831,7 +834,10 @@ class EditorWidget(QWidget):
         todo, self._post_frame = self._post_frame, []
         for fn in todo:
             self._guard(fn)()
-        self.setUpdatesEnabled(True)  # and a full repaint of the dock
+        try:
+            self.setUpdatesEnabled(True)  # and a full repaint of the dock
+        except RuntimeError:  # the widget was deleted meanwhile
+            pass
 
     def _repaint(self, box) -> None:
         lab = self.labels_layer
