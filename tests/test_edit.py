@@ -597,7 +597,7 @@ def test_edit_not_made_when_the_log_cannot_be_written(scene, tmp_path):
 
 def test_log_lines_are_flushed_at_once_and_fsynced_off_the_editing_thread(scene, tmp_path, monkeypatch):
     """An edit returns once its line is in the operating system (it survives the process being
-    killed); the fsync to the disk (1-10 ms) is done by a background thread, and a failed one stops
+    killed); the fsync to the disk (milliseconds) is done by a background thread, and a failed one stops
     the next edit rather than going unnoticed."""
     import errno
     import threading

