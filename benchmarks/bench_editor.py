@@ -8,10 +8,11 @@ Run from the repository root (needs a display; Xvfb is fine)::
 The tomogram is the float32 memory map of ``benchmarks/bench_editor_core.py`` (a tiled block of
 synthetic vesicles), shown in a napari viewer with its vesicles layer (``--n`` vesicles) and the
 "6. Edit vesicles" dock widget editing it (edit log and autosave in a temporary folder). The view is
-centred on each target at ~3 screen pixels per voxel (as when proofreading), then one Qt mouse press
-and release (or key press) is sent to the canvas. Two times per event:
+centred on each target at ~3 screen pixels per voxel (as when proofreading), the mouse is moved
+onto the target (untimed: as a hand does before it clicks; napari updates its status bar then),
+then one Qt mouse press and release (or key press) is sent to the canvas. Two times per event:
 
-* ``handled``: from the press until the event is handled (napari's mouse-press picking, the edit
+* ``handled``: from the press until the event is handled (napari's mouse handling, the edit
   with its log line, the labels repaint and the points update);
 * ``total``: from the press until the canvas has been redrawn *and shown*: the first
   ``frameSwapped`` signal of the canvas (a ``QOpenGLWidget``) after the event was handled;
@@ -31,6 +32,10 @@ their own). It also times one redraw of the canvas with nothing changed (``idle 
 (under Xvfb: Mesa llvmpipe, i.e. software rendering on the CPU), the CPU count and the load
 average before and after the run.
 Prints p50 / p95 / max in ms.
+
+``--trace`` also prints where the time of each event goes (napari's picking, the editor's
+callback, the canvas paint, Qt's window events by type, the widgets painted before the frame);
+``--profile add|remove|undo|redo`` prints a cProfile of that operation's events (press -> frame).
 """
 
 from __future__ import annotations
@@ -66,6 +71,72 @@ def _gl_renderer(native) -> str:
         return f"unknown ({exc})"
 
 
+def _install_trace(spans: list, widget) -> None:  # widget: the EditorWidget class
+    """Wrap a few napari / vispy / Qt / editor methods to record ``(name, seconds)`` of each call
+    (a call made inside another traced call is named "X < Y": it is part of Y's time too)."""
+    import napari._qt.qt_main_window as qmw
+    from qtpy.QtCore import QEvent
+    from vispy.app.backends import _qt as vqt
+    from vispy.scene.canvas import SceneCanvas
+
+    import threading
+
+    local = threading.local()  # one stack of open calls per thread
+
+    def wrap(owner, attr, name):
+        orig = getattr(owner, attr)
+
+        def wrapper(*args, **kw):
+            stack = local.__dict__.setdefault("stack", [])
+            label = name(*args) if callable(name) else name
+            if stack:
+                label = f"{label} < {stack[-1].split(' < ')[0]}"
+            stack.append(label)
+            t = time.perf_counter()
+            try:
+                return orig(*args, **kw)
+            finally:
+                stack.pop()
+                spans.append((label, time.perf_counter() - t, t))
+
+        setattr(owner, attr, wrapper)
+
+    def window_event(self, e):
+        try:
+            return f"Qt window event {QEvent.Type(e.type()).name if hasattr(QEvent.Type(e.type()), 'name') else int(e.type())}"
+        except Exception:  # noqa: BLE001
+            return f"Qt window event {int(e.type())}"
+
+    from qtpy.QtCore import QObject
+    from qtpy.QtWidgets import QApplication
+
+    class _PaintSpy(QObject):
+        def eventFilter(self, obj, ev):  # noqa: N802 - Qt API
+            if ev.type() == QEvent.Paint:
+                spans.append((f"paint {type(obj).__name__}", 0.0, time.perf_counter()))
+            return False
+
+    spy = _PaintSpy()
+    app = QApplication.instance()
+    if app is None:
+        from napari._qt.qt_event_loop import get_qapp
+
+        app = get_qapp()
+    app.installEventFilter(spy)
+    _install_trace.spy = spy  # keep it alive
+    wrap(qmw._QtMainWindow, "event", window_event)
+    wrap(vqt.CanvasBackendDesktop, "paintGL", "canvas paintGL")
+    wrap(SceneCanvas, "visual_at", "vispy picking (visual_at)")
+    wrap(qmw._QtMainWindow, "set_status_and_tooltip", "status bar update")
+    import cryoves.io
+
+    wrap(cryoves.io, "write_vesicles_csv", "autosave (in its thread)")
+    ed_cls = widget
+    wrap(ed_cls, "click", "editor click (edit + display)")
+    wrap(ed_cls, "undo", "editor undo (edit + display)")
+    wrap(ed_cls, "redo", "editor redo (edit + display)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=(300, 1000, 1000), metavar=("Z", "Y", "X"))
@@ -77,7 +148,13 @@ def main(argv=None):
     ap.add_argument("--window", type=int, nargs=2, default=(1400, 950), metavar=("W", "H"),
                     help="size of the napari window (default 1400 950; the canvas is what the layer list "
                          "and the editor dock leave of it, and what the screen allows)")
-    ap.add_argument("--profile", action="store_true", help="print the top functions of the remove clicks (cProfile)")
+    ap.add_argument("--profile", choices=("add", "remove", "undo", "redo"), default=None,
+                    help="print the top functions (cProfile) of this operation's timed events (press -> frame shown)")
+    ap.add_argument("--profile-out", default=None, help="also save the cProfile statistics to this file")
+    ap.add_argument("--profile-sort", default="cumulative", help="cProfile sort key (default cumulative)")
+    ap.add_argument("--trace", action="store_true",
+                    help="also print where the time of each event goes (mean ms per event: napari's picking, "
+                         "the editor's callback, the canvas paint, Qt's window events by type)")
     ap.add_argument("--tmp", default=None, help="folder for the memmap, log and autosave (default: system temp)")
     a = ap.parse_args(argv)
 
@@ -102,6 +179,9 @@ def main(argv=None):
 
         # no notification toasts: their fade animations would draw frames of their own while timing
         get_settings().application.gui_notification_level = "none"
+        spans: list[tuple[str, float]] = []
+        if a.trace:
+            _install_trace(spans, EditorWidget)
         viewer = napari.Viewer(show=True)
         viewer.window._qt_window.resize(*a.window)
         app = QApplication.instance()
@@ -128,7 +208,7 @@ def main(argv=None):
             for _ in range(3):
                 app.processEvents()
 
-        def wait_for_frame(after: float, timeout: float = 5.0) -> float:
+        def wait_for_frame(after: float, timeout: float = 5.0, fail: bool = True) -> float:
             """Time of the first frame shown after ``after`` (processing events until then)."""
             end = after + timeout
             while time.perf_counter() < end:
@@ -136,7 +216,9 @@ def main(argv=None):
                 if shown:
                     return shown[0]
                 app.processEvents()
-            raise SystemExit("no frame was drawn within 5 s of an edit")
+            if fail:
+                raise SystemExit(f"no frame was drawn within {timeout:g} s of an edit")
+            return float("nan")
 
         def look_at(zyx):
             viewer.dims.set_point(0, float(zyx[0]) * a.voxel_size)
@@ -152,8 +234,11 @@ def main(argv=None):
             xy = canvas.view.scene.transform.map([world[2], world[1]])[:2]
             return QPoint(int(round(xy[0])), int(round(xy[1])))
 
-        def timed(send):
+        def timed(send, op=None):
+            if a.profile is not None and op == a.profile:
+                prof.enable()
             swaps.clear()
+            spans.clear()
             c = time.process_time()
             t = time.perf_counter()
             send()
@@ -163,18 +248,46 @@ def main(argv=None):
             parts["points"].append(w.last_timing.get("points", np.nan))
             shown = wait_for_frame(h)
             parts["cpu"].append(time.process_time() - c)
+            prof.disable()
+            if a.trace:
+                per = trace.setdefault(op, {})
+                for name, dt, _ in spans:
+                    per.setdefault(name, []).append(dt)
+                starts = [t0 for name, _, t0 in spans if name.startswith(("Qt window event 77", "Qt window event UpdateRequest"))
+                          and t0 >= h]
+                if starts:  # the wait between the event handled and the composition of its frame
+                    per.setdefault("(handled -> frame's UpdateRequest)", []).append(starts[0] - h)
+                per.setdefault("_events", []).append(1)
             settle()
             return shown - t
 
-        def timed_click(zyx):
+        def hover(p):
+            """The mouse moves onto the target before it is pressed, as a hand does (untimed)."""
+            from qtpy.QtCore import QEvent, QPointF
+            from qtpy.QtGui import QMouseEvent
+
+            ev = QMouseEvent(QEvent.MouseMove, QPointF(p), native.mapToGlobal(QPointF(p).toPoint()),
+                             Qt.NoButton, Qt.NoButton, Qt.NoModifier)
+            app.sendEvent(native, ev)
+            settle()
+            wait_for_frame(time.perf_counter(), timeout=0.3, fail=False)  # the status bar, if it changed
+            settle()
+
+        def timed_click(zyx, op):
             look_at(zyx)
             p = pos_of(zyx)
+            hover(p)
             return timed(lambda: (QTest.mousePress(native, Qt.LeftButton, Qt.NoModifier, p),
-                                  QTest.mouseRelease(native, Qt.LeftButton, Qt.NoModifier, p)))
+                                  QTest.mouseRelease(native, Qt.LeftButton, Qt.NoModifier, p)), op)
 
-        def timed_key(k, mod):
-            return timed(lambda: QTest.keyClick(native, k, mod))
+        def timed_key(k, mod, op):
+            return timed(lambda: QTest.keyClick(native, k, mod), op)
 
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        trace: dict[str, dict[str, list]] = {}
         rng = np.random.default_rng(a.seed + 11)
         res = {"add": [], "remove": [], "undo": [], "redo": []}
         parts = {"handled": [], "labels": [], "points": [], "cpu": []}
@@ -205,7 +318,7 @@ def main(argv=None):
         n_fail = 0
         for k in rng.permutation(len(missed))[:a.reps]:
             n0 = len(ed.table)
-            dt = timed_click(missed[k] + rng.uniform(-1.0, 1.0, 3))
+            dt = timed_click(missed[k] + rng.uniform(-1.0, 1.0, 3), "add")
             if len(ed.table) == n0:
                 n_fail += 1
                 for v in parts.values():
@@ -214,31 +327,27 @@ def main(argv=None):
             res["add"].append(dt)
         keep("add")
         w.set_mode("remove")
-        import cProfile
-        import pstats
-
-        prof = cProfile.Profile()
         for vid in rng.choice(table.ids, a.reps, replace=False):
             r = table.row(int(vid))
-            if a.profile:
-                prof.enable()
-            dt = timed_click([r["z"], r["y"], r["x"]])
-            prof.disable()
+            dt = timed_click([r["z"], r["y"], r["x"]], "remove")
             assert ed.row(int(vid))["status"] == "removed", w.status.value
             res["remove"].append(dt)
         keep("remove")
         for _ in range(a.reps):
-            res["undo"].append(timed_key(Qt.Key_Z, Qt.ControlModifier))
+            res["undo"].append(timed_key(Qt.Key_Z, Qt.ControlModifier, "undo"))
         keep("undo")
         for _ in range(a.reps):
-            res["redo"].append(timed_key(Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier))
+            res["redo"].append(timed_key(Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier, "redo"))
         keep("redo")
         size = (native.width(), native.height())
         dpr = native.devicePixelRatioF()
         renderer = _gl_renderer(native)
         w.close_editor()
         if a.profile:
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
+            print(f"cProfile of the {a.profile} events (press -> frame shown):")
+            pstats.Stats(prof).sort_stats(a.profile_sort).print_stats(45)
+            if a.profile_out:
+                prof.dump_stats(a.profile_out)
         print(f"Add found a vesicle at {len(res['add'])} of {len(res['add']) + n_fail} clicks")
         print(f"{'':8}{'handled (ms)':<36}{'total, to the frame shown (ms)':<36}{'CPU of the total (ms)':<36}"
               f"labels / points p50 (ms)")
@@ -246,6 +355,12 @@ def main(argv=None):
             if v:
                 print(f"{k:<8}{_pct(handled[k]):<36}{_pct(v):<36}{_pct(cpu[k]):<36}"
                       f"{inner[k][0]:.1f} / {inner[k][1]:.1f}")
+        if a.trace:
+            print("where the time goes, press -> frame shown (ms per event, mean; count per event):")
+            for op, per in trace.items():
+                n = len(per.pop("_events"))
+                print(f"  {op}: " + ", ".join(f"{k} {np.sum(v) * 1e3 / n:.1f} ({len(v) / n:.1f}x)"
+                                             for k, v in sorted(per.items(), key=lambda kv: -np.sum(kv[1]))))
         print(f"idle frame (redraw, nothing changed): {_pct(idle)} ms; CPU {_pct(idle_cpu)} ms")
         print(f"canvas {size[0]} x {size[1]} px (device pixel ratio {dpr:g}); OpenGL renderer: {renderer}")
         print(f"{os.cpu_count()} CPUs visible, load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after; "

@@ -109,6 +109,34 @@ def test_add_at_fits_paints_and_gets_next_id(scene):
     assert ed.n_edits == n
 
 
+def test_add_at_tries_half_the_radii_and_fits_the_same_sphere(scene, monkeypatch):
+    """The click fit starts with a coarser radius search than fit_sphere_at's default (a faster
+    click) and ends on the same sphere (the radial-profile iterations measure the radius)."""
+    import cryoves.refine as refine
+
+    tomo, centers, radii, base = scene
+    tried = []
+    capture = refine._capture
+
+    def counting(tomogram, center, trial_radii, *args):
+        tried.append(len(trial_radii))
+        return capture(tomogram, center, trial_radii, *args)
+
+    monkeypatch.setattr(refine, "_capture", counting)
+    ed = editor(scene)
+    for k, off in ((N_BASE + 2, [0.5, 1.0, -1.0]), (N_BASE + 3, [-1.5, 0.0, 2.0])):
+        click = centers[k] + np.array(off)
+        row = ed.row(ed.add_at(click))
+        n_click = tried[-1]
+        full = refine.fit_sphere_at(tomo, click, VOXEL, max_diameter_nm=50.0, normalization=ed.normalization)
+        assert n_click <= (tried[-1] + 1) // 2
+        assert np.linalg.norm(np.array([row["z"], row["y"], row["x"]]) - full.centers[0]) < 0.05
+        assert abs(row["radius"] - full.radii[0]) < 0.05 and abs(row["thickness"] - full["thickness"][0]) < 0.05
+    for bad in (0.5, float("nan"), "two"):
+        with pytest.raises(ValueError, match="radius_step_factor"):
+            refine.fit_sphere_at(tomo, centers[0], VOXEL, radius_step_factor=bad)
+
+
 def test_add_at_without_membrane_raises_and_changes_nothing(scene, tmp_path):
     tomo, centers, radii, base = scene
     ed = editor(scene, log_path=tmp_path / "log.jsonl")
@@ -565,3 +593,59 @@ def test_edit_not_made_when_the_log_cannot_be_written(scene, tmp_path):
         with pytest.raises(OSError, match="the edit was not made"):
             call()
         assert same_table(ed.table, t) and np.array_equal(ed.labels, lab) and ed.n_edits == 1
+
+
+def test_log_lines_are_flushed_at_once_and_fsynced_off_the_editing_thread(scene, tmp_path, monkeypatch):
+    """An edit returns once its line is in the operating system (it survives the process being
+    killed); the fsync to the disk (milliseconds) is done by a background thread, and a failed one stops
+    the next edit rather than going unnoticed."""
+    import errno
+    import threading
+
+    real = os.fsync
+    calls = []
+    fail = []
+
+    def fsync(fd):
+        calls.append(threading.current_thread() is threading.main_thread())
+        if fail:
+            raise OSError(errno.EIO, "I/O error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    log = tmp_path / "edits.jsonl"
+    ed = editor(scene, log_path=log)
+    ed.remove(3)
+    assert log.read_bytes().count(b"\n") == 2          # header + the edit, readable at once
+    assert json.loads(log.read_bytes().splitlines()[1])["kind"] == "remove"
+    deadline = time.monotonic() + 10
+    while len(calls) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls and not any(calls)                     # synced, and not by the editing thread
+    fail.append(True)
+    ed.remove(4)                                        # flushed; its fsync fails in the background
+    deadline = time.monotonic() + 10
+    while ed._syncer._error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(OSError, match="edit log .* the edit was not made"):
+        ed.remove(5)
+    assert ed.row(5)["status"] == "accepted" and ed.n_edits == 2
+    fail.clear()
+    ed.undo()
+    ed.close()                                          # the last line synced before close returns
+    assert calls[-1] is True and log.read_bytes().count(b"\n") == 4
+
+
+def test_reading_gives_the_table_itself_under_the_lock(scene):
+    import threading
+
+    ed = editor(scene)
+    done = threading.Event()
+    with ed.reading() as t:
+        assert same_table(t, ed.table) and t is not ed.table  # the table itself; .table is a copy
+        worker = threading.Thread(target=lambda: (ed.remove(2), done.set()))
+        worker.start()
+        assert not done.wait(0.3)            # an edit from another thread waits for the block
+        assert t.row(2)["status"] == "accepted"
+    worker.join(10)
+    assert done.is_set() and ed.row(2)["status"] == "removed"

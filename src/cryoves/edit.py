@@ -26,13 +26,17 @@ Undo is exact and memory-bounded
 
 Nothing is lost
     With ``log_path``, every edit, undo and redo is appended to an edit log (JSON lines, each
-    line flushed and fsync'ed before the call returns) holding the changed rows, so
+    line written and flushed to the operating system before the call returns, so that it survives
+    the process being killed, and fsync'ed to the disk by a background thread right after, so that
+    an edit does not wait for the disk) holding the changed rows, so
     :meth:`VesicleEditor.restore` replays it over the base table to the same table, labels and
     undo history, bit for bit, after a crash. With ``autosave_path``, the table is written there
     (CSV, atomically, through :func:`cryoves.io.write_vesicles_csv`) after the edits, by a
     background thread so that an edit does not wait for it (writing 1,000 rows takes tens of
-    ms): the write starts when edits pause for 0.3 s (at the latest 3 s after the first
-    unsaved edit) and writes the latest table.
+    ms, 15 ms of CPU): the write starts when edits pause for 0.12 s (at the latest 3 s after the
+    first unsaved edit) and writes the latest table (copied then, not at every edit). 0.12 s is
+    after the frame that shows an edit and, at a hand's pace, before the next click, so that the
+    write seldom competes with an edit for the CPU.
     :meth:`~VesicleEditor.flush_autosave`, :meth:`~VesicleEditor.save` and
     :meth:`~VesicleEditor.close` wait for it. The edit log, written before the call returns,
     is the record that survives a crash; the autosaved CSV may be a few edits behind it.
@@ -59,6 +63,7 @@ methods take a lock, so a worker thread may edit while another reads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -82,6 +87,10 @@ EDIT_KINDS = ("add", "remove", "move", "resize", "refit", "review")
 _LOG_FORMAT = "cryoves-edit-log"
 _LOG_VERSION = 1
 _VERDICTS = {"accepted": "accepted", "rejected": "rejected", None: ""}
+#: ``radius_step_factor`` of the click fit (:func:`cryoves.refine.fit_sphere_at`): half the trial radii
+#: of the pipeline's search, ~5 ms less per click; on the sample's 55 vesicles (165 clicks, 0-3
+#: voxels off centre) the fits moved by at most 0.02 voxel (centre) and 0.003 voxel (radius).
+_CLICK_RADIUS_STEP = 2.0
 
 
 class NoMembraneFound(ValueError):
@@ -315,12 +324,20 @@ class VesicleEditor:
         self._init_state(tomogram, table, voxel_size, labels, normalization, max_diameter_nm)
         self._log_path = None
         self._log = None
+        self._syncer = None
         if log_path is not None:
             self._open_log(log_path, header=True)
         self._autosave_path = None if autosave_path is None else Path(autosave_path)
         self._autosaver = None if self._autosave_path is None else _Autosaver(self._autosave_path)
         if self._autosaver is not None:
             weakref.finalize(self, self._autosaver.stop)
+        me = weakref.ref(self)  # the autosave thread must not keep the editor alive
+
+        def snapshot():
+            ed = me()
+            return None if ed is None else ed.table
+
+        self._snapshot = snapshot
 
     # ------------------------------------------------------------------ construction
     def _init_state(self, tomogram, table, voxel_size, labels, normalization, max_diameter_nm):
@@ -381,6 +398,16 @@ class VesicleEditor:
         """The current table (a copy; removed vesicles keep their row with status "removed")."""
         with self._lock:
             return self._table.copy()
+
+    @contextlib.contextmanager
+    def reading(self):
+        """``with editor.reading() as table:`` the current table itself, not a copy (under the lock).
+
+        For a display that reads the table after every edit: a copy of 1,000 rows takes ~0.5 ms.
+        Read it inside the block only; do not modify it or keep references to its arrays.
+        """
+        with self._lock:
+            yield self._table
 
     @property
     def labels(self) -> np.ndarray:
@@ -469,7 +496,7 @@ class VesicleEditor:
         with self._lock:
             new_id = self._table.next_id()
             fit = fit_sphere_at(self._tomogram, p, self._voxel_size, max_diameter_nm=self._max_diameter_nm,
-                                normalization=self._norm, vesicle_id=new_id)
+                                normalization=self._norm, vesicle_id=new_id, radius_step_factor=_CLICK_RADIUS_STEP)
             if len(fit) == 0:
                 r = self.suggested_radius()
                 raise NoMembraneFound(
@@ -714,9 +741,14 @@ class VesicleEditor:
         """Finish the autosave and close the edit log; later edits, undo and redo raise RuntimeError."""
         with self._lock:
             self._closed = True
-            if self._log is not None:
-                self._log.close()
-                self._log = None
+            syncer, self._syncer = self._syncer, None
+            try:
+                if syncer is not None:
+                    syncer.close()  # the last lines fsync'ed
+            finally:
+                if self._log is not None:
+                    self._log.close()
+                    self._log = None
             saver, self._autosaver = self._autosaver, None
         if saver is not None:
             saver.close()
@@ -958,7 +990,7 @@ class VesicleEditor:
         if self._replaying:
             return
         if self._autosaver is not None:
-            self._autosaver.request(self._table.copy())
+            self._autosaver.request(self._snapshot)  # copied by the autosave thread, when it writes
         for cb in list(self._callbacks):
             cb(event)
 
@@ -969,6 +1001,8 @@ class VesicleEditor:
             raise FileNotFoundError(f"folder of the edit log {path} does not exist")
         self._log = open(path, "ab")
         self._log_path = path
+        self._syncer = _LogSyncer(self._log, path)
+        weakref.finalize(self, self._syncer.stop)
         if header:
             self._log_line({"format": _LOG_FORMAT, "version": _LOG_VERSION, "cryoves": __version__,
                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -983,9 +1017,10 @@ class VesicleEditor:
         data = (json.dumps(entry, allow_nan=True, separators=(",", ":")) + "\n").encode("utf-8")
         pos = self._log.tell()
         try:
+            if self._syncer is not None:
+                self._syncer.check()  # an earlier line could not be synced: do not go on silently
             self._log.write(data)
-            self._log.flush()
-            os.fsync(self._log.fileno())
+            self._log.flush()  # in the OS from here on: survives the process being killed
         except OSError as err:
             try:  # do not leave a torn line that later lines would be glued to
                 self._log.truncate(pos)
@@ -994,6 +1029,8 @@ class VesicleEditor:
                 pass
             raise OSError(f"cannot write the edit log {self._log_path}: {err.strerror or err}; "
                           f"the edit was not made") from err
+        if self._syncer is not None:
+            self._syncer.request()  # and on the disk (fsync) a moment later, off the edit's path
         if count:
             self._seq += 1
 
@@ -1001,6 +1038,76 @@ class VesicleEditor:
         n_acc = int(np.sum(self._table["status"] == "accepted"))
         return (f"VesicleEditor({n_acc} accepted of {len(self._table)} vesicles, {self.n_edits} edits, "
                 f"shape={self._shape}, voxel_size={self._voxel_size})")
+
+
+class _LogSyncer:
+    """fsyncs an edit log in a background thread after lines were written (and flushed) to it.
+
+    The lines are in the operating system when :meth:`VesicleEditor._log_line` returns; this puts
+    them on the disk a moment later without making the edit wait (an fsync took 0.5 ms median on
+    the test machine, ~4 ms at load 4, more when the disk is busy). Requests coalesce; :meth:`close` syncs what is left. A failed fsync is
+    raised by the next :meth:`check` (the next edit) or by :meth:`close`.
+    """
+
+    def __init__(self, fh, path: Path):
+        self.path = path
+        self._fd = os.dup(fh.fileno())  # its own descriptor: closing the log cannot race the thread
+        self._cond = threading.Condition()
+        self._written = 0
+        self._synced = 0
+        self._closed = False
+        self._detached = False  # stopped without close(): the thread closes its descriptor
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name=f"cryoves-log-sync-{path.name}", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        with self._cond:
+            self._written += 1
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._synced == self._written and not self._closed:
+                    self._cond.wait()
+                if self._synced == self._written:
+                    if self._detached:
+                        os.close(self._fd)
+                    return
+                target = self._written
+            try:
+                os.fsync(self._fd)
+            except OSError as err:
+                with self._cond:
+                    self._error = err
+            with self._cond:
+                self._synced = target
+                self._cond.notify_all()
+
+    def check(self) -> None:
+        with self._cond:
+            err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+    def stop(self) -> None:
+        """Let the thread sync what is pending and end (without waiting; the editor is gone)."""
+        with self._cond:
+            self._closed = self._detached = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Sync what is left, end the thread and raise a failed fsync."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+        self.check()
 
 
 class _Autosaver:
@@ -1011,7 +1118,7 @@ class _Autosaver:
     the writer does not compete with a burst of edits for the interpreter.
     """
 
-    def __init__(self, path: Path, delay: float = 0.3, max_delay: float = 3.0):
+    def __init__(self, path: Path, delay: float = 0.12, max_delay: float = 3.0):
         if not path.parent.is_dir():
             raise FileNotFoundError(f"folder of the autosave file {path} does not exist")
         self.path = path
@@ -1027,7 +1134,8 @@ class _Autosaver:
         self._thread = threading.Thread(target=self._run, name=f"cryoves-autosave-{path.name}", daemon=True)
         self._thread.start()
 
-    def request(self, table: VesicleTable) -> None:
+    def request(self, table) -> None:
+        """Write ``table`` (a VesicleTable, or a callable returning one, called when the write is due)."""
         with self._cond:
             now = time.monotonic()
             if self._pending is None:
@@ -1062,7 +1170,10 @@ class _Autosaver:
                 self._force = False
                 self._busy = True
             try:
-                write_vesicles_csv(self.path, table, overwrite=True)
+                if callable(table):
+                    table = table()
+                if table is not None:
+                    write_vesicles_csv(self.path, table, overwrite=True)
             except BaseException as err:  # reported by flush()
                 with self._cond:
                     self._error = err

