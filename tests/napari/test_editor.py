@@ -402,6 +402,10 @@ def test_finetune_on_corrections_then_repredict(edit_setup, qtbot, random_weight
     assert prob.data.shape == tomo.data.shape
     assert 0.0 <= float(prob.data.min()) and float(prob.data.max()) <= 1.0
     assert prob.metadata["cryoves_role"] == "probability"
+    # the same prediction as the Predict widget: with the large-vesicle pass's map, not offered as a tomogram
+    large = layer_name(NAME, "probability_large")
+    assert viewer.layers[large].data.shape == tomo.data.shape
+    assert large not in [name for name, _ in w._image_choices()]
     assert w.editor is not None and w.points is viewer.layers[layer_name(NAME, "vesicles")]  # edits kept
 
 

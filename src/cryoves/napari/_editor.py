@@ -33,7 +33,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QButtonGroup, QFrame, QHBoxLayout, QRadioButton, QSizePolicy, QVBoxLayout, QWidget
 
 from cryoves.napari._editor_session import EditPaths, edit_paths
-from cryoves.napari._layers import (ROLE_KEY, SHAPE_KEY, TOMO_KEY, base_name, image_kwargs, labels_kwargs,
+from cryoves.napari._layers import (ROLE_KEY, SHAPE_KEY, TOMO_KEY, base_name, labels_kwargs,
                                     layer_name, quiet_layer_list, set_thick_slicing, table_from_points,
                                     update_points, voxel_size_of)
 from cryoves.napari._runner import TaskRunner, describe_error
@@ -290,8 +290,10 @@ class EditorWidget(QWidget):
     def _image_choices(self, *_):
         from napari.layers import Image
 
+        from cryoves.napari._base import NOT_TOMOGRAM
+
         return [(l.name, l) for l in self.viewer.layers
-                if isinstance(l, Image) and l.metadata.get(ROLE_KEY) != "probability"]
+                if isinstance(l, Image) and l.metadata.get(ROLE_KEY) not in NOT_TOMOGRAM]
 
     def _points_choices(self, *_):
         from napari.layers import Points
@@ -1113,7 +1115,6 @@ class EditorWidget(QWidget):
         """Predict the probability map again with the fine-tuned weights (layer ``<tomo> probability``)."""
         if self._finetuned is None:
             raise ValueError("fine-tune first")
-        from cryoves.napari._layers import add_or_update
         from cryoves.napari._service import run_in_tf_thread
 
         path, tomo, vs = str(self._finetuned), self._tomo, self._vs
@@ -1124,16 +1125,18 @@ class EditorWidget(QWidget):
 
             import_tensorflow()
             from cryoves.model import get_model
-            from cryoves.predict import predict_probability
+            from cryoves.pipeline import predict_stage
 
-            return predict_probability(tomo, vs, get_model(path), progress=progress)
+            # the same prediction as the Predict widget and the pipeline (with the large-vesicle pass)
+            return predict_stage(tomo, vs, get_model(path), progress=progress)
 
         def work(progress):
             return run_in_tf_thread(predict, progress)
 
-        def done(prob):
-            add_or_update(self.viewer, (prob, image_kwargs(vs, layer_name(tname, "probability"),
-                                                           role="probability", tomogram=tname), "image"))
+        def done(maps):
+            from cryoves.napari._predict import show_prediction
+
+            show_prediction(self.viewer, tname, vs, *maps)
             return ("Probability re-predicted with the fine-tuned weights; run 2. Threshold onward (your edited "
                     "vesicles layer is kept)")
 
