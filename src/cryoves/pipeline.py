@@ -187,9 +187,9 @@ class SegmentParams:
         (a tube, a fold, an ellipsoidal compartment) is removed unless a re-fit closes it (see
         :func:`cryoves.outliers.filter_outliers`); ``None``: no such check.
     lumen_deviation : float or None
-        outliers: a sphere whose lumen contrast lies this far (or 5 robust standard deviations)
-        from the median of the tomogram's vesicles (a dense core; a sphere inside a denser
-        compartment) is removed unless a re-fit brings it back; ``None``: no such check.
+        outliers: a sphere whose lumen is darker than the median of the tomogram's vesicles by
+        more than this (or 5 robust standard deviations), a dense core, is removed unless a re-fit
+        brings it back; ``None``: no such check.
     features : tuple of str
         outliers: feature columns for the Mahalanobis distance.
     """
