@@ -49,6 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
+# the Qt 6 binding, as the tests use (qtpy would pick a PyQt5 installed beside it; napari deprecates it)
+os.environ.setdefault("QT_API", "pyqt6")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -266,7 +269,7 @@ def main(argv=None):
             from qtpy.QtCore import QEvent, QPointF
             from qtpy.QtGui import QMouseEvent
 
-            ev = QMouseEvent(QEvent.MouseMove, QPointF(p), native.mapToGlobal(QPointF(p).toPoint()),
+            ev = QMouseEvent(QEvent.MouseMove, QPointF(p), QPointF(native.mapToGlobal(QPointF(p).toPoint())),
                              Qt.NoButton, Qt.NoButton, Qt.NoModifier)
             app.sendEvent(native, ev)
             settle()
