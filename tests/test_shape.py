@@ -63,3 +63,36 @@ def test_filter_outliers_removes_tube_and_dense_core(scene):
     # the checks can be turned off
     off = filter_outliers(tomo, table, 2.0, min_coverage=None, lumen_deviation=None, **kw)
     assert off["status"][n] == "accepted" and off["status"][n + 1] == "accepted"
+
+
+def test_filter_outliers_removes_spheres_above_max_radius():
+    """An outer radius above max_radius_nm (34 nm) is no synaptic vesicle: re-fitted, then removed."""
+    centers, radii = random_vesicles((48, 96, 96), 8, r_range=(7.0, 10.0), seed=11)
+    big_c, big_r = np.array([40.0, 150.0, 150.0]), 19.0  # 38 nm at 2 nm voxels
+    tomo = draw_vesicles((80, 200, 200), np.vstack([centers, big_c]), np.r_[radii, big_r], noise=0.25, seed=2)
+    table = VesicleTable.from_arrays(np.vstack([centers, big_c]), np.r_[radii, big_r], voxel_size=2.0,
+                                     thickness=np.full(len(radii) + 1, 2.0), density=np.full(len(radii) + 1, -1.0))
+    kw = dict(max_iter=1, remove_overlaps=False, keep_score=None, p_threshold=0.0)
+    out = filter_outliers(tomo, table, 2.0, **kw)
+    n = len(radii)
+    assert list(out["status"][:n]) == ["accepted"] * n
+    assert out["status"][n] == "removed" and out["note"][n].endswith("nm > 34 nm"), out["note"][n]
+    off = filter_outliers(tomo, table, 2.0, max_radius_nm=None, **kw)
+    assert off["status"][n] == "accepted"
+
+
+def test_spheres_squeezed_by_an_overlap(scene):
+    """Resolving an overlap may shrink a sphere to no vesicle: at or below 12 nm, or to no membrane."""
+    from cryoves.outliers import SHRUNK_NOTE, _check_shrunk
+
+    tomo, centers, radii = scene
+    norm = intensity_normalization(tomo)
+    # a true vesicle, a sphere over empty background, and one shrunk below 12 nm
+    c = np.vstack([centers[0], [12.0, 85.0, 60.0], centers[1]])
+    table = VesicleTable.from_arrays(c, np.r_[radii[0] - 0.5, 8.0, 5.9], voxel_size=2.0,
+                                     thickness=np.full(3, 2.0), note=np.array([SHRUNK_NOTE] * 3, object))
+    before = table.radii + 1.0
+    _check_shrunk(tomo, table, before, 2.0, norm, 12.0, min_score=5.0, min_coverage=0.7)
+    assert list(table["status"]) == ["accepted", "removed", "removed"]
+    assert table["note"][1].startswith("no membrane left after resolving an overlap")
+    assert table["note"][2].startswith("radius 11.8 nm <= 12 nm after resolving an overlap")

@@ -49,6 +49,9 @@ from cryoves.table import VesicleTable, check_voxel_size
 
 __all__ = ["mahalanobis_pvalues", "filter_outliers", "resolve_overlaps", "DEFAULT_FEATURES"]
 
+#: Note of a row whose radius :func:`resolve_overlaps` shrank (by at least ``note_min_vox``).
+SHRUNK_NOTE = "radius shrunk to resolve an overlap"
+
 DEFAULT_FEATURES = ("thickness", "density", "radius")
 
 
@@ -226,7 +229,7 @@ def resolve_overlaps(table: VesicleTable, *, stage: str = "outliers", contained_
             stg[acc[j]] = stage
     shrunk = alive & (R0 - R >= note_min_vox)
     for j in np.flatnonzero(shrunk):
-        note[acc[j]] = "radius shrunk to resolve an overlap"
+        note[acc[j]] = SHRUNK_NOTE
     radius = t["radius"].copy()
     radius[acc] = np.where(ok, R, radius[acc])
     t["radius"] = radius
@@ -409,7 +412,7 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
     coverage = np.full(n, np.nan)
     lumen = np.full(n, np.nan)
     check_shape = min_coverage is not None or lumen_deviation is not None
-    shape_limits = {"coverage": min_coverage, "lumen": (-np.inf, np.inf)}
+    shape_limits = {"coverage": min_coverage, "lumen": np.inf}  # lowest coverage, highest lumen
 
     def compute_shape(i):
         c = np.array([cols["z"][i], cols["y"][i], cols["x"][i]])
@@ -428,21 +431,19 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
         if lumen_deviation is not None and len(lv) >= 5:
             med = float(np.median(lv))
             dev = max(lumen_deviation, 5.0 * 1.4826 * float(np.median(np.abs(lv - med))))
-            shape_limits["lumen"] = (-np.inf, med + dev)
+            shape_limits["lumen"] = med + dev
 
     def bad_shape():
         # NaN (not measurable, e.g. mostly outside the volume) counts as fine
         bad = np.zeros(n, bool)
         if min_coverage is not None:
             bad |= coverage < shape_limits["coverage"]
-        lo, hi = shape_limits["lumen"]
-        bad |= (lumen < lo) | (lumen > hi)
-        return bad
+        return bad | (lumen > shape_limits["lumen"])
 
     def shape_note(i):
         if min_coverage is not None and coverage[i] < shape_limits["coverage"]:
             return f"membrane not closed (coverage {coverage[i]:.2f} < {shape_limits['coverage']:.2f})"
-        return f"dense lumen, unlike the other vesicles' ({lumen[i]:.2f} > {shape_limits['lumen'][1]:.2f})"
+        return f"dense lumen, unlike the other vesicles' ({lumen[i]:.2f} > {shape_limits['lumen']:.2f})"
 
     def low_score():
         # NaN (no background to compare with, e.g. at a corner) counts as fine
@@ -533,14 +534,14 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
                     score[i], X[i], stg[i], coverage[i], lumen[i] = sc0, x0, st0, cov0, lum0
             p = pvals()
             pop = (status == "accepted") & ~low_score() & np.isfinite(cols["radius"])
+            not_vesicle = bad_shape() | too_large()
             for i in pending:
                 others = cols["radius"][pop & (np.arange(n) != i)]
                 if len(others) < 3:
                     continue
                 med = float(np.median(others))
                 spread = max(1.4826 * float(np.median(np.abs(others - med))), 1.0)
-                kept[i] = bool(score[i] >= keep_score and p[i] >= keep_min_p and not bad_shape()[i]
-                               and not too_large()[i]
+                kept[i] = bool(score[i] >= keep_score and p[i] >= keep_min_p and not not_vesicle[i]
                                and abs(cols["radius"][i] - med) <= keep_radius_z * spread)
         low = low_score()
         shape_bad = bad_shape()
@@ -576,7 +577,7 @@ def _check_shrunk(tomogram, out: VesicleTable, before: np.ndarray, voxel_size: f
     """Remove (in place) the spheres that resolving an overlap shrank to no vesicle: at or below
     ``min_radius_nm``, or with neither a visible (``min_score``) nor a closed (``min_coverage``)
     membrane at the new radius (a sphere fitted to a non-vesicle, squeezed by its neighbour)."""
-    changed = np.flatnonzero((out["status"] == "accepted") & (out["note"] == "radius shrunk to resolve an overlap"))
+    changed = np.flatnonzero((out["status"] == "accepted") & (out["note"] == SHRUNK_NOTE))
     if not len(changed):
         return
     if normalization is None:

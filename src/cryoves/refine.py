@@ -864,8 +864,9 @@ class MembraneShape:
         Fraction of the directions around the sphere (a band of +-37 degrees about the XY plane)
         in which the membrane is seen at the fitted radius: its dark band is at least
         ``contrast_fraction`` as deep there as on the whole sphere (0 when the membrane band is not
-        darker than its sides on the whole sphere). A vesicle's membrane is closed: about 1. A sphere fitted to a tube, a microtubule, an ellipsoidal compartment or a bent
-        membrane sheet sees its "membrane" only in some directions. NaN if not measurable.
+        darker than its sides on the whole sphere). A vesicle's membrane is closed: about 1. A
+        sphere fitted to a tube, a microtubule, an ellipsoidal compartment or a bent membrane
+        sheet sees its "membrane" only in some directions. NaN if not measurable.
     lumen : float
         Lumen contrast: how much darker the inner half of the sphere (``d < r_m / 2``) is than the
         cytosol just outside the membrane, in units of the membrane's own depth. Synaptic vesicles
