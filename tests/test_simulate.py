@@ -466,7 +466,8 @@ def test_random_params_broad_but_never_held_out():
                                            "noise_correlation_px"}
     # every other option is drawn both on and off
     for name in ("extra_ice_nm", "damage_bfactor_per_dose", "alignment_shift_nm", "alignment_rotation_deg",
-                 "defocus_spread_um", "read_noise_e", "bilayer_asymmetry", "membrane_blur_nm", "lumen_texture"):
+                 "defocus_spread_um", "read_noise_e", "bilayer_asymmetry", "membrane_blur_nm", "lumen_texture",
+                 "vesicle_border_cut"):
         values = [getattr(p, name) for p in drawn]
         assert 0.1 < np.mean([v != 0 for v in values]) < 0.9, name
     assert {p.voltage_kv for p in drawn} == {200.0, 300.0}
@@ -634,6 +635,27 @@ def test_lumen_texture():
     grainy = _opt(snr=1000.0, lumen_texture=0.25)
     assert np.array_equal(plain.labels, grainy.labels)
     assert _shell_stats(grainy, 0.0, 0.5).std() > 1.3 * _shell_stats(plain, 0.0, 0.5).std()
+
+
+def test_vesicle_border_cut():
+    shape = (40, 96, 96)
+    kw = dict(n_vesicles=40, cluster_jitter=3.0, snr=30.0, n_gold=0, n_mitochondria=0, n_endosomes=0)
+    whole = simulate_tomogram(shape=shape, voxel_size=2.2, seed=12, params=SimulationParams(**kw))
+    cut = simulate_tomogram(shape=shape, voxel_size=2.2, seed=12, params=SimulationParams(vesicle_border_cut=0.5, **kw))
+
+    def outside(sim):
+        c, r = sim.table.centers, sim.table.radii
+        return (c - r[:, None] < -1e-6) | (c + r[:, None] > np.array(shape) - 1 + 1e-6)
+
+    assert not outside(whole).any()
+    out = outside(cut)
+    assert out[:, 1:].any(axis=1).sum() >= 3          # cut by the Y and X faces ...
+    assert not out[:, 0].any()                         # ... never by the Z faces (the slab stays whole)
+    c, r = cut.table.centers, cut.table.radii
+    assert np.all(c >= -1e-6) and np.all(c <= np.array(shape) - 1 + 1e-6)   # at most half a vesicle out
+    assert np.array_equal(cut.labels, render_labels(cut.table, shape))
+    with pytest.raises(ValueError, match="vesicle_border_cut"):
+        SimulationParams(vesicle_border_cut=0.7)
 
 
 def test_recon_binning():

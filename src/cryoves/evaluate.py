@@ -303,15 +303,19 @@ def _stress_cases() -> list[SuiteCase]:
         _case("unseen-binned-shepp-2.2nm", (72, 176, 176), 2.2, 70011, recon_binning=2, recon_filter="shepp-logan",
               membrane_model="slab", bilayer_asymmetry=0.3, membrane_blur_nm=0.5, noise_correlation_px=0.8,
               read_noise_e=3.0, dose=100.0),
+        # a cropped field of view: many vesicles cut by the Y and X faces (the bundled model was
+        # trained on whole vesicles only)
+        _case("border-cut-2.2nm", (88, 200, 200), 2.2, 70012, n_vesicles=260, cluster_jitter=3.0,
+              vesicle_border_cut=0.5),
     ]
 
 
 #: the suites of :func:`evaluation_suite` and what each is for
 SUITES = {
     "default": "7 held-out simulations like the training data (seeds 50001-50007)",
-    "stress": "11 simulations beyond the training data: low dose at 200 kV, narrow tilt, sparse vesicles in "
+    "stress": "12 simulations beyond the training data: low dose at 200 kV, narrow tilt, sparse vesicles in "
               "crowded cytosol, fine and coarse voxels, thick ice, dense touching vesicles, radii 14-32 nm, "
-              "and renderings never used in training (seeds 70001-70011)",
+              "renderings never used in training, vesicles cut by the field of view (seeds 70001-70012)",
     "quick": "2 small cases for smoke tests (seeds 50101-50102)",
 }
 
@@ -327,12 +331,13 @@ def evaluation_suite(kind: str = "default") -> list[SuiteCase]:
     kind : {"default", "stress", "quick"}
         ``"default"``: several voxel sizes 1.0-2.4 nm, low SNR, dense touching vesicles, many
         distractors, a narrow tilt range (seeds 50001-50007). ``"stress"``: cases beyond the
-        training distribution (seeds 70001-70011): low dose (25 and 50 e/A^2) at 200 kV without
+        training distribution (seeds 70001-70012): low dose (25 and 50 e/A^2) at 200 kV without
         CTF correction and with radiation damage, a +-40 deg tilt range, sparse vesicles in
         crowded cytosol, fine (1.2 nm) and coarse (2.8 nm) voxels, 220 nm of extra ice, dense
         touching vesicles, radii 14-32 nm with textured lumens, and two renderings held out of
         :func:`cryoves.simulate.random_params` (SIRT with slab-shaped leaflets and correlated
-        noise; finer-grid reconstruction binned 2x with the Shepp-Logan filter). ``"quick"``:
+        noise; finer-grid reconstruction binned 2x with the Shepp-Logan filter), and a cropped
+        field of view with 42 of 260 vesicles cut by its Y and X faces. ``"quick"``:
         two small cases for smoke tests.
 
     Returns

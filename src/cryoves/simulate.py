@@ -231,6 +231,11 @@ class SimulationParams:
     lumen_texture : float
         Volume fraction (0 to 0.3) of small protein-like granules inside the lumen of
         synaptic vesicles (0 = a uniform lumen, the default).
+    vesicle_border_cut : float
+        How far a synaptic vesicle may reach out of the field of view (the Y and X faces
+        of the volume), as a fraction of its diameter: 0 (the default) keeps every vesicle
+        whole, 0.5 lets a centre lie on a face. Real tomograms are cropped views, so
+        vesicles cut by their borders are common; the Z faces keep the specimen slab whole.
     reconstruction : {"wbp", "sirt"}
         Weighted back-projection (default), or SIRT (simultaneous iterative
         reconstruction, ``sirt_iterations`` iterations of x += C A^T R (p - A x) with the
@@ -303,6 +308,7 @@ class SimulationParams:
     bilayer_asymmetry: float = 0.0
     membrane_blur_nm: float = 0.0
     lumen_texture: float = 0.0
+    vesicle_border_cut: float = 0.0
     reconstruction: str = "wbp"
     recon_filter: str = "ramp"
     sirt_iterations: int = 10
@@ -401,6 +407,8 @@ class SimulationParams:
         check("bilayer_asymmetry", -0.6 <= num("bilayer_asymmetry") <= 0.6, "-0.6 to 0.6")
         check("membrane_blur_nm", 0.0 <= num("membrane_blur_nm") <= 3.0, "nm, 0 (sharp) to 3")
         check("lumen_texture", 0.0 <= num("lumen_texture") <= 0.3, "a volume fraction, 0 to 0.3")
+        check("vesicle_border_cut", 0.0 <= num("vesicle_border_cut") <= 0.5,
+              "a fraction of the vesicle diameter, 0 (whole) to 0.5 (centre on the face)")
         count("sirt_iterations", 1, 200)
         count("recon_binning", 1, 3)
         check("recon_binning", self.voxel_size / self.recon_binning >= 0.5 - 1e-9,
@@ -578,6 +586,8 @@ def random_params(rng: np.random.Generator | int | None = None, *,
         connector_probability=float(rng.uniform(0.2, 0.8)),
         radial_cutoff=float(rng.uniform(0.3, 0.5)),
         invert_contrast=False,
+        # drawn last, so that the draws above are those of earlier versions
+        vesicle_border_cut=maybe(0.5, float(rng.uniform(0.0, 0.5))),
     )
     p["tilt_step"] = min(p["tilt_step"], p["tilt_range"])
     p.update(fixed)
@@ -1031,9 +1041,11 @@ class _Scene:
             for _attempt in range(6):
                 r = float(np.clip(rng.normal(p.radius_mean_nm, p.radius_sd_nm), p.radius_min_nm, p.radius_max_nm))
                 rv = r / self.v
-                # fully inside the volume (voxel coordinates): r <= c <= shape-1-r
-                lo = np.full(3, rv + lo_margin)
-                hi = np.asarray(self.shape, float) - 1 - rv - lo_margin
+                # inside the volume (voxel coordinates): r <= c <= shape-1-r, except that
+                # up to vesicle_border_cut of the diameter may leave the Y and X faces
+                inset = np.array([rv, rv * (1.0 - 2.0 * p.vesicle_border_cut), rv * (1.0 - 2.0 * p.vesicle_border_cut)])
+                lo = inset + lo_margin
+                hi = np.asarray(self.shape, float) - 1 - inset - lo_margin
                 if np.any(hi < lo):
                     continue
                 cand = (lo + rng.random((n_cand, 3)) * (hi - lo)) * self.v

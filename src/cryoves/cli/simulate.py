@@ -75,6 +75,8 @@ PHYSICS_OPTIONS = (
                                                          "(default 0)"),
     ("--lumen-texture", "lumen_texture", float, "FRAC", "volume fraction of granules in the vesicle lumen "
                                                         "(default 0)"),
+    ("--vesicle-border-cut", "vesicle_border_cut", float, "FRAC", "how far vesicles may reach out of the Y and X "
+                                                                  "faces, a fraction of the diameter (default 0)"),
     ("--reconstruction", "reconstruction", ("wbp", "sirt"), None,
      "weighted back-projection or SIRT (default wbp)"),
     ("--recon-filter", "recon_filter", ("ramp", "hamming", "shepp-logan"), None,
