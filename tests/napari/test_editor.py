@@ -542,3 +542,68 @@ def test_an_edit_draws_the_canvas_first(edit_setup, qtbot):
     qtbot.waitUntil(lambda: "dock" in log, timeout=2000)
     assert "frame" in log and log.index("frame") < log.index("dock"), log
     assert not {"set_data", "highlight", "labels_update"} & set(relayed), relayed
+
+
+def test_undo_redo_keys_are_qt_shortcuts_of_the_canvas(edit_setup, qtbot, monkeypatch):
+    """With the canvas focused in the active window (as when a user types), Ctrl+Z / Ctrl+Shift+Z
+    are taken by Qt shortcuts of the canvas: napari's key dispatch (it rebuilds the active keymap
+    at every press) does not run for them. The shortcuts are gone once the widget closes."""
+    from napari.utils.key_bindings import KeymapHandler
+    from qtpy.QtWidgets import QApplication
+
+    viewer, w, tomo, truth, missed, start = edit_setup
+    native = canvas_widget(viewer)
+    viewer.window._qt_window.activateWindow()
+    native.setFocus()
+    qtbot.waitUntil(lambda: QApplication.focusWidget() is native, timeout=2000)
+    vid = int(start.ids[7])
+    w.editor.remove([vid])
+    pressed = []
+    press_key = KeymapHandler.press_key
+    monkeypatch.setattr(KeymapHandler, "press_key", lambda self, kb: (pressed.append(str(kb)), press_key(self, kb))[1])
+    key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier)
+    assert w.editor.row(vid)["status"] == "accepted" and w.status.value.startswith("Undone")
+    key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)
+    assert w.editor.row(vid)["status"] == "removed" and w.status.value.startswith("Redone")
+    assert not [k for k in pressed if k.endswith("Z")], pressed  # napari saw the modifiers at most
+    w.close_editor()
+    qtbot.wait(10)  # the shortcuts are deleted later
+    live = [sc for sc in native.findChildren(_qshortcut()) if sc.isEnabled()]
+    assert w._shortcuts == [] and live == []
+
+
+def _qshortcut():
+    """The QShortcut class of the Qt binding (QtGui in Qt 6, QtWidgets in Qt 5)."""
+    try:
+        from qtpy.QtGui import QShortcut
+    except ImportError:
+        from qtpy.QtWidgets import QShortcut
+    return QShortcut
+
+
+def test_with_software_opengl_the_canvas_is_composed_alone(edit_setup, qtbot):
+    """Under Xvfb (Mesa llvmpipe, X11) the editor gives the canvas a native window of its own, so
+    that Qt composes and swaps the canvas alone at every frame rather than the whole window; the
+    edits are still drawn (on screen: a frame is swapped; in the canvas: the label is gone)."""
+    from qtpy.QtGui import QGuiApplication
+
+    from cryoves.napari._editor import SOFTWARE_GL, gl_renderer
+
+    viewer, w, tomo, truth, missed, start = edit_setup
+    native = canvas_widget(viewer)
+    software = any(k in gl_renderer(native).lower() for k in SOFTWARE_GL)
+    if not (software and QGuiApplication.platformName() == "xcb"):
+        pytest.skip("applies to software OpenGL on X11 only")
+    assert native.testAttribute(Qt.WidgetAttribute.WA_NativeWindow)
+    frames = []
+    native.frameSwapped.connect(lambda: frames.append(1))
+    r = start.row(int(start.ids[12]))
+    c = [r["z"], r["y"], r["x"]]
+    show_slice(viewer, tomo, c[0])
+    bare = without_labels(viewer, w.labels_layer, tomo, c)
+    key(qtbot, viewer, Qt.Key_X)
+    frames.clear()
+    click(qtbot, viewer, tomo, c)
+    assert w.editor.row(int(r["id"]))["status"] == "removed"
+    qtbot.waitUntil(lambda: bool(frames), timeout=2000)
+    np.testing.assert_allclose(pixel(viewer, tomo, c), bare, atol=2)
