@@ -579,31 +579,3 @@ def _qshortcut():
     except ImportError:
         from qtpy.QtWidgets import QShortcut
     return QShortcut
-
-
-def test_with_software_opengl_the_canvas_is_composed_alone(edit_setup, qtbot):
-    """Under Xvfb (Mesa llvmpipe, X11) the editor gives the canvas a native window of its own, so
-    that Qt composes and swaps the canvas alone at every frame rather than the whole window; the
-    edits are still drawn (on screen: a frame is swapped; in the canvas: the label is gone)."""
-    from qtpy.QtGui import QGuiApplication
-
-    from cryoves.napari._editor import SOFTWARE_GL, gl_renderer
-
-    viewer, w, tomo, truth, missed, start = edit_setup
-    native = canvas_widget(viewer)
-    software = any(k in gl_renderer(native).lower() for k in SOFTWARE_GL)
-    if not (software and QGuiApplication.platformName() == "xcb"):
-        pytest.skip("applies to software OpenGL on X11 only")
-    assert native.testAttribute(Qt.WidgetAttribute.WA_NativeWindow)
-    frames = []
-    native.frameSwapped.connect(lambda: frames.append(1))
-    r = start.row(int(start.ids[12]))
-    c = [r["z"], r["y"], r["x"]]
-    show_slice(viewer, tomo, c[0])
-    bare = without_labels(viewer, w.labels_layer, tomo, c)
-    key(qtbot, viewer, Qt.Key_X)
-    frames.clear()
-    click(qtbot, viewer, tomo, c)
-    assert w.editor.row(int(r["id"]))["status"] == "removed"
-    qtbot.waitUntil(lambda: bool(frames), timeout=2000)
-    np.testing.assert_allclose(pixel(viewer, tomo, c), bare, atol=2)

@@ -411,7 +411,6 @@ class EditorWidget(QWidget):
         self._last_ids = np.asarray(editor.table.ids).copy()
         self._refresh_points()
         self._update_counter()
-        compose_canvas_alone(self.viewer)
         self.status.value = f"{line}; log: {paths.log}  ({time.perf_counter() - t0:.1f} s)"
 
     def _attach_layers(self) -> None:
@@ -1179,53 +1178,6 @@ class EditorWidget(QWidget):
                     "vesicles layer is kept)")
 
         self.runner.start(work, done, "Re-prediction")
-
-
-#: Substrings of ``GL_RENDERER`` of software OpenGL implementations (Mesa's, Windows').
-SOFTWARE_GL = ("llvmpipe", "softpipe", "swrast", "software", "basic render", "gdi generic")
-
-
-def gl_renderer(native) -> str:
-    """The ``GL_RENDERER`` string of a canvas widget's OpenGL context ('' if unknown)."""
-    try:
-        from vispy.gloo import gl
-
-        native.makeCurrent()
-        return str(gl.glGetParameter(gl.GL_RENDERER))
-    except Exception:  # noqa: BLE001 - no context yet, or no OpenGL: unknown
-        return ""
-
-
-def compose_canvas_alone(viewer) -> bool:
-    """With software OpenGL on X11, give the canvas a native window of its own (returns whether it has one).
-
-    Qt 6 draws a ``QOpenGLWidget`` (napari's canvas) into an offscreen buffer and then composes the
-    top-level window with OpenGL at every frame: the rest of the window as one texture of the
-    window's size, the canvas on top, then the swap. With software OpenGL (Mesa llvmpipe: remote
-    desktops, virtual machines, X forwarding, Xvfb) that is CPU work over every pixel of the
-    window, whatever changed. A canvas that is a native child window is composed and swapped on
-    its own: in a 1400 x 950 window with a 646 x 879 canvas, llvmpipe's CPU per redraw went from
-    32-37 to 25-27 ms at a view full of tomogram (benchmarks/bench_editor.py's scene, 40-60
-    redraws in each of 8 processes). Qt makes the canvas's parents and their siblings native
-    windows too; nothing else changes for the user. With a GPU the composition costs next to
-    nothing and native child windows bring issues of their own (Wayland, macOS), so this applies
-    only to software renderers on X11 (Qt's ``xcb`` platform). Once native, the canvas stays so.
-    """
-    try:
-        from qtpy.QtGui import QGuiApplication
-
-        native = viewer.window._qt_viewer.canvas.native
-        if native.testAttribute(Qt.WidgetAttribute.WA_NativeWindow):
-            return True
-        if QGuiApplication.platformName() != "xcb" or not native.isVisible():
-            return False
-        if not any(k in gl_renderer(native).lower() for k in SOFTWARE_GL):
-            return False
-        native.winId()  # creates the native window
-        return native.testAttribute(Qt.WidgetAttribute.WA_NativeWindow)
-    except Exception:  # noqa: BLE001 - a napari / Qt without these internals: composed as before
-        log.debug("cryoves editor: canvas left as it was", exc_info=True)
-        return False
 
 
 def _mark_handled(event) -> None:
