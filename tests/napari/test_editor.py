@@ -128,6 +128,7 @@ def test_add_remove_undo_redo_by_mouse_and_keys(edit_setup, qtbot):
     table0 = ed.table
     ids_before = table0.ids.copy()
     labels_before = np.array(lab.data)
+    w.show_labels.value = True  # the filled labels, to see the painting on screen
 
     # Add: click the centre of a missed vesicle -> fitted sphere, new id, painted, shown at once
     key(qtbot, viewer, Qt.Key_I)
@@ -409,10 +410,30 @@ def test_finetune_on_corrections_then_repredict(edit_setup, qtbot, random_weight
     assert w.editor is not None and w.points is viewer.layers[layer_name(NAME, "vesicles")]  # edits kept
 
 
+def test_filled_labels_on_demand_while_editing(edit_setup, qtbot):
+    """While editing, the label volume is hidden unless asked for; finishing restores it."""
+    viewer, w, tomo, truth, missed, start = edit_setup
+    lab = w.labels_layer
+    assert w.show_labels.value is False and lab.visible is False
+    w.show_labels.value = True
+    assert lab.visible is True
+    w.show_labels.value = False
+    assert lab.visible is False
+    # the hidden labels are still painted by every edit
+    r = start.row(int(start.ids[3]))
+    c = np.round([r["z"], r["y"], r["x"]]).astype(int)
+    assert lab.data[tuple(c)] == int(r["id"])
+    w.editor.remove([int(r["id"])])
+    assert lab.data[tuple(c)] == 0
+    qtbot.mouseClick(w.finish_button.native, Qt.LeftButton)
+    assert w.editor is None and lab.visible is True  # as before editing
+
+
 def test_an_edit_repaints_the_displayed_labels(edit_setup, qtbot):
     """Any edit (here an undo through the editor, no mouse event, no re-slice) is drawn at once."""
     viewer, w, tomo, truth, missed, start = edit_setup
     lab = w.labels_layer
+    w.show_labels.value = True
     r = start.row(int(start.ids[10]))
     c = [r["z"], r["y"], r["x"]]
     show_slice(viewer, tomo, c[0])

@@ -113,6 +113,7 @@ class EditorWidget(QWidget):
         self.editor = None
         self.points = None
         self.labels_layer = None
+        self._labels_visible_before = None  # the labels layer's visibility before editing
         self._tomo_layer = None
         self._paths: EditPaths | None = None
         self._mode = "navigate"
@@ -206,7 +207,11 @@ class EditorWidget(QWidget):
         self.show_ids = CheckBox(text="Show ids", value=False, label="")
         self.show_rejected = CheckBox(text="Show rejected (red)", value=False, label="",
                                       tooltip="Also show the candidates the pipeline or you rejected")
-        display = Container(widgets=[self.outline_px, self.show_ids, self.show_rejected], labels=True)
+        self.show_labels = CheckBox(text="Filled labels", value=False, label="",
+                                    tooltip="Show the label volume while editing (the outlines show every vesicle; "
+                                            "the filled labels hide the membrane and cost drawing time per frame)")
+        display = Container(widgets=[self.outline_px, self.show_ids, self.show_rejected, self.show_labels],
+                            labels=True)
 
         # review
         self.review_button = PushButton(text="Review queue", tooltip="Step through the doubtful vesicles, worst first")
@@ -263,6 +268,7 @@ class EditorWidget(QWidget):
         self.outline_px.changed.connect(self._update_outline_width)
         self.show_ids.changed.connect(self._update_text)
         self.show_rejected.changed.connect(lambda *_: self._refresh_points())
+        self.show_labels.changed.connect(self._update_labels_visibility)
         self.review_button.changed.connect(self._guard(self.start_review))
         self.accept_button.changed.connect(self._guard(self.review_accept))
         self.reject_button.changed.connect(self._guard(self.review_reject))
@@ -428,6 +434,9 @@ class EditorWidget(QWidget):
             lab = self.viewer.add_labels(ed.labels, **labels_kwargs(self._vs, lname, "vesicle_labels", tomo_name))
         self.labels_layer = lab
         self._labels_painting = lab.editable
+        if self._labels_visible_before is None:
+            self._labels_visible_before = bool(lab.visible)
+        self._update_labels_visibility()
         try:
             lab.editable = False  # painting by hand would bypass the editor
         except Exception:  # noqa: BLE001
@@ -461,8 +470,11 @@ class EditorWidget(QWidget):
         if self.labels_layer is not None:
             try:
                 self.labels_layer.editable = True
+                if self._labels_visible_before is not None:
+                    self.labels_layer.visible = self._labels_visible_before  # as before editing
             except Exception:  # noqa: BLE001
                 pass
+        self._labels_visible_before = None
         self.editor = None
         self._queue = []
         self.set_mode("navigate")
@@ -916,6 +928,14 @@ class EditorWidget(QWidget):
         ed = self.editor
         self.undo_button.enabled = bool(ed is not None and ed.can_undo)
         self.redo_button.enabled = bool(ed is not None and ed.can_redo)
+
+    def _update_labels_visibility(self, *_):
+        """While editing, the label volume is shown only on demand ("Filled labels"): the outlines
+        show every vesicle without covering its membrane, and with software OpenGL the labels
+        slice is ~7 ms of CPU in every frame (docs/speed.md)."""
+        lab = self.labels_layer
+        if lab is not None and self.editor is not None:
+            lab.visible = bool(self.show_labels.value)
 
     def _update_outline_width(self, *_):
         """Keep the outlines ``Outline (px)`` screen pixels wide at any zoom."""
