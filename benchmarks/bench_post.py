@@ -84,7 +84,10 @@ def main(argv=None) -> int:
     ap.add_argument("--save-reference", action="store_true")
     ap.add_argument("--profile", action="append", default=[], choices=["global", "adaptive", "refine", "outliers", "write"],
                     help="cProfile this stage (repeatable)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs of every stage (the minimum is printed)")
+    ap.add_argument("--memory", action="store_true",
+                    help="trace allocations (tracemalloc, numpy included; slower): print each stage's peak "
+                         "above what was held before it, in bytes and in volumes of float32")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of the write stage (the minimum is printed; the others consume their input)")
     args = ap.parse_args(argv)
 
     from cryoves.io import read_tomogram, write_labels_mrc, write_pyto_labels, write_vesicles_csv
@@ -106,10 +109,12 @@ def main(argv=None) -> int:
         state["threshold"], state["labels"] = g.threshold, g.labels
 
     def s_adaptive():
-        state["adaptive"] = adaptive_stage(prob, state["labels"], state["threshold"], vs, params)
+        # as segment(..., keep_intermediates=False): the global labels are given up
+        state["adaptive"] = adaptive_stage(prob, state.pop("labels"), state["threshold"], vs, params,
+                                           overwrite_labels=True)
 
     def s_refine():
-        state["refine"] = refine_stage(tomogram, state["adaptive"], vs, params, normalization=state["norm"])
+        state["refine"] = refine_stage(tomogram, state.pop("adaptive"), vs, params, normalization=state["norm"])
 
     def s_outliers():
         state["table"] = outliers_stage(tomogram, state["refine"], vs, params, normalization=state["norm"])
@@ -124,7 +129,15 @@ def main(argv=None) -> int:
     stages = {"global": s_global, "adaptive": s_adaptive, "refine": s_refine, "outliers": s_outliers,
               "write": s_write}
     times = {}
+    vol_bytes = 4 * int(np.prod(tomogram.shape))
+    if args.memory:
+        import tracemalloc
+
+        tracemalloc.start()
     for name, fn in stages.items():
+        if args.memory:
+            held = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
         best = float("inf")
         for _ in range(max(1, args.repeat)):
             if name in args.profile:
@@ -140,7 +153,12 @@ def main(argv=None) -> int:
                 fn()
                 best = min(best, time.perf_counter() - t0)
         times[name] = best
-        print(f"{name:9s} {best:7.2f} s   peak RSS so far {_rss_gb():.2f} GB", flush=True)
+        mem = ""
+        if args.memory:
+            now, peak = tracemalloc.get_traced_memory()
+            mem = (f"   traced: held before {held / vol_bytes:.2f}, peak {peak / vol_bytes:.2f}, "
+                   f"peak above held {(peak - held) / vol_bytes:.2f} volumes (1 volume = {vol_bytes / 1e6:.0f} MB)")
+        print(f"{name:9s} {best:7.2f} s   peak RSS so far {_rss_gb():.2f} GB{mem}", flush=True)
     total = sum(times.values())
     n_acc = int(np.sum(state["table"]["status"] == "accepted")) if "status" in state["table"].columns else len(state["table"])
     print(f"post-processing {total:.2f} s; {len(state['table'])} rows ({n_acc} accepted); "

@@ -672,7 +672,8 @@ def initial_spheres_from_labels(labels, voxel_size=None) -> VesicleTable:
         return VesicleTable.empty(voxel_size)
     if labels.min() < 0:
         raise ValueError("labels must be non-negative integers")
-    lab = labels.astype(np.intp, copy=False)
+    # integer labels as they are (an intp copy would be twice an int32 volume)
+    lab = labels if labels.dtype.kind in "iu" and labels.dtype.itemsize <= 8 else labels.astype(np.intp)
     slices = ndi.find_objects(lab)
     present = np.array([s is not None for s in slices])
     ids = np.flatnonzero(present) + 1
