@@ -102,16 +102,21 @@ def main(argv=None) -> int:
     print(f"tomogram {args.tomogram} {tomogram.shape} at {vs} nm; start RSS peak {_rss_gb():.2f} GB")
 
     state = {}
+    g_labels_old = []
 
     def s_global():
         state["norm"] = intensity_normalization(tomogram)
         g = global_stage(tomogram, prob, vs, params, large=large, normalization=state["norm"])
         state["threshold"], state["labels"] = g.threshold, g.labels
+        g_labels_old[:] = [g.labels]
 
     def s_adaptive():
         # as segment(..., keep_intermediates=False): the global labels are given up
-        state["adaptive"] = adaptive_stage(prob, state.pop("labels"), state["threshold"], vs, params,
-                                           overwrite_labels=True)
+        try:
+            state["adaptive"] = adaptive_stage(prob, state.pop("labels"), state["threshold"], vs, params,
+                                               overwrite_labels=True)
+        except TypeError:  # code before overwrite_labels (to compare with it)
+            state["adaptive"] = adaptive_stage(prob, g_labels_old.pop(), state["threshold"], vs, params)
 
     def s_refine():
         state["refine"] = refine_stage(tomogram, state.pop("adaptive"), vs, params, normalization=state["norm"])
