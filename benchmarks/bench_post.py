@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     def s_adaptive():
         # as segment(..., keep_intermediates=False): the global labels are given up
         try:
+            g_labels_old.clear()
             state["adaptive"] = adaptive_stage(prob, state.pop("labels"), state["threshold"], vs, params,
                                                overwrite_labels=True)
         except TypeError:  # code before overwrite_labels (to compare with it)
