@@ -28,7 +28,10 @@ for
 
 napari's notification toasts are switched off for the run (their fade animations draw frames of
 their own). It also times one redraw of the canvas with nothing changed (``idle frame``: the floor of
-``total`` set by the OpenGL renderer), and prints the canvas size in pixels, the OpenGL renderer
+``total`` set by the OpenGL renderer), before the edits at the first vesicle's view (a corner of the
+volume: part of the canvas is empty) and after them at the last edit's view (the canvas all
+tomogram, as during the edits), prints the main thread's CPU time (the serial part of an event:
+Qt, napari, vispy and the editor, not Mesa's rendering threads, which run in parallel), and prints the canvas size in pixels, the OpenGL renderer
 (under Xvfb: Mesa llvmpipe, i.e. software rendering on the CPU), the CPU count and the load
 average before and after the run.
 Prints p50 / p95 / max in ms.
@@ -243,14 +246,17 @@ def main(argv=None):
             swaps.clear()
             spans.clear()
             c = time.process_time()
+            m = time.thread_time()
             t = time.perf_counter()
             send()
             h = time.perf_counter()
+            parts["main_handled"].append(time.thread_time() - m)
             parts["handled"].append(h - t)
             parts["labels"].append(w.last_timing.get("labels", np.nan))
             parts["points"].append(w.last_timing.get("points", np.nan))
             shown = wait_for_frame(h)
             parts["cpu"].append(time.process_time() - c)
+            parts["main"].append(time.thread_time() - m)
             prof.disable()
             if a.trace:
                 per = trace.setdefault(op, {})
@@ -293,11 +299,14 @@ def main(argv=None):
         trace: dict[str, dict[str, list]] = {}
         rng = np.random.default_rng(a.seed + 11)
         res = {"add": [], "remove": [], "undo": [], "redo": []}
-        parts = {"handled": [], "labels": [], "points": [], "cpu": []}
+        parts = {"handled": [], "labels": [], "points": [], "cpu": [], "main": [], "main_handled": []}
         handled = {}
         inner = {}
         cpu = {}
+        main_cpu = {}
         ed = w.editor
+        viewer.window._qt_window.activateWindow()  # the window a user types in is the active one
+        settle()
         native.setFocus()
         look_at(table.centers[0])
         idle, idle_cpu = [], []
@@ -312,6 +321,7 @@ def main(argv=None):
         def keep(op):
             handled[op] = list(parts["handled"])
             cpu[op] = list(parts["cpu"])
+            main_cpu[op] = (list(parts["main_handled"]), list(parts["main"]))
             inner[op] = (np.nanpercentile(np.array(parts["labels"]) * 1e3, 50),
                          np.nanpercentile(np.array(parts["points"]) * 1e3, 50))
             for v in parts.values():
@@ -342,6 +352,14 @@ def main(argv=None):
         for _ in range(a.reps):
             res["redo"].append(timed_key(Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier, "redo"))
         keep("redo")
+        idle_end, idle_end_cpu = [], []
+        for _ in range(a.reps):  # at the view of the last edit: the canvas is all tomogram
+            c = time.process_time()
+            t = time.perf_counter()
+            native.update()
+            idle_end.append(wait_for_frame(t) - t)
+            idle_end_cpu.append(time.process_time() - c)
+            settle()
         size = (native.width(), native.height())
         dpr = native.devicePixelRatioF()
         renderer = _gl_renderer(native)
@@ -358,13 +376,19 @@ def main(argv=None):
             if v:
                 print(f"{k:<8}{_pct(handled[k]):<36}{_pct(v):<36}{_pct(cpu[k]):<36}"
                       f"{inner[k][0]:.1f} / {inner[k][1]:.1f}")
+        print("main thread's CPU (the serial part: Qt, napari, vispy, the editor; not Mesa's rendering threads):")
+        for k, v in res.items():
+            if v:
+                print(f"{k:<8}until handled: {_pct(main_cpu[k][0])}   until the frame: {_pct(main_cpu[k][1])}")
         if a.trace:
             print("where the time goes, press -> frame shown (ms per event, mean; count per event):")
             for op, per in trace.items():
                 n = len(per.pop("_events"))
                 print(f"  {op}: " + ", ".join(f"{k} {np.sum(v) * 1e3 / n:.1f} ({len(v) / n:.1f}x)"
                                              for k, v in sorted(per.items(), key=lambda kv: -np.sum(kv[1]))))
-        print(f"idle frame (redraw, nothing changed): {_pct(idle)} ms; CPU {_pct(idle_cpu)} ms")
+        print(f"idle frame at the first vesicle's view (a corner: less tomogram on the canvas): {_pct(idle)} ms; "
+              f"CPU {_pct(idle_cpu)} ms")
+        print(f"idle frame at the last edit's view: {_pct(idle_end)} ms; CPU {_pct(idle_end_cpu)} ms")
         print(f"canvas {size[0]} x {size[1]} px (device pixel ratio {dpr:g}); OpenGL renderer: {renderer}")
         print(f"{os.cpu_count()} CPUs visible, load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after; "
               f"napari {napari.__version__}")

@@ -17,6 +17,10 @@ if "QT_API" not in os.environ:
     if importlib.util.find_spec("PyQt6") is not None:
         os.environ["QT_API"] = "pyqt6"
 
+# The tests compare predictions with tight tolerances, in float32 (on a CPU with native bfloat16
+# cryoves predicts in bfloat16 by default); tests/test_precision.py covers bfloat16.
+os.environ.setdefault("CRYOVES_PRECISION", "float32")
+
 #: Shape and voxel size of the small simulated tomogram used by plumbing tests.
 SMALL_SHAPE = (48, 96, 96)
 SMALL_VOXEL_NM = 2.2

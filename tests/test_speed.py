@@ -39,6 +39,7 @@ def test_model_is_built_in_a_background_thread(tmp_path, tomo, random_weights, m
 
     record = json.loads((tmp_path / "o" / "tomo_segment.json").read_text())
     assert re.fullmatch(r"CPU \(\d+ cores\)", record["device"]), record["device"]
+    assert record["precision"] == "float32"  # and its arithmetic (the tests ask for float32)
 
 
 def test_error_while_tensorflow_loads_reaches_stderr(tmp_path, tomo):

@@ -145,6 +145,7 @@ def segment_one(tomo_path, mask_path, folder, options: RunOptions, get_params: C
     from cryoves import io as cio
     from cryoves._tf import compute_device
     from cryoves.export import export_results
+    from cryoves.model import inference_precision
 
     tomo_path = Path(tomo_path)
     folder = Path(folder)
@@ -205,6 +206,7 @@ def segment_one(tomo_path, mask_path, folder, options: RunOptions, get_params: C
         "inverted": bool(options.invert),
         "weights": None if model is None else str(getattr(model, "path", None) or getattr(model.card, "name", "")),
         "device": compute_device(),  # where the U-Net ran
+        "precision": None if model is None else inference_precision(),  # its arithmetic
         "threshold": result.threshold if result.threshold == result.threshold else None,
         "n_accepted": result.n_accepted,
         "n_removed": result.n_removed,

@@ -28,6 +28,7 @@ TensorFlow/Keras are imported lazily through :mod:`cryoves._tf`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import datetime as _dt
 import json
@@ -56,6 +57,7 @@ __all__ = [
     "PREPROCESSING_KEYS",
     "receptive_field",
     "new_model",
+    "inference_precision",
     "REFERENCE_LICENSE",
 ]
 
@@ -376,14 +378,22 @@ def build_unet(n_depth: int = 2, n_filter_base: int = 16, kernel_size: int = 3,
 
 
 def _build_unet_plain_keras(keras, n_depth, n_filter_base, k, batch_norm, dropout, last_activation,
-                            n_conv_per_depth):
+                            n_conv_per_depth, dtype=None):
     """The same network as csbdeep's ``custom_unet`` (same layers, order and shapes), in plain Keras.
 
     Mirrors ``csbdeep.internals.blocks.unet_block`` / ``conv_block3`` and
     ``csbdeep.internals.nets.custom_unet`` (csbdeep 0.8), so weights saved from either build
-    load into the other.
+    load into the other. ``dtype``: the Keras dtype policy of every layer but the final
+    1x1x1 convolution and its activation, which compute in float32 (e.g. ``"mixed_bfloat16"``:
+    float32 weights, bfloat16 arithmetic); None = the global policy.
     """
+    from functools import partial
+
     L = keras.layers
+    if dtype is not None:
+        L = type("Layers", (), {name: partial(getattr(keras.layers, name), dtype=dtype) for name in
+                                ("Conv3D", "BatchNormalization", "Activation", "Dropout", "MaxPooling3D",
+                                 "Concatenate", "UpSampling3D")})
 
     def conv_block(x, n_filter, name):
         if batch_norm:
@@ -412,8 +422,9 @@ def _build_unet_plain_keras(keras, n_depth, n_filter_base, k, batch_norm, dropou
         for i in range(n_conv_per_depth - 1):
             x = conv_block(x, n_filter_base * 2 ** n, f"up_level_{n}_no_{i}")
         x = conv_block(x, n_filter_base * 2 ** max(0, n - 1), f"up_level_{n}_no_{n_conv_per_depth}")
-    x = L.Conv3D(1, (1, 1, 1), activation="linear")(x)
-    out = L.Activation(last_activation)(x)
+    final = {} if dtype is None else {"dtype": "float32"}
+    x = keras.layers.Conv3D(1, (1, 1, 1), activation="linear", **final)(x)
+    out = keras.layers.Activation(last_activation, **final)(x)
     return keras.Model(inputs=inp, outputs=out)
 
 
@@ -514,7 +525,7 @@ class UNetModel:
         return int(self.keras_model.count_params())
 
     # ------------------------------------------------------------------ inference
-    def inference_model(self):
+    def inference_model(self, precision: Optional[str] = None):
         """The network with batch normalisation folded into the convolutions.
 
         For prediction only: every ``Conv3D -> BatchNormalization -> ReLU`` becomes one
@@ -523,11 +534,16 @@ class UNetModel:
         same function as :attr:`keras_model` in inference mode (to float rounding) with
         about half the memory and fewer passes over it. Cached, and rebuilt automatically
         when the weights of :attr:`keras_model` change (e.g. after training): the cache is
-        keyed by a hash of all weights (~1 ms).
+        keyed by a hash of all weights (~1 ms) and the precision.
+
+        ``precision`` (``"float32"`` or ``"bfloat16"``; None = :func:`inference_precision`) is
+        the arithmetic of the hidden layers; the weights stay float32 and the final 1x1x1
+        convolution and sigmoid compute in float32 either way.
         """
-        key = self._weights_fingerprint()
+        precision = inference_precision() if precision is None else _check_precision(precision)
+        key = (self._weights_fingerprint(), precision)
         if self._inference is None or self._inference[0] != key:
-            self._inference = (key, _fold_batchnorm(self.keras_model, self.card.architecture))
+            self._inference = (key, _fold_batchnorm(self.keras_model, self.card.architecture, precision))
         return self._inference[1]
 
     def invalidate_inference_model(self) -> None:
@@ -587,18 +603,84 @@ def _stem(p: Path) -> Path:
     return p
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
+def _check_precision(value) -> str:
+    if value not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(repr(p) for p in PRECISIONS)}, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bf16() -> bool:
+    """bfloat16 is native here: TensorFlow on a CPU with AVX512-BF16 or AMX-BF16, no GPU."""
+    from cryoves._tf import compute_device, import_keras
+
+    if import_keras().backend.backend() != "tensorflow" or not compute_device().startswith("CPU"):
+        return False
+    return _cpu_has_bf16()
+
+
+def _cpu_has_bf16() -> bool:
+    """The CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX-BF16; Linux ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def inference_precision() -> str:
+    """The arithmetic of the U-Net's hidden layers at prediction: ``"bfloat16"`` or ``"float32"``.
+
+    The environment variable ``CRYOVES_PRECISION`` (``float32``, ``bfloat16`` or ``auto``) chooses;
+    ``auto`` (the default) takes bfloat16 on a CPU that computes it natively (AVX512-BF16 or
+    AMX-BF16) when TensorFlow sees no GPU, and float32 everywhere else (emulated bfloat16 is
+    slower). bfloat16 keeps float32's range with an 8-bit mantissa: measured on this project's
+    2-core AVX512-BF16 machine, prediction ran about 2.4 times faster and the probability maps
+    differed from float32 by at most 0.04 (mean 1e-4) on a simulated 96x224x224 tomogram; the
+    accuracy suites are in docs/accuracy.md. Weights stay float32; the final convolution and
+    sigmoid compute in float32.
+    """
+    value = os.environ.get("CRYOVES_PRECISION", "auto").strip().lower() or "auto"
+    if value == "auto":
+        return "bfloat16" if _native_bf16() else "float32"
+    if value not in PRECISIONS:
+        raise ValueError(f"CRYOVES_PRECISION must be auto, float32 or bfloat16, got {value!r}")
+    return value
+
+
 def _layers_of(model, class_name: str):
     return [layer for layer in model.layers if type(layer).__name__ == class_name]
 
 
-def _fold_batchnorm(keras_model, architecture: dict):
+def _build_folded(architecture: dict, precision: str):
+    """The dropout-free U-Net without batch normalisation that :func:`_fold_batchnorm` fills."""
+    arch = {**architecture, "batch_norm": False, "dropout": 0.0}
+    if precision == "float32":
+        return build_unet(**arch)
+    from cryoves._tf import import_keras
+
+    keras = import_keras()
+    return _build_unet_plain_keras(keras, int(arch.get("n_depth", 2)), int(arch.get("n_filter_base", 16)),
+                                   int(arch.get("kernel_size", 3)), False, 0.0,
+                                   arch.get("last_activation", "sigmoid"), int(arch.get("n_conv_per_depth", 2)),
+                                   dtype="mixed_" + precision)
+
+
+def _fold_batchnorm(keras_model, architecture: dict, precision: str = "float32"):
     """Build the BN-folded, dropout-free twin of ``keras_model`` (see ``inference_model``)."""
     arch = dict(architecture)
     if not arch.get("batch_norm", True):
-        folded = build_unet(**{**arch, "batch_norm": False, "dropout": 0.0})
+        folded = _build_folded(arch, precision)
         folded.set_weights(keras_model.get_weights())
         return folded
-    folded = build_unet(**{**arch, "batch_norm": False, "dropout": 0.0})
+    folded = _build_folded(arch, precision)
     src_convs = _layers_of(keras_model, "Conv3D")
     src_bns = _layers_of(keras_model, "BatchNormalization")
     dst_convs = _layers_of(folded, "Conv3D")

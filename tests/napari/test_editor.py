@@ -542,3 +542,40 @@ def test_an_edit_draws_the_canvas_first(edit_setup, qtbot):
     qtbot.waitUntil(lambda: "dock" in log, timeout=2000)
     assert "frame" in log and log.index("frame") < log.index("dock"), log
     assert not {"set_data", "highlight", "labels_update"} & set(relayed), relayed
+
+
+def test_undo_redo_keys_are_qt_shortcuts_of_the_canvas(edit_setup, qtbot, monkeypatch):
+    """With the canvas focused in the active window (as when a user types), Ctrl+Z / Ctrl+Shift+Z
+    are taken by Qt shortcuts of the canvas: napari's key dispatch (it rebuilds the active keymap
+    at every press) does not run for them. The shortcuts are gone once the widget closes."""
+    from napari.utils.key_bindings import KeymapHandler
+    from qtpy.QtWidgets import QApplication
+
+    viewer, w, tomo, truth, missed, start = edit_setup
+    native = canvas_widget(viewer)
+    viewer.window._qt_window.activateWindow()
+    native.setFocus()
+    qtbot.waitUntil(lambda: QApplication.focusWidget() is native, timeout=2000)
+    vid = int(start.ids[7])
+    w.editor.remove([vid])
+    pressed = []
+    press_key = KeymapHandler.press_key
+    monkeypatch.setattr(KeymapHandler, "press_key", lambda self, kb: (pressed.append(str(kb)), press_key(self, kb))[1])
+    key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier)
+    assert w.editor.row(vid)["status"] == "accepted" and w.status.value.startswith("Undone")
+    key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)
+    assert w.editor.row(vid)["status"] == "removed" and w.status.value.startswith("Redone")
+    assert not [k for k in pressed if k.endswith("Z")], pressed  # napari saw the modifiers at most
+    w.close_editor()
+    qtbot.wait(10)  # the shortcuts are deleted later
+    live = [sc for sc in native.findChildren(_qshortcut()) if sc.isEnabled()]
+    assert w._shortcuts == [] and live == []
+
+
+def _qshortcut():
+    """The QShortcut class of the Qt binding (QtGui in Qt 6, QtWidgets in Qt 5)."""
+    try:
+        from qtpy.QtGui import QShortcut
+    except ImportError:
+        from qtpy.QtWidgets import QShortcut
+    return QShortcut

@@ -244,7 +244,9 @@ def run(args) -> int:
     print()
     print(stage_table)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    from cryoves.model import inference_precision
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, U-Net in {inference_precision()}"
     source = f"`{Path(args.tomogram).name}`" if args.tomogram else f"suite `{args.suite}`"
     header = (f"Measured {stamp}, commit {_git_commit()}, {machine}; {source}"
               f"{', TTA' if args.tta else ''}; simulation {sim_seconds:.0f} s.")

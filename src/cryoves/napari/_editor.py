@@ -71,6 +71,11 @@ KEYS = {
     "N": ("review_next", "review: next (skip)"),
 }
 
+#: Keys of :data:`KEYS` also bound as Qt shortcuts of the canvas widget (napari key name -> Qt's):
+#: Qt runs a shortcut before the key press reaches napari, whose own key dispatch (it rebuilds the
+#: active keymap of the viewer and layers on every press) costs ~3 ms of the main thread per key.
+CANVAS_SHORTCUTS = {"Control-Z": "Ctrl+Z", "Control-Shift-Z": "Ctrl+Shift+Z"}
+
 RADIUS_STEP_VOX = 0.5
 
 
@@ -118,6 +123,7 @@ class EditorWidget(QWidget):
         self._queue: list[int] = []
         self._queue_pos = 0
         self._bound: list[tuple[object, str, object]] = []
+        self._shortcuts: list = []  # QShortcut objects of CANVAS_SHORTCUTS
         self._finetuned: Path | None = None
         self.restore_answer: bool | None = None
         self.last_timing: dict[str, float] = {}
@@ -516,6 +522,29 @@ class EditorWidget(QWidget):
             cb = self._key_callback(method)
             old = self.viewer.bind_key(key, cb, overwrite=True)
             self._bound.append((self.viewer, key, old))
+        self._bind_canvas_shortcuts()
+
+    def _bind_canvas_shortcuts(self) -> None:
+        """Bind :data:`CANVAS_SHORTCUTS` as Qt shortcuts of the canvas (as well as napari keys).
+
+        With the canvas focused (where the editing keys are pressed), Qt takes the key as the
+        shortcut and napari's key dispatch does not run for it (~3 ms saved per undo / redo);
+        with the focus elsewhere napari's binding still applies.
+        """
+        try:
+            from qtpy.QtGui import QKeySequence, QShortcut
+        except ImportError:  # Qt 5: QShortcut lives in QtWidgets
+            from qtpy.QtGui import QKeySequence
+            from qtpy.QtWidgets import QShortcut
+        native = getattr(getattr(getattr(getattr(self.viewer, "window", None), "_qt_viewer", None), "canvas", None),
+                         "native", None)
+        if native is None:
+            return  # no Qt canvas (headless viewer model): napari's bindings only
+        for key, seq in CANVAS_SHORTCUTS.items():
+            sc = QShortcut(QKeySequence(seq), native)
+            sc.setContext(Qt.ShortcutContext.WidgetShortcut)
+            sc.activated.connect(self._key_callback(KEYS[key][0]))
+            self._shortcuts.append(sc)
 
     def _bind_layer_keys(self, layer) -> None:
         for key, (method, _) in KEYS.items():
@@ -535,6 +564,14 @@ class EditorWidget(QWidget):
         for owner, key, old in reversed(self._bound):
             owner.bind_key(key, old, overwrite=True)  # old None: unbinds
         self._bound = []
+        for sc in self._shortcuts:
+            try:
+                sc.setEnabled(False)
+                sc.setParent(None)
+                sc.deleteLater()
+            except RuntimeError:  # the canvas (the shortcut's parent) is gone already
+                pass
+        self._shortcuts = []
 
     # ------------------------------------------------------------------ modes
     def set_mode(self, mode: str) -> None:
