@@ -771,7 +771,10 @@ def write_labels_mrc(path, labels, voxel_size: float, *, overwrite: bool = False
         if lo < 0 or hi > 65535:
             raise ValueError(f"label ids must be in [0, 65535] to be written as uint16, got [{lo}, {hi}]; "
                              f"renumber the table (VesicleTable.renumbered) first")
-    return write_mrc(path, labels.astype(np.uint16, copy=False), voxel_size, overwrite=overwrite,
+    # integer labels (range checked above) go to write_mrc as they are: it picks uint16 for
+    # them and converts slab by slab (no uint16 copy of the whole volume)
+    data = labels.astype(np.uint16) if labels.dtype.kind == "b" else labels
+    return write_mrc(path, data, voxel_size, overwrite=overwrite,
                      label=label or f"cryoves {__version__} labels")
 
 
@@ -812,16 +815,21 @@ def write_pyto_labels(path, table: VesicleTable, shape: Sequence[int], voxel_siz
         raise ValueError(f"first_id must be >= 3 (1 and 2 are the region and the active zone), got {first_id}")
     if first_id + len(acc) - 1 > 65535:
         raise ValueError(f"{len(acc)} vesicles numbered from {first_id} do not fit in uint16")
-    out = np.zeros(shape, dtype=np.uint16)
+    regions = []
     for name, m, value in (("mask", mask, 1), ("active_zone", active_zone, 2)):
         if m is None:
             continue
         m = np.asarray(m)
         if m.shape != shape:
             raise ValueError(f"{name} has shape {m.shape}, the tomogram {shape}")
-        out[m.astype(bool)] = value
-    ves = render_labels(acc, shape, ids=np.arange(first_id, first_id + len(acc)), dtype=np.uint16)
-    out = np.where(ves > 0, ves, out)
+        regions.append((m, value))
+    out = render_labels(acc, shape, ids=np.arange(first_id, first_id + len(acc)), dtype=np.uint16)
+    if regions:
+        # region values under the vesicles, slab by slab (no volume-sized temporaries)
+        for sl in _slabs(shape, 2):
+            free = out[sl] == 0
+            for m, value in regions:
+                out[sl][free & np.asarray(m[sl]).astype(bool)] = value
     return write_mrc(path, out, vs, overwrite=overwrite,
                      label=f"cryoves {__version__} Pyto labels: 1 region, 2 AZ, vesicles from {first_id}")
 

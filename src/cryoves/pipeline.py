@@ -658,25 +658,27 @@ def global_stage(tomogram, probability, voxel_size: float, params: SegmentParams
     if params.threshold_mode == "robust" or large is not None:
         if normalization is None:
             normalization = intensity_normalization(tomogram)
+        # g.labels is this stage's own (made by global_threshold above): updated in place
         if params.threshold_mode == "robust":
             g.labels = add_weak_segments(tomogram, probability, g.labels, vs, mask=mask, normalization=normalization,
-                                         progress=sp, **params.stage_kwargs("weak", vs))
+                                         overwrite_labels=True, progress=sp, **params.stage_kwargs("weak", vs))
         if large is not None:
             # vesicles too large for the network at its own size, each verified by its membrane
             g.labels = add_weak_segments(tomogram, large, g.labels, vs, mask=mask, normalization=normalization,
-                                         progress=sp, **params.stage_kwargs("large_weak", vs))
+                                         overwrite_labels=True, progress=sp, **params.stage_kwargs("large_weak", vs))
     sp.finish()
     return g
 
 
 def adaptive_stage(probability, labels, threshold: float, voxel_size: float, params: SegmentParams | None = None,
-                   *, mask=None, progress: ProgressCallback = None) -> np.ndarray:
+                   *, mask=None, overwrite_labels: bool = False, progress: ProgressCallback = None) -> np.ndarray:
     """Stage ``"adaptive"``: :func:`cryoves.threshold.adaptive_threshold` (if ``params.adaptive``).
 
     Parameters
     ----------
     probability, labels : ndarray, shape (Z, Y, X)
-        The map and the labels of :func:`global_stage`. Not modified.
+        The map and the labels of :func:`global_stage`. Not modified (``labels``: unless
+        ``overwrite_labels``).
     threshold : float
         The global threshold.
     voxel_size : float
@@ -684,6 +686,8 @@ def adaptive_stage(probability, labels, threshold: float, voxel_size: float, par
     params : SegmentParams, optional
     mask : ndarray of bool, optional
         Segments whose centroid lies outside are dropped.
+    overwrite_labels : bool
+        The caller gives ``labels`` up: the stage may work in it (one label volume less).
     progress : callable, optional
         ``progress("adaptive", done, total)``.
 
@@ -696,7 +700,8 @@ def adaptive_stage(probability, labels, threshold: float, voxel_size: float, par
 
     params, vs, sp = _stage_start("adaptive", params, voxel_size, progress)
     if params.adaptive and labels.max() > 0:
-        labels = adaptive_threshold(probability, labels, threshold, vs, progress=sp,
+        labels = adaptive_threshold(probability, labels, threshold, vs, overwrite_labels=overwrite_labels,
+                                    progress=sp,
                                     **params.stage_kwargs("adaptive", vs))
     if mask is not None:
         labels = _drop_segments_outside(labels, mask)
@@ -881,7 +886,9 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
 
     # 3. adaptive threshold -------------------------------------------------------------------
     t0 = time.perf_counter()
-    labels = adaptive_stage(probability, labels, g_threshold, vs, params, mask=mask, progress=progress)
+    # without intermediates the global stage's labels are referenced nowhere else: worked in place
+    labels = adaptive_stage(probability, labels, g_threshold, vs, params, mask=mask,
+                            overwrite_labels=not keep_intermediates, progress=progress)
     if keep_intermediates:
         stage_labels["adaptive"] = labels
     timings["adaptive"] = time.perf_counter() - t0

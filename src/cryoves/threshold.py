@@ -396,7 +396,8 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
                        z_split: float = 1.0, extent_split: float = 0.5, fill_split: float | None = 0.6,
                        extent_range: tuple[float, float] = (0.25, 0.75), grow_min: float = 0.8,
                        step: float = 0.01, fine_step: float = 1e-4, connectivity: int = 1,
-                       max_split_depth: int = 32, progress: ProgressCallback = None) -> np.ndarray:
+                       max_split_depth: int = 32, overwrite_labels: bool = False,
+                       progress: ProgressCallback = None) -> np.ndarray:
     """Per-segment threshold: split merged vesicles, grow partial ones, drop non-vesicles.
 
     Parameters
@@ -440,6 +441,9 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
         Segment connectivity (default 1 = 6-connected, as :func:`global_threshold`).
     max_split_depth : int
         Split parts that again look merged are split again, at most this many times.
+    overwrite_labels : bool
+        Work in ``labels`` itself when it is a writable C-contiguous int32 array (one label
+        volume less in memory; the caller gives ``labels`` up). Default: ``labels`` is not modified.
     progress : callable, optional
         ``progress(stage, done, total)``.
 
@@ -460,7 +464,9 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
     k = 4.0 / 3.0 * np.pi * r_min ** 3
     min_part = max(8, int(0.05 * k))  # split parts smaller than this are specks, not vesicles
 
-    out = np.asarray(labels).astype(np.int32, copy=True)
+    out = np.asarray(labels)
+    if not (overwrite_labels and out.dtype == np.int32 and out.flags.c_contiguous and out.flags.writeable):
+        out = out.astype(np.int32, copy=True)
     stats = segment_stats(out)
     n_seg = len(stats["label"])
     next_label = int(out.max()) + 1
@@ -589,7 +595,8 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
                       min_overlap: float = 0.5, min_weak_fraction: float = 0.1,
                       fragment_radius_nm: float | None = None, mask=None,
                       connectivity: int = 1, normalization=None,
-                      max_candidates: int = 5000, progress: ProgressCallback = None) -> np.ndarray:
+                      max_candidates: int = 5000, overwrite_labels: bool = False,
+                      progress: ProgressCallback = None) -> np.ndarray:
     """Add the vesicles a less confident network marks below the global threshold.
 
     The darkest-shell threshold (0.80-1.00) assumes a confident network; a network that sees a
@@ -663,6 +670,9 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
         Global intensity normalisation (:func:`cryoves.refine.intensity_normalization`).
     max_candidates : int
         At most this many candidates are fitted (the largest first).
+    overwrite_labels : bool
+        Work in ``labels`` itself when it is a writable C-contiguous int32 array (one label
+        volume less in memory; the caller gives ``labels`` up). Default: ``labels`` is not modified.
     progress : callable, optional
         ``progress(stage, done, total)``.
 
@@ -700,38 +710,50 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
         # vesicles are not lost by such maps, distractors with a clear membrane are rescued);
         # nothing to add: ``labels`` itself when already int32 (one label volume less in memory)
         return np.asarray(labels).astype(np.int32, copy=False)
-    out = np.asarray(labels).astype(np.int32, copy=True)
+    lab_in = np.asarray(labels)
+    if (overwrite_labels and lab_in.dtype == np.int32 and lab_in.flags.c_contiguous
+            and lab_in.flags.writeable):
+        out = lab_in
+    else:
+        out = lab_in.astype(np.int32, copy=True)
+    del lab_in
+    max_in = int(out.max()) if out.size else 0
     # 1. fragments are not trusted
-    stats = segment_stats(out) if out.max() > 0 and r_frag > 0 else None
-    frag_mask = None
+    stats = segment_stats(out) if max_in > 0 and r_frag > 0 else None
+    frag = None  # (flat indices, original values) of the released fragments' voxels
     if stats is not None:
-        frag = stats["label"][stats["volume"] < 4.0 / 3.0 * np.pi * r_frag ** 3]
-        if len(frag):
-            frag_mask = np.isin(out, frag)
-            out[frag_mask] = 0
+        frag_ids = stats["label"][stats["volume"] < 4.0 / 3.0 * np.pi * r_frag ** 3]
+        if len(frag_ids):
+            flat = out.reshape(-1)  # a view: out is C-contiguous
+            idx = np.flatnonzero(np.isin(out, frag_ids))
+            frag = (idx, flat[idx].copy())
+            flat[idx] = 0
     # 2. candidates
     p = np.asarray(probability, dtype=np.float32)
     cand = p >= np.float32(low_threshold)
+    n_belief = int(np.count_nonzero(cand))
     if out.max() > 0:
-        cand &= ~ndi.binary_dilation(out > 0, structure=_structure(1), iterations=2)
-    n_belief = int(np.count_nonzero(p >= np.float32(low_threshold)))
+        near = ndi.binary_dilation(out > 0, structure=_structure(1), iterations=2)
+        np.logical_not(near, out=near)
+        cand &= near
+        del near
     if n_belief == 0 or np.count_nonzero(cand) < min_weak_fraction * n_belief:
         # a confident map: the half-beliefs left over are more often look-alikes (measured: true
         # vesicles are not lost by such maps, distractors with a clear membrane are rescued)
-        return _restore_fragments(out, labels, frag_mask)
+        return _restore_fragments(out, frag)
     comp, n = ndi.label(cand, structure=structure)
     report(progress, "weak segments", 0, max(n, 1))
     if n == 0:
-        return _restore_fragments(out, labels, frag_mask)
+        return _restore_fragments(out, frag)
     sizes = _label_counts(comp)[1:]
     min_vox = max(8.0, 4.0 / 3.0 * np.pi * (0.4 * r_min) ** 3)
     order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_vox][:max_candidates]
     if not order:
-        return _restore_fragments(out, labels, frag_mask)
+        return _restore_fragments(out, frag)
     if normalization is None:
         normalization = intensity_normalization(tomogram)
     slices = ndi.find_objects(comp)
-    next_label = int(np.max(labels)) + 1 if labels.size else 1  # fragment ids stay reserved
+    next_label = max_in + 1  # fragment ids stay reserved
     found_c, found_r = [], []
     def try_fit(pts, start):
         """Fitted sphere (centre, radius) verified at ``start``, or None."""
@@ -794,7 +816,7 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
             found_c.append(c)
             found_r.append(r)
     report(progress, "weak segments", len(order), len(order))
-    return _restore_fragments(out, labels, frag_mask)
+    return _restore_fragments(out, frag)
 
 
 def _map_is_weak(probability, labels, low_threshold, min_weak_fraction, min_volume) -> bool:
@@ -826,15 +848,21 @@ def _map_is_weak(probability, labels, low_threshold, min_weak_fraction, min_volu
     return n_belief > 0 and not n_cand < min_weak_fraction * n_belief
 
 
-def _restore_fragments(out, labels, frag_mask):
-    """Put back (in place) the released fragments that no verified sphere took over; returns ``out``."""
-    if frag_mask is None:
+def _restore_fragments(out, frag):
+    """Put back (in place) the released fragments that no verified sphere took over; returns ``out``.
+
+    ``frag``: ``(flat indices, values)`` of the fragments' voxels before they were released
+    (``None``: none were).
+    """
+    if frag is None:
         return out
-    lab = np.asarray(labels)
-    frag_ids = np.unique(lab[frag_mask])
-    taken = np.unique(lab[frag_mask & (out != 0)])
+    idx, vals = frag
+    flat = out.reshape(-1)  # a view: out is C-contiguous
+    cur = flat[idx]
+    frag_ids = np.unique(vals)
+    taken = np.unique(vals[cur != 0])
     back = np.setdiff1d(frag_ids, taken)
     if len(back):
-        sel = np.isin(lab, back) & (out == 0)
-        out[sel] = lab[sel]
+        sel = np.isin(vals, back) & (cur == 0)
+        flat[idx[sel]] = vals[sel]
     return out
