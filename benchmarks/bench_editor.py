@@ -309,14 +309,20 @@ def main(argv=None):
         settle()
         native.setFocus()
         look_at(table.centers[0])
-        idle, idle_cpu = [], []
-        for _ in range(a.reps):
-            c = time.process_time()
-            t = time.perf_counter()
-            native.update()
-            idle.append(wait_for_frame(t) - t)
-            idle_cpu.append(time.process_time() - c)
-            settle()
+
+        def idle_frames():
+            """Redraws with nothing changed at the current view: wall and CPU seconds of each."""
+            wall, cpu_s = [], []
+            for _ in range(a.reps):
+                c = time.process_time()
+                t = time.perf_counter()
+                native.update()
+                wall.append(wait_for_frame(t) - t)
+                cpu_s.append(time.process_time() - c)
+                settle()
+            return wall, cpu_s
+
+        idle, idle_cpu = idle_frames()
 
         def keep(op):
             handled[op] = list(parts["handled"])
@@ -352,14 +358,7 @@ def main(argv=None):
         for _ in range(a.reps):
             res["redo"].append(timed_key(Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier, "redo"))
         keep("redo")
-        idle_end, idle_end_cpu = [], []
-        for _ in range(a.reps):  # at the view of the last edit: the canvas is all tomogram
-            c = time.process_time()
-            t = time.perf_counter()
-            native.update()
-            idle_end.append(wait_for_frame(t) - t)
-            idle_end_cpu.append(time.process_time() - c)
-            settle()
+        idle_end, idle_end_cpu = idle_frames()  # at the view of the last edit: the canvas is all tomogram
         size = (native.width(), native.height())
         dpr = native.devicePixelRatioF()
         renderer = _gl_renderer(native)
