@@ -43,6 +43,7 @@ import numpy as np
 from scipy import stats
 from scipy.spatial import cKDTree
 
+from cryoves._parallel import thread_map
 from cryoves._progress import ProgressCallback, report
 from cryoves.refine import FitError, detection_score, fit_sphere, intensity_normalization, membrane_shape
 from cryoves.table import VesicleTable, check_voxel_size
@@ -460,13 +461,14 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
     if min_score is not None or max_iter > 0:
         if normalization is None:
             normalization = intensity_normalization(tomogram)
+    # each call writes its own row only: on the CPU cores, in any order (cryoves._parallel)
     if check_shape:
-        for i in np.flatnonzero(status == "accepted"):
-            compute_shape(i)
+        for _ in thread_map(compute_shape, np.flatnonzero(status == "accepted")):
+            pass
         set_shape_limits()
     if min_score is not None:
-        for i in np.flatnonzero(status == "accepted"):
-            compute_score(i)
+        for _ in thread_map(compute_score, np.flatnonzero(status == "accepted")):
+            pass
         measured = score[np.isfinite(score) & ~bad_shape()]
         if min_score_relative is not None and len(measured) >= 5:
             min_score = float(np.clip(min_score_relative * np.median(measured), min(3.0, min_score), min_score))

@@ -65,6 +65,7 @@ from scipy import fft as sfft
 from scipy.ndimage import gaussian_filter1d
 from scipy import ndimage as ndi
 
+from cryoves._parallel import thread_map
 from cryoves._progress import ProgressCallback, report
 from cryoves.table import VesicleTable, check_voxel_size
 
@@ -760,11 +761,15 @@ def refine_spheres(tomogram, initial, voxel_size, *, max_iter: int = 10, box_mar
     total = len(todo)
     report(progress, "refine", 0, total)
     centers = table.centers
-    for k, i in enumerate(todo):
-        fit = fit_sphere(tomogram, centers[i], table.radii[i], voxel_size=voxel_size,
-                         normalization=normalization, max_iter=max_iter, box_margin_vox=box_margin_vox,
-                         min_radius_vox=r_lo, max_radius_vox=r_hi, bin_width=bin_width_vox,
-                         sigma_vox=sigma_vox, radius_method=radius_method, capture=capture, bilayer_nm=bilayer_nm)
+
+    def fit_one(i):
+        return fit_sphere(tomogram, centers[i], table.radii[i], voxel_size=voxel_size,
+                          normalization=normalization, max_iter=max_iter, box_margin_vox=box_margin_vox,
+                          min_radius_vox=r_lo, max_radius_vox=r_hi, bin_width=bin_width_vox,
+                          sigma_vox=sigma_vox, radius_method=radius_method, capture=capture, bilayer_nm=bilayer_nm)
+
+    # the fits are independent: on the CPU cores, results in order (cryoves._parallel)
+    for k, (i, fit) in enumerate(zip(todo, thread_map(fit_one, todo))):
         cols["stage"][i] = "refine"
         cols["pvalue"][i] = np.nan
         if fit.ok:

@@ -1,0 +1,89 @@
+"""Per-vesicle work on several cores gives exactly the results of a plain loop."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cryoves import _parallel
+from cryoves.outliers import filter_outliers
+from cryoves.refine import refine_spheres
+from cryoves.table import VesicleTable
+
+
+def test_thread_map_order_threads_and_cancel(monkeypatch):
+    monkeypatch.setattr(_parallel, "n_cores", lambda: 4)
+    seen = set()
+
+    def slow_square(x):
+        seen.add(threading.get_ident())
+        time.sleep(0.002 * (x % 3))
+        return x * x
+
+    assert list(_parallel.thread_map(slow_square, range(40))) == [x * x for x in range(40)]
+    assert len(seen) >= 2  # really on several threads
+    seen.clear()
+    assert list(_parallel.thread_map(slow_square, range(5))) == [0, 1, 4, 9, 16]
+    assert seen == {threading.get_ident()}  # few items: in the calling thread
+    monkeypatch.setattr(_parallel, "n_cores", lambda: 1)
+    seen.clear()
+    assert list(_parallel.thread_map(slow_square, range(40)))[-1] == 39 * 39
+    assert seen == {threading.get_ident()}
+    # a consumer that stops early (a cancelled stage) cancels the calls not yet started
+    monkeypatch.setattr(_parallel, "n_cores", lambda: 2)
+    started = []
+
+    def work(x):
+        started.append(x)
+        time.sleep(0.01)
+        return x
+
+    for x in _parallel.thread_map(work, range(200)):
+        if x == 3:
+            break
+    n = len(started)
+    time.sleep(0.05)
+    assert len(started) == n < 200
+
+
+def test_refine_and_outliers_on_threads_equal_a_loop(monkeypatch, small_simulation):
+    sim = small_simulation
+    start = sim.table.copy()
+    rng = np.random.default_rng(0)
+    start["z"] = start["z"] + rng.uniform(-1.5, 1.5, len(start))
+    start["radius"] = start["radius"] * rng.uniform(0.9, 1.1, len(start))
+    monkeypatch.setattr(_parallel, "MIN_ITEMS", 2)  # threads for these few rows too
+    assert len(start) >= 5
+    import cryoves.outliers as outliers_mod
+    import cryoves.refine as refine_mod
+
+    threads = {"fit": set(), "score": set()}
+
+    def spy(kind, func):
+        def wrapped(*args, **kw):
+            threads[kind].add(threading.get_ident())
+            return func(*args, **kw)
+        return wrapped
+
+    monkeypatch.setattr(refine_mod, "fit_sphere", spy("fit", refine_mod.fit_sphere))
+    monkeypatch.setattr(outliers_mod, "detection_score", spy("score", outliers_mod.detection_score))
+    out = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(_parallel, "n_cores", lambda c=cores: c)
+        for v in threads.values():
+            v.clear()
+        refined = refine_spheres(sim.tomogram, start, sim.voxel_size)
+        out[cores] = (refined, filter_outliers(sim.tomogram, refined, sim.voxel_size, min_radius_nm=10.0))
+        main = {threading.get_ident()}
+        if cores == 1:
+            assert threads["fit"] == main and threads["score"] == main
+        else:  # the fits and the scores ran on worker threads
+            assert threads["fit"] - main and threads["score"] - main
+    for a, b in zip(out[1], out[2]):
+        assert isinstance(a, VesicleTable)
+        for col in ("z", "y", "x", "radius", "thickness", "density", "pvalue"):
+            np.testing.assert_array_equal(a[col], b[col], err_msg=col)
+        assert list(a["status"]) == list(b["status"]) and list(a["note"]) == list(b["note"])
