@@ -333,7 +333,7 @@ def _version() -> str:
 # --------------------------------------------------------------------------------------
 def build_unet(n_depth: int = 2, n_filter_base: int = 16, kernel_size: int = 3,
                batch_norm: bool = True, dropout: float = 0.0,
-               last_activation: str = "sigmoid", n_conv_per_depth: int = 2):
+               last_activation: str = "sigmoid", n_conv_per_depth: int = 2, dtype: Optional[str] = None):
     """Build the CryoVesNet 3-D U-Net from CSBDeep blocks (Keras 3).
 
     Parameters
@@ -353,6 +353,11 @@ def build_unet(n_depth: int = 2, n_filter_base: int = 16, kernel_size: int = 3,
         Activation of the final 1x1x1 convolution (``"sigmoid"`` for a probability).
     n_conv_per_depth : int
         Convolutions per level.
+    dtype : str, optional
+        Keras dtype policy of every layer but the final 1x1x1 convolution and its activation,
+        which compute in float32 (``"mixed_bfloat16"``: float32 weights, bfloat16 arithmetic).
+        Given, the same network is built from plain Keras layers (csbdeep's builder takes no
+        dtype). None: csbdeep's build, the global policy.
 
     Returns
     -------
@@ -363,11 +368,11 @@ def build_unet(n_depth: int = 2, n_filter_base: int = 16, kernel_size: int = 3,
 
     keras = import_keras()  # safe TensorFlow import before csbdeep imports it
     k = int(kernel_size)
-    if keras.backend.backend() != "tensorflow":
+    if keras.backend.backend() != "tensorflow" or dtype is not None:
         # csbdeep imports TensorFlow; on another backend (torch on a GPU machine without
-        # TensorFlow) build the identical graph from plain Keras layers
+        # TensorFlow), or for another dtype policy, build the identical graph from plain Keras layers
         return _build_unet_plain_keras(keras, int(n_depth), int(n_filter_base), k, bool(batch_norm),
-                                       float(dropout), last_activation, int(n_conv_per_depth))
+                                       float(dropout), last_activation, int(n_conv_per_depth), dtype=dtype)
     from csbdeep.internals.nets import custom_unet
 
     return custom_unet((None, None, None, 1), last_activation, n_depth=int(n_depth),
@@ -387,11 +392,9 @@ def _build_unet_plain_keras(keras, n_depth, n_filter_base, k, batch_norm, dropou
     1x1x1 convolution and its activation, which compute in float32 (e.g. ``"mixed_bfloat16"``:
     float32 weights, bfloat16 arithmetic); None = the global policy.
     """
-    from functools import partial
-
     L = keras.layers
     if dtype is not None:
-        L = type("Layers", (), {name: partial(getattr(keras.layers, name), dtype=dtype) for name in
+        L = type("Layers", (), {name: functools.partial(getattr(keras.layers, name), dtype=dtype) for name in
                                 ("Conv3D", "BatchNormalization", "Activation", "Dropout", "MaxPooling3D",
                                  "Concatenate", "UpSampling3D")})
 
@@ -642,9 +645,9 @@ def inference_precision() -> str:
     ``auto`` (the default) takes bfloat16 on a CPU that computes it natively (AVX512-BF16 or
     AMX-BF16) when TensorFlow sees no GPU, and float32 everywhere else (emulated bfloat16 is
     slower). bfloat16 keeps float32's range with an 8-bit mantissa: measured on this project's
-    2-core AVX512-BF16 machine, prediction ran about 2.4 times faster and the probability maps
-    differed from float32 by at most 0.04 (mean 1e-4) on a simulated 96x224x224 tomogram; the
-    accuracy suites are in docs/accuracy.md. Weights stay float32; the final convolution and
+    2-core AVX512-BF16 machine on a simulated 96x224x224 tomogram, a prediction took 2.3-2.4 CPU
+    seconds instead of 4.5 and the probability maps differed from float32 by at most 0.037 (mean
+    5e-5); docs/models.md and docs/accuracy.md. Weights stay float32; the final convolution and
     sigmoid compute in float32.
     """
     value = os.environ.get("CRYOVES_PRECISION", "auto").strip().lower() or "auto"
@@ -659,28 +662,14 @@ def _layers_of(model, class_name: str):
     return [layer for layer in model.layers if type(layer).__name__ == class_name]
 
 
-def _build_folded(architecture: dict, precision: str):
-    """The dropout-free U-Net without batch normalisation that :func:`_fold_batchnorm` fills."""
-    arch = {**architecture, "batch_norm": False, "dropout": 0.0}
-    if precision == "float32":
-        return build_unet(**arch)
-    from cryoves._tf import import_keras
-
-    keras = import_keras()
-    return _build_unet_plain_keras(keras, int(arch.get("n_depth", 2)), int(arch.get("n_filter_base", 16)),
-                                   int(arch.get("kernel_size", 3)), False, 0.0,
-                                   arch.get("last_activation", "sigmoid"), int(arch.get("n_conv_per_depth", 2)),
-                                   dtype="mixed_" + precision)
-
-
 def _fold_batchnorm(keras_model, architecture: dict, precision: str = "float32"):
     """Build the BN-folded, dropout-free twin of ``keras_model`` (see ``inference_model``)."""
     arch = dict(architecture)
+    folded = build_unet(**{**arch, "batch_norm": False, "dropout": 0.0},
+                        dtype=None if precision == "float32" else "mixed_" + precision)
     if not arch.get("batch_norm", True):
-        folded = _build_folded(arch, precision)
         folded.set_weights(keras_model.get_weights())
         return folded
-    folded = _build_folded(arch, precision)
     src_convs = _layers_of(keras_model, "Conv3D")
     src_bns = _layers_of(keras_model, "BatchNormalization")
     dst_convs = _layers_of(folded, "Conv3D")

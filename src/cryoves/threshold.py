@@ -464,9 +464,7 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
     k = 4.0 / 3.0 * np.pi * r_min ** 3
     min_part = max(8, int(0.05 * k))  # split parts smaller than this are specks, not vesicles
 
-    out = np.asarray(labels)
-    if not (overwrite_labels and out.dtype == np.int32 and out.flags.c_contiguous and out.flags.writeable):
-        out = out.astype(np.int32, copy=True)
+    out = _int32_labels(labels, overwrite_labels)
     stats = segment_stats(out)
     n_seg = len(stats["label"])
     next_label = int(out.max()) + 1
@@ -710,13 +708,7 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
         # vesicles are not lost by such maps, distractors with a clear membrane are rescued);
         # nothing to add: ``labels`` itself when already int32 (one label volume less in memory)
         return np.asarray(labels).astype(np.int32, copy=False)
-    lab_in = np.asarray(labels)
-    if (overwrite_labels and lab_in.dtype == np.int32 and lab_in.flags.c_contiguous
-            and lab_in.flags.writeable):
-        out = lab_in
-    else:
-        out = lab_in.astype(np.int32, copy=True)
-    del lab_in
+    out = _int32_labels(labels, overwrite_labels)
     max_in = int(out.max()) if out.size else 0
     # 1. fragments are not trusted
     stats = segment_stats(out) if max_in > 0 and r_frag > 0 else None
@@ -846,6 +838,15 @@ def _map_is_weak(probability, labels, low_threshold, min_weak_fraction, min_volu
         above &= ~near[z0 - a0: z1 - a0]
         n_cand += int(np.count_nonzero(above))
     return n_belief > 0 and not n_cand < min_weak_fraction * n_belief
+
+
+def _int32_labels(labels, overwrite: bool) -> np.ndarray:
+    """The int32 C-contiguous label volume a stage works in: ``labels`` itself when the caller
+    gives it up (``overwrite``) and it is already one and writable, else a copy."""
+    lab = np.asarray(labels)
+    if overwrite and lab.dtype == np.int32 and lab.flags.c_contiguous and lab.flags.writeable:
+        return lab
+    return lab.astype(np.int32, copy=True)
 
 
 def _restore_fragments(out, frag):
