@@ -8,17 +8,24 @@ For each vesicle, starting from a centre ``C`` and radius ``r``:
    window, the outer Fresnel halo the maximum beyond it, and the outer radius ``r`` follows from
    ``d_m`` by one of three rules (``radius_method``):
 
-   - ``"membrane_centre"`` (default): ``r = d_c + bilayer_nm / 2``, with ``d_c`` the minimum of
-     the profile smoothed by ``sigma_vox``. A symmetric blur (bilayer blur, CTF envelope,
-     reconstruction) does not move the centre of a symmetric dark band, so the rule does not
-     depend on how sharp the membrane looks; only a bilayer thinner or thicker than
-     ``bilayer_nm`` (default 4.5 nm) moves it, by half the difference;
+   - ``"membrane_centre"`` (default): ``r = d_c + bilayer_nm / 2``, with ``d_c`` the membrane
+     centre. A spherically symmetric blur (bilayer blur, CTF, reconstruction) of a spherical
+     membrane makes the radial mean ``(1/d) (k * (s f))(d)`` (``f`` the membrane's own density
+     profile, ``k`` the blur's 1-D profile), so ``d`` times the profile is a 1-D convolution of
+     ``s f(s)``: its minimum, after a smoothing of at least half the bilayer (which merges two
+     leaflets resolved at fine voxel sizes into one band), lies outside the centre by only
+     ``CENTRE_SHIFT * bilayer^2 / d``, whatever the blur, which is subtracted. The rule thus does
+     not depend on how sharp the membrane looks, nor on the defocus; only a bilayer thinner or
+     thicker than ``bilayer_nm`` (default 4.5 nm) moves it, by half the difference, and an
+     asymmetric bilayer (one leaflet denser) moves it towards the denser leaflet. Measured on
+     simulations that vary the leaflet width and separation, the bilayer blur, the defocus, CTF
+     correction, the voxel size (1.2-2.8 nm) and the reconstruction: δd 0.004-0.019
+     (``benchmarks/radius_rule.py``, docs/accuracy.md), against 0.019-0.06 for ``"max_slope"``;
    - ``"max_slope"``: ``r = d_m + t_m / 2`` with ``t_m / 2`` the distance from ``d_m`` to the
      steepest rise of the Gaussian-smoothed (sigma 1 voxel) profile between ``d_m`` and the
      halo, the half-way point of the blurred edge. At 2.2 nm voxels a 4-5 nm bilayer is about
-     two voxels thick, so the observed edge is mostly blur: the radius comes out +2.2-2.9 % too
-     large on our simulator whatever the bilayer thickness, and more where the membrane looks
-     more blurred than in it;
+     two voxels thick, so the observed edge is mostly blur: the radius comes out about +2-6 %
+     too large on our simulator, more where the membrane looks more blurred;
    - ``"second_derivative"``: the minimum of the smoothed second derivative (the paper's literal
      definition), which lies outside the edge by about the blur of the membrane plus the
      smoothing (for a blurred band of width ``w`` it is at ``sqrt(3) * w`` from the centre):
@@ -75,6 +82,16 @@ __all__ = ["radial_profile", "refine_spheres", "fit_sphere_at", "intensity_norma
 
 #: Outer-edge rules of :func:`fit_sphere` (see the module docstring).
 RADIUS_METHODS = ("second_derivative", "max_slope", "membrane_centre")
+
+#: Outward shift of the minimum of ``d * profile`` over the membrane centre, in units of
+#: ``bilayer^2 / d``. For a Gaussian band it is the band's second moment about its centre; for two
+#: head-group leaflets (Gaussian, width 0.06-0.2 of the bilayer, peaks 0.45-0.8 of it apart, seen
+#: through a blur of one voxel or more) a 1-D model gives 0.04-0.37, 0.12 for the simulator's
+#: default bilayer (0.11, 0.6) and about 0.17 for peaks 0.7 apart (real bilayers: about 3.5-4 nm
+#: of 4.5-5 nm). 0.17 is the middle; over that range the radius moves by less than +-1 % of a
+#: 20 nm vesicle (``benchmarks/radius_rule.py`` measures the rule on simulations).
+CENTRE_SHIFT = 0.17
+
 _RADIUS_METHODS = RADIUS_METHODS
 
 
@@ -293,21 +310,26 @@ def _profile_features(dist, prof, bw, window, halo_span, sigma_vox, radius_metho
     half_t = max(d_e - d_m, 0.5 * bw)
     radius = d_m + half_t
     if radius_method == "membrane_centre":
-        # the membrane centre of the profile smoothed like the derivatives (a symmetric blur
-        # does not move the centre of a symmetric band), plus half the bilayer thickness
+        # the membrane centre plus half the bilayer thickness
         if half_membrane is None:
             raise ValueError("radius_method='membrane_centre' needs the bilayer thickness (voxel_size)")
-        pc = gaussian_filter1d(prof, sig, mode="nearest")
-        # the radial mean of a blurred shell falls as 1/d around its centre, which moves the
-        # minimum inwards by ~blur^2 / d: undo it by weighting with d, against the local level
+        # A spherically symmetric blur (bilayer blur, CTF, reconstruction) of a shell turns the
+        # radial mean into (1/d) * (k * (s f))(d): d times the profile is a 1-D convolution of the
+        # membrane's own profile f weighted by s, so its minimum stays at the membrane centre up to
+        # the small outward shift CENTRE_SHIFT * t^2 / d of that weighting, whatever the blur. The
+        # 1-D smoothing comes after the weighting (before it, it would add sigma^2 / d outwards)
+        # and is at least half the bilayer, so that two leaflets resolved at fine voxel sizes merge
+        # into one band instead of the darker one being taken for the centre.
         w_lo = max(int(math.floor((d_m - 3.0 * half_membrane - 2.0) / bw)), 0)
         w_hi = min(int(math.ceil((d_m + 3.0 * half_membrane + 2.0) / bw)), n - 1)
-        base = float(np.median(pc[w_lo:w_hi + 1]))
-        pc = (pc - base) * dist
-        k = max(int(round(1.0 / bw)), 1)
-        a, b = max(i_m - 2 * k, wlo), min(i_m + 2 * k, whi)
+        base = float(np.median(prof[w_lo:w_hi + 1]))
+        sig_c = max(sigma_vox, half_membrane) / bw
+        pc = gaussian_filter1d((prof - base) * dist, sig_c, mode="nearest")
+        k = max(int(round(max(2.0, half_membrane + 1.0) / bw)), 1)
+        a, b = max(i_m - k, wlo), min(i_m + k, whi)
         i_c = a + int(np.argmin(pc[a:b + 1]))
-        d_c = float(np.interp(i_c + _parabolic(pc, i_c), np.arange(n), dist))
+        d_u = float(np.interp(i_c + _parabolic(pc, i_c), np.arange(n), dist))
+        d_c = d_u - CENTRE_SHIFT * (2.0 * half_membrane) ** 2 / max(d_u, 1.0)
         radius = d_c + half_membrane
     sel = (dist >= d_m - half_t) & (dist <= d_m + half_t)
     density = float(np.mean(prof[sel])) if sel.any() else float(ps[i_m])
