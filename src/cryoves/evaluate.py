@@ -323,8 +323,8 @@ SUITES = {
 def evaluation_suite(kind: str = "default") -> list[SuiteCase]:
     """A held-out simulated suite; none of its seeds or settings is used in training.
 
-    One outlier-stage threshold (``min_coverage``) was chosen on the reference weights' vesicles
-    in both suites.
+    Two outlier-stage thresholds were chosen on both suites: ``min_coverage`` (on the reference
+    weights' vesicles) and ``keep_min_p`` (see :func:`cryoves.outliers.filter_outliers`).
 
     Parameters
     ----------

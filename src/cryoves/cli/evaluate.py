@@ -40,7 +40,7 @@ centre distance (Δc, nm). A second table says, per stage, how many true vesicle
 found after it, how many it lost (found before, not after) and how many false ones it let
 through.
 
-Suites (simulated, never used for training; one outlier-stage threshold was chosen on them):
+Suites (simulated, never used for training; two outlier-stage thresholds were chosen on them):
 {suites}
 
 Run time per weights file, simulation included, measured on 2 busy shared CPU cores
