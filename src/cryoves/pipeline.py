@@ -736,9 +736,9 @@ def predict_in_child(tomogram, voxel_size: float, model=None, params: SegmentPar
     Raises
     ------
     ValueError, TypeError, OSError, ...
-        An error in the child is raised again with its type and message (others as
-        :class:`RuntimeError`); a child that dies (e.g. killed for memory) raises
-        :class:`RuntimeError` naming its exit status.
+        An error in the child is raised again with its type and message (its traceback in the
+        exception's notes); other errors, and a child that dies (e.g. killed for memory), as
+        :class:`ChildProcessError` (an :class:`OSError`) naming the error or the exit status.
     cryoves.Cancelled
         If the progress callback raises it.
     """
@@ -796,11 +796,11 @@ def predict_in_child(tomogram, voxel_size: float, model=None, params: SegmentPar
                     result = msg[1]
                 else:  # ("error", type name, message, traceback)
                     proc.wait()
-                    err = _CHILD_ERRORS.get(msg[1])
-                    if err is None:
-                        raise RuntimeError(f"the prediction failed in its child process: {msg[1]}: {msg[2]}\n"
-                                           f"{msg[3]}")
-                    raise err(msg[2])
+                    kind = _CHILD_ERRORS.get(msg[1])
+                    err = (kind(msg[2]) if kind is not None
+                           else ChildProcessError(f"the prediction failed in its child process: {msg[1]}: {msg[2]}"))
+                    err.add_note(f"in the prediction's child process:\n{msg[3]}")
+                    raise err
             elif proc.poll() is not None and not receiver.poll(0):
                 break
         receiver.close()
@@ -808,8 +808,8 @@ def predict_in_child(tomogram, voxel_size: float, model=None, params: SegmentPar
         if result is None:
             code = proc.returncode
             how = (f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}")
-            raise RuntimeError(f"the prediction's child process {how} before it finished"
-                               + (" (out of memory?)" if code == -9 else ""))
+            raise ChildProcessError(f"the prediction's child process {how} before it finished"
+                                    + (" (out of memory?)" if code == -9 else ""))
         if info is not None:
             info.update(result["info"])
         maps = []
