@@ -597,12 +597,12 @@ def _predict_on_model_grid(tomogram, voxel_size, model, *, tile_shape, halo, bat
     else:
         vol = preprocess(vol, card.preprocessing, copy=vol is tomogram)  # in place on our own copy
         release_pages(tomogram)
-        pad = [(0, p - s) for p, s in zip(plan.shape, model_shape)]
-        if any(after for _, after in pad):
-            vol = np.pad(vol, pad, mode=pad_mode)
-        prob = _predict_tiles(vol, model, plan, batch_size, tta, progress, budget,
-                              out_shape=model_shape, out=out)
+        # padding by index (as numpy.pad does it): tiles read the volume, no padded copy of it
+        fetch = _PaddedTiles(vol, plan, pad_mode)
         del vol
+        prob = _predict_tiles(None, model, plan, batch_size, tta, progress, budget,
+                              out_shape=model_shape, fetch=fetch, out=out)
+        del fetch
     if min_region_radius_nm is not None:  # on the model grid: vs / factor nm per voxel
         prob = large_regions(prob, vs / factor, min_region_radius_nm)
     return prob, in_shape
@@ -702,13 +702,16 @@ def large_regions(probability: np.ndarray, voxel_size: float, min_radius_nm: flo
     -------
     ndarray of float32, same shape
     """
+    from cryoves.threshold import _label_counts, _label_small
+
     vs = check_voxel_size(voxel_size)
     prob = np.asarray(probability, dtype=np.float32)
-    labels, n = ndimage.label(prob > 0.5)
+    # uint16 labels when they fit, counted slab by slab: no int32/int64 volume-sized temporaries
+    labels, n = _label_small(prob > 0.5, ndimage.generate_binary_structure(3, 1))
     out = np.zeros(prob.shape, dtype=np.float32)
     if n == 0:
         return out
-    sizes = np.bincount(labels.ravel())
+    sizes = _label_counts(labels)
     keep = sizes >= (4.0 / 3.0) * math.pi * (float(min_radius_nm) / vs) ** 3
     keep[0] = False
     if not keep.any():
@@ -731,6 +734,26 @@ _SLAB_VOXELS = 16 * 2 ** 20  # voxels per slab of the statistics pass
 #: tomogram (CPU): peak RSS while predicting 4.3 GB with this budget (98 tiles of 180x192x192, 2.17x
 #: the voxels through the network), 5.6 GB with the default 9 M (70 tiles, 2.0x).
 STREAM_MAX_TILE_VOXELS = 7_000_000
+
+
+class _PaddedTiles:
+    """Tiles of ``np.pad(vol, ..., mode=pad_mode)`` up to ``plan.shape``, read from ``vol`` (no padded copy)."""
+
+    def __init__(self, vol: np.ndarray, plan: TilePlan, pad_mode: str):
+        self.vol = vol
+        self.index = [np.pad(np.arange(n), (0, p - n), mode=pad_mode) for n, p in zip(vol.shape, plan.shape)]
+        self.tile = plan.tile_shape
+
+    def __call__(self, z: int, y: int, x: int) -> np.ndarray:
+        idx = [ind[s:s + t] for ind, s, t in zip(self.index, (z, y, x), self.tile)]
+        return _take_box(self.vol, idx)
+
+
+def _take_box(vol: np.ndarray, idx) -> np.ndarray:
+    """``vol[np.ix_(*idx)]``; a view (slices) where every index run is contiguous."""
+    if all(len(i) == i[-1] - i[0] + 1 and np.all(np.diff(i) == 1) for i in idx):
+        return vol[tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)]
+    return vol[np.ix_(*idx)]
 
 
 class _StreamedTiles:
@@ -790,10 +813,7 @@ class _StreamedTiles:
         release_pages(self.src)  # the tile is copied: the map's pages need not stay resident
         a -= self.offset
         a *= self.scale
-        local = [i - b.start for i, b in zip(idx, box)]
-        if all(len(loc) == loc[-1] - loc[0] + 1 and np.all(np.diff(loc) == 1) for loc in local):
-            return a[tuple(slice(int(loc[0]), int(loc[-1]) + 1) for loc in local)]
-        return a[np.ix_(*local)]
+        return _take_box(a, [i - b.start for i, b in zip(idx, box)])
 
 
 def _predict_tiles(vol: Optional[np.ndarray], model, plan: TilePlan, batch_size, tta: bool,
