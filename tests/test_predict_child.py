@@ -17,7 +17,7 @@ from cryoves import threshold as th
 
 
 def _child_pids() -> list[int]:
-    """Live (not zombie) child processes of this process."""
+    """Prediction child processes of this process (any state but reaped)."""
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -25,9 +25,11 @@ def _child_pids() -> list[int]:
         try:
             with open(f"/proc/{name}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                cmd = fh.read()
         except OSError:
             continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+        if int(fields[1]) == os.getpid() and b"_child_predict" in cmd:
             out.append(int(name))
     return out
 

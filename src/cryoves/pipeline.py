@@ -48,6 +48,7 @@ from cryoves import predict as _predict
 from cryoves import refine as _refine
 from cryoves import threshold as _threshold
 from cryoves._progress import ProgressCallback, report
+from cryoves.io import release_pages
 from cryoves.table import VesicleTable, check_voxel_size, render_labels
 from cryoves.validate import check_inputs, check_result
 
@@ -569,6 +570,13 @@ def _remove_outside(table: VesicleTable, mask: np.ndarray, stage: str) -> Vesicl
         stg[drop] = stage
         out["status"], out["note"], out["stage"] = status, note, stg
     return out
+
+
+def _release_pages(*arrays) -> None:
+    """:func:`cryoves.io.release_pages` of each memory-mapped array (others and None: nothing)."""
+    for a in arrays:
+        if a is not None:
+            release_pages(a)
 
 
 def _stage_params(params) -> SegmentParams:
@@ -1132,6 +1140,9 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     params = _stage_params(params)
     params.validate()
     check_inputs(tomogram, voxel_size, params=params, model=model, predict=probability is None, warn=True)
+    # memory-mapped volumes (the tomogram, maps from a child process): the pages a stage read are
+    # dropped from this process after it (they stay in the file cache), here and after every stage
+    release_pages(tomogram)
     if not hasattr(tomogram, "shape") or not hasattr(tomogram, "dtype"):
         tomogram = np.asarray(tomogram)
     if tomogram.ndim != 3:
@@ -1168,6 +1179,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     # 2. global threshold ---------------------------------------------------------------------
     t0 = time.perf_counter()
     normalization = intensity_normalization(tomogram)
+    release_pages(tomogram)
     g = global_stage(tomogram, probability, vs, params, large=large, mask=mask, normalization=normalization,
                      progress=progress)
     if not keep_intermediates:
@@ -1178,6 +1190,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     labels = g.labels
     if keep_intermediates:
         stage_labels["global"] = labels
+    _release_pages(tomogram, probability, large)
     timings["global"] = time.perf_counter() - t0
 
     g_threshold = g.threshold
@@ -1190,6 +1203,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
                             overwrite_labels=not keep_intermediates, progress=progress)
     if keep_intermediates:
         stage_labels["adaptive"] = labels
+    _release_pages(tomogram, probability, large)
     timings["adaptive"] = time.perf_counter() - t0
 
     # 4. sphere refinement --------------------------------------------------------------------
@@ -1199,6 +1213,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     stage_tables["refine"] = table
     if keep_intermediates:
         stage_labels["refine"] = render_labels(table, shape)
+    _release_pages(tomogram, probability, large)
     timings["refine"] = time.perf_counter() - t0
 
     # 5. outliers -----------------------------------------------------------------------------
@@ -1208,6 +1223,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     final = render_labels(table, shape)
     if keep_intermediates:
         stage_labels["outliers"] = final
+    _release_pages(tomogram, probability, large)
     timings["outliers"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
     warnings_ = check_result(tomogram, table, vs, params=params, warn=True)  # implausible: ResultWarning
