@@ -22,6 +22,7 @@ dask is imported only by :func:`run_on_cluster` (``pip install "cryoves[dask]"``
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-__all__ = ["RunOptions", "RunError", "stem_of", "load_model_checked", "segment_one", "run_one",
+__all__ = ["RunOptions", "RunError", "stem_of", "load_model_checked", "check_weights", "segment_one", "run_one",
            "run_on_cluster", "INTERMEDIATES", "DASK_MISSING"]
 
 #: Extra volumes written with ``save_intermediates``.
@@ -97,16 +98,40 @@ def load_model_checked(weights, cached: bool = False):
     try:
         return (get_model if cached else load_model)(weights)
     except FileNotFoundError as err:
-        if weights is None:
-            raise RunError(f"no default U-Net weights ship with this installation ({err}). Pass weights with "
-                           f"--weights PATH: cryoves NAME.weights.h5 (its NAME.json card next to it) or the "
-                           f"reference CryoVesNet weights.h5") from None
-        raise RunError(f"--weights: {err}") from None
+        raise _no_weights(weights, err) from None
     except (ValueError, OSError) as err:
         # load_model words its errors in one line naming the file; keep that line
         text = str(err).strip()
         first = text.splitlines()[0] if text else type(err).__name__
         raise RunError(f"--weights: {first}") from None
+
+
+def check_weights(weights) -> None:
+    """Raise :class:`RunError` when ``weights`` (None: the default) names no weights file (nothing loaded)."""
+    from cryoves.model import resolve_weights
+
+    try:
+        resolve_weights(weights)
+    except FileNotFoundError as err:
+        raise _no_weights(weights, err) from None
+
+
+def _no_weights(weights, err) -> RunError:
+    """The one-line error for weights that are not found."""
+    if weights is None:
+        return RunError(f"no default U-Net weights ship with this installation ({err}). Pass weights with "
+                        f"--weights PATH: cryoves NAME.weights.h5 (its NAME.json card next to it) or the "
+                        f"reference CryoVesNet weights.h5")
+    return RunError(f"--weights: {err}")
+
+
+def _workdir(folder: Path) -> Optional[str]:
+    """The output folder, for a child process's temporary files (None: the system's temporary folder)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return str(folder)
 
 
 def segment_one(tomo_path, mask_path, folder, options: RunOptions, get_params: Callable, get_model: Callable,
@@ -165,8 +190,16 @@ def segment_one(tomo_path, mask_path, folder, options: RunOptions, get_params: C
                          f"tomogram's {vs:g} nm")
     timings["read"] = time.perf_counter() - t0
     params = get_params()
-    model = get_model()
-    from cryoves.pipeline import segment
+    from cryoves.pipeline import CHILD_PROCESS_VOXELS, segment
+
+    # a large tomogram: the network runs in a child process (its memory returned before the
+    # post-processing; cryoves.pipeline.predict_in_child), so it is not loaded here
+    in_child = math.prod(tomogram.shape) >= CHILD_PROCESS_VOXELS
+    if in_child:
+        check_weights(options.weights)
+        model = options.weights
+    else:
+        model = get_model()
 
     if options.invert:
         import numpy as np
@@ -176,7 +209,8 @@ def segment_one(tomo_path, mask_path, folder, options: RunOptions, get_params: C
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = segment(tomogram, vs, model, params=params, mask=mask,
-                         keep_intermediates=options.save_intermediates, progress=progress)
+                         keep_intermediates=options.save_intermediates, progress=progress,
+                         prediction_process="child" if in_child else "main", workdir=_workdir(folder))
     for w in caught:
         msg = str(w.message)
         if issubclass(w.category, UserWarning) and msg not in notes:
@@ -204,9 +238,11 @@ def segment_one(tomo_path, mask_path, folder, options: RunOptions, get_params: C
         "shape": list(shape),
         "voxel_size_nm": vs,
         "inverted": bool(options.invert),
-        "weights": None if model is None else str(getattr(model, "path", None) or getattr(model.card, "name", "")),
-        "device": compute_device(),  # where the U-Net ran
-        "precision": None if model is None else inference_precision(),  # its arithmetic
+        "weights": (result.prediction["weights"] if in_child else
+                    None if model is None else str(getattr(model, "path", None) or getattr(model.card, "name", ""))),
+        "device": result.prediction["device"] if in_child else compute_device(),  # where the U-Net ran
+        "precision": (result.prediction["precision"] if in_child
+                      else None if model is None else inference_precision()),  # its arithmetic
         "threshold": result.threshold if result.threshold == result.threshold else None,
         "n_accepted": result.n_accepted,
         "n_removed": result.n_removed,

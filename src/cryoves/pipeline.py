@@ -36,6 +36,7 @@ Importing this module does not import TensorFlow (prediction imports it when it 
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
@@ -47,10 +48,12 @@ from cryoves import predict as _predict
 from cryoves import refine as _refine
 from cryoves import threshold as _threshold
 from cryoves._progress import ProgressCallback, report
+from cryoves.io import release_pages
 from cryoves.table import VesicleTable, check_voxel_size, render_labels
 from cryoves.validate import check_inputs, check_result
 
-__all__ = ["SegmentParams", "SegmentationResult", "segment", "STAGES", "predict_stage", "global_stage",
+__all__ = ["SegmentParams", "SegmentationResult", "segment", "STAGES", "predict_stage", "predict_in_child",
+           "PREDICTION_PROCESSES", "CHILD_PROCESS_VOXELS", "global_stage",
            "adaptive_stage", "refine_stage", "outliers_stage"]
 
 #: Pipeline stages, in order (keys of ``timings`` and ``stage_labels``).
@@ -439,6 +442,9 @@ class SegmentationResult:
     large_probability : ndarray of float32 or None
         The large-vesicle pass's map (computed, or the one passed in); ``None`` without one or
         with ``keep_intermediates=False``.
+    prediction : dict
+        Where the network ran: ``{"process": "main"}`` (this process), or ``"child"`` with the
+        child's ``device``, ``precision`` and ``weights`` (see :func:`predict_in_child`).
     """
 
     table: VesicleTable
@@ -452,6 +458,7 @@ class SegmentationResult:
     voxel_size: float = float("nan")
     warnings: list = field(default_factory=list)
     large_probability: Optional[np.ndarray] = None
+    prediction: dict = field(default_factory=lambda: {"process": "main"})
 
     @property
     def n_accepted(self) -> int:
@@ -565,6 +572,13 @@ def _remove_outside(table: VesicleTable, mask: np.ndarray, stage: str) -> Vesicl
     return out
 
 
+def _release_pages(*arrays) -> None:
+    """:func:`cryoves.io.release_pages` of each memory-mapped array (others and None: nothing)."""
+    for a in arrays:
+        if a is not None:
+            release_pages(a)
+
+
 def _stage_params(params) -> SegmentParams:
     params = SegmentParams() if params is None else params
     if not isinstance(params, SegmentParams):
@@ -582,8 +596,15 @@ def _stage_start(stage: str, params, voxel_size, progress) -> tuple[SegmentParam
 # -- them one by one (so a stage-by-stage run and a one-button run give the same result) ----------
 
 def predict_stage(tomogram, voxel_size: float, model=None, params: SegmentParams | None = None, *,
-                  progress: ProgressCallback = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+                  progress: ProgressCallback = None, process: str = "main",
+                  workdir=None) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Stage ``"predict"``: the probability map and the large-vesicle pass's map.
+
+    With ``process="child"`` both passes run in a child process (:func:`predict_in_child`),
+    which returns the maps as memory-mapped files and exits, so that the memory TensorFlow
+    keeps after a prediction is returned before the post-processing; ``"auto"``: so for
+    volumes of at least :data:`CHILD_PROCESS_VOXELS` voxels when ``model`` is a weights path
+    or ``None`` (no network loaded in this process), else here.
 
     Parameters
     ----------
@@ -597,17 +618,24 @@ def predict_stage(tomogram, voxel_size: float, model=None, params: SegmentParams
         ``stage_kwargs("predict")``; ``stage_kwargs("large")`` for the second pass.
     progress : callable, optional
         ``progress("predict", done, total)``.
+    process : {"main", "child", "auto"}
+        Where the network runs: here (default), in a child process, or chosen by size.
+    workdir : str or Path, optional
+        With a child process: the folder for its temporary files (default: the system's).
 
     Returns
     -------
     probability : ndarray of float32
-        :func:`cryoves.predict.predict_probability` at the model's scale.
+        :func:`cryoves.predict.predict_probability` at the model's scale (a read-only
+        memory-mapped array when computed in a child process).
     large : ndarray of float32 or None
         The pass at ``params.large_scale`` restricted to its large regions (0 elsewhere), to
         be handed to :func:`global_stage`; ``None`` when ``params.large_scale`` is ``None``.
     """
     from cryoves.predict import predict_probability
 
+    if _use_child(process, tomogram, model):
+        return predict_in_child(tomogram, voxel_size, model, params, progress=progress, workdir=workdir)
     params, vs, sp = _stage_start("predict", params, voxel_size, progress)
     probability = predict_probability(tomogram, vs, model, progress=sp, **params.stage_kwargs("predict", vs))
     large = None
@@ -615,6 +643,271 @@ def predict_stage(tomogram, voxel_size: float, model=None, params: SegmentParams
         large = predict_probability(tomogram, vs, model, progress=sp, **params.stage_kwargs("large", vs))
     sp.finish()
     return probability, large
+
+
+#: Where :func:`predict_stage` runs the network: ``"main"`` (this process), ``"child"`` (a child
+#: process, :func:`predict_in_child`) or ``"auto"`` (a child for volumes of at least
+#: :data:`CHILD_PROCESS_VOXELS` voxels when no network is loaded here).
+PREDICTION_PROCESSES = ("main", "child", "auto")
+#: ``process="auto"`` predicts volumes of at least this many voxels in a child process: those
+#: whose prediction is streamed from the (memory-mapped) input (:data:`cryoves.predict.STREAM_VOXELS`,
+#: 64 Mi voxels, e.g. 300x1000x1000 but not 200x512x512), where the ~2.5 GB that TensorFlow keeps
+#: after a prediction matter; below it, starting a second Python (~2-3 s) is not worth it.
+CHILD_PROCESS_VOXELS = _predict.STREAM_VOXELS
+
+
+def _use_child(process: str, tomogram, model) -> bool:
+    """Whether :func:`predict_stage` runs the network in a child process."""
+    if process not in PREDICTION_PROCESSES:
+        raise ValueError(f"process must be one of {PREDICTION_PROCESSES}, got {process!r}")
+    if process != "auto":
+        return process == "child"
+    from cryoves.model import UNetModel
+
+    if isinstance(model, UNetModel):  # a network loaded here: TensorFlow is here already
+        return False
+    return int(np.prod(np.shape(tomogram))) >= CHILD_PROCESS_VOXELS
+
+
+def _weights_of(model) -> Optional[str]:
+    """The weights path a child process loads for ``model`` (None: the default weights)."""
+    from cryoves.model import UNetModel
+
+    if isinstance(model, UNetModel):
+        if model.path is None:
+            raise ValueError("this UNetModel has no weights file (UNetModel.path is None), so a child process "
+                             "cannot load it; save it first or predict in this process (process='main')")
+        return str(model.path)
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return None if model is None else str(model)
+    raise TypeError("model must be a cryoves.model.UNetModel, a path to weights, or None for the default "
+                    f"weights; got {type(model).__name__}")
+
+
+def _memmap_source(tomogram) -> Optional[tuple]:
+    """``(file, dtype, offset, shape)`` of a C-contiguous memory-mapped array (a view of one too), else None."""
+    if not isinstance(tomogram, np.memmap) or not tomogram.flags.c_contiguous or not tomogram.filename:
+        return None
+    base = tomogram
+    while isinstance(base.base, np.ndarray):  # the array that owns the map (a view's offset is not its own)
+        base = base.base
+    if not isinstance(base, np.memmap) or getattr(base, "_mmap", None) is None:
+        return None
+    offset = int(base.offset) + (tomogram.ctypes.data - base.ctypes.data)
+    return (str(tomogram.filename), tomogram.dtype.str, offset, tuple(int(n) for n in tomogram.shape))
+
+
+#: Exceptions of the child process raised again as themselves in the parent (others: RuntimeError).
+_CHILD_ERRORS = {e.__name__: e for e in (ValueError, TypeError, FileNotFoundError, PermissionError, OSError,
+                                         MemoryError, ImportError, KeyError)}
+
+
+def predict_in_child(tomogram, voxel_size: float, model=None, params: SegmentParams | None = None, *,
+                     progress: ProgressCallback = None, workdir=None,
+                     info: Optional[dict] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """:func:`predict_stage` in a child process: the same maps, without TensorFlow's memory here.
+
+    TensorFlow's CPU allocator keeps much of the memory of a prediction until the process ends
+    (~2.5 GB after a 300x1000x1000 tomogram). Here a child process (``multiprocessing``,
+    "spawn") loads the network, runs both passes and writes the maps on the model's grid into
+    files in a temporary folder, then exits; this process maps them, resamples them to the
+    tomogram's grid (:func:`cryoves.predict.to_input_grid`, the same numbers as
+    :func:`cryoves.predict.predict_probability`) and deletes the folder (the maps stay
+    readable while mapped; their pages live in the operating system's file cache). The child
+    runs the large-vesicle pass first, so that its resampled copy of the tomogram is made before
+    TensorFlow holds the memory of a prediction.
+
+    Parameters
+    ----------
+    tomogram : ndarray, shape (Z, Y, X)
+        A memory-mapped array is read by the child from its file; any other array is first
+        written to the temporary folder. Not modified.
+    voxel_size : float
+        nm.
+    model : UNetModel or str or Path, optional
+        The child loads the weights file (``UNetModel.path`` for a model; ``None``: the default
+        weights).
+    params : SegmentParams, optional
+    progress : callable, optional
+        ``progress("predict", done, total)``, forwarded from the child. Raise
+        :class:`cryoves.Cancelled` from it to stop: the child is killed.
+    workdir : str or Path, optional
+        Folder for the temporary files (default: the system's temporary folder); nothing is
+        left there, also on errors, cancellation or Ctrl+C.
+    info : dict, optional
+        Filled with ``device``, ``precision`` and ``weights`` of the child's network.
+
+    Returns
+    -------
+    probability, large : read-only memory-mapped float32 arrays (``large`` None without a large pass)
+
+    Raises
+    ------
+    ValueError, TypeError, OSError, ...
+        An error in the child is raised again with its type and message (its traceback in the
+        exception's notes); other errors, and a child that dies (e.g. killed for memory), as
+        :class:`ChildProcessError` (an :class:`OSError`) naming the error or the exit status.
+    cryoves.Cancelled
+        If the progress callback raises it.
+    """
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from multiprocessing.connection import Connection
+    from pathlib import Path
+
+    params, vs, sp = _stage_start("predict", params, voxel_size, progress)
+    weights = _weights_of(model)
+    if not hasattr(tomogram, "shape") or not hasattr(tomogram, "dtype"):
+        tomogram = np.asarray(tomogram)
+    if tomogram.ndim != 3:
+        raise ValueError(f"tomogram must be a 3-D (Z, Y, X) array, got shape {tuple(tomogram.shape)}")
+    shape = tuple(int(n) for n in tomogram.shape)
+    tmp = Path(tempfile.mkdtemp(prefix="cryoves-predict-", dir=None if workdir is None else str(workdir)))
+    proc = receiver = None
+    try:
+        source = _memmap_source(tomogram)
+        if source is None:  # an array in memory: the child reads it from a file
+            path = tmp / "tomogram.raw"
+            arr = tomogram if isinstance(tomogram, np.ndarray) else np.asarray(tomogram)
+            step = max(1, _predict._SLAB_VOXELS // max(1, shape[1] * shape[2]))
+            with open(path, "wb") as fh:
+                for z0 in range(0, shape[0], step):
+                    np.ascontiguousarray(arr[z0:z0 + step]).tofile(fh)
+            source = (str(path), arr.dtype.str, 0, shape)
+        job = tmp / "job.json"
+        job.write_text(json.dumps({"source": list(source), "voxel_size": vs, "weights": weights,
+                                   "params": params.to_dict(), "tmp": str(tmp), "parent": os.getpid()}))
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ)  # the child imports this very cryoves
+        here = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", "import sys; from cryoves.pipeline import _child_predict; "
+                                     "_child_predict(sys.argv[1], int(sys.argv[2]))", str(job), str(write_fd)],
+                                    pass_fds=(write_fd,), env=env, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(write_fd)
+        receiver = Connection(read_fd, writable=False)
+        result = None
+        while result is None:
+            if receiver.poll(0.1):
+                try:
+                    msg = receiver.recv()
+                except EOFError:
+                    break  # the child ended without a word
+                if msg[0] == "progress":
+                    sp(*msg[1:])
+                elif msg[0] == "done":
+                    result = msg[1]
+                else:  # ("error", type name, message, traceback)
+                    proc.wait()
+                    kind = _CHILD_ERRORS.get(msg[1])
+                    err = (kind(msg[2]) if kind is not None
+                           else ChildProcessError(f"the prediction failed in its child process: {msg[1]}: {msg[2]}"))
+                    err.add_note(f"in the prediction's child process:\n{msg[3]}")
+                    raise err
+            elif proc.poll() is not None and not receiver.poll(0):
+                break
+        receiver.close()
+        proc.wait()
+        if result is None:
+            code = proc.returncode
+            how = (f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}")
+            raise ChildProcessError(f"the prediction's child process {how} before it finished"
+                                    + (" (out of memory?)" if code == -9 else ""))
+        if info is not None:
+            info.update(result["info"])
+        maps = []
+        for name, model_shape in (("probability", result["probability_shape"]), ("large", result["large_shape"])):
+            if model_shape is None:
+                maps.append(None)
+                continue
+            src = tmp / f"{name}_model.f32"
+            if tuple(model_shape) == shape:  # clipped in place
+                final = src
+                m = np.memmap(src, dtype=np.float32, mode="r+", shape=shape)
+                _predict.to_input_grid(m, shape, out=m)
+            else:
+                final = tmp / f"{name}.f32"
+                m = np.memmap(final, dtype=np.float32, mode="w+", shape=shape)
+                _predict.to_input_grid(np.memmap(src, dtype=np.float32, mode="r", shape=tuple(model_shape)),
+                                       shape, out=m)
+            m.flush()
+            del m
+            maps.append(np.memmap(final, dtype=np.float32, mode="r", shape=shape))
+        sp.finish()
+        return maps[0], maps[1]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if receiver is not None and not receiver.closed:
+            receiver.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # mapped files stay readable until unmapped
+
+
+def _child_predict(job_path: str, fd: int) -> None:
+    """The child process of :func:`predict_in_child`: runs the job in ``job_path``, reports on pipe ``fd``."""
+    import json
+    import shutil
+    import signal
+    import traceback
+    from multiprocessing.connection import Connection
+    from pathlib import Path
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C: the parent stops this process
+    conn = Connection(fd, readable=False)
+    try:
+        job = json.loads(Path(job_path).read_text())
+        source, voxel_size, weights = job["source"], job["voxel_size"], job["weights"]
+        params_dict, tmp, parent_pid = job["params"], Path(job["tmp"]), int(job["parent"])
+        from cryoves.predict import _predict_on_model_grid
+
+        def progress(stage, done, total):
+            if os.getppid() != parent_pid:  # the parent is gone: clean up and stop
+                shutil.rmtree(tmp, ignore_errors=True)
+                os._exit(3)
+            conn.send(("progress", stage, int(done), int(total)))
+
+        path, dtype, offset, shape = source
+        tomogram = np.memmap(path, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))
+        from cryoves._tf import compute_device
+        from cryoves.model import get_model, inference_precision
+
+        model = get_model(weights)
+        params = SegmentParams.from_dict(params_dict)
+        vs = float(voxel_size)
+        out = {"info": {"device": compute_device(), "precision": inference_precision(),
+                        "weights": str(model.path or model.card.name)},
+               "probability_shape": None, "large_shape": None}
+        kw = dict(scale=1.0, min_region_radius_nm=None)
+        if params.large_scale is not None:  # first: its resampled tomogram before TensorFlow's retained memory
+            large, _ = _predict_on_model_grid(tomogram, vs, model, progress=progress,
+                                              **{**kw, **params.stage_kwargs("large", vs)})
+            large.tofile(tmp / "large_model.f32")
+            out["large_shape"] = tuple(large.shape)
+            del large
+        card = model.card
+        model_shape = _predict.model_grid_shape(tomogram.shape, vs, card.voxel_size_nm)
+        path = tmp / "probability_model.f32"
+        target = np.memmap(path, dtype=np.float32, mode="w+", shape=model_shape)  # zeros: blended into
+        prob, _ = _predict_on_model_grid(tomogram, vs, model, progress=progress, out=target,
+                                         **{**kw, **params.stage_kwargs("predict", vs)})
+        if prob is not target:  # resampled: a map in memory
+            prob.tofile(path)
+        target.flush()
+        out["probability_shape"] = tuple(prob.shape)
+        del prob, target
+        conn.send(("done", out))
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
+        text = str(err).strip() or type(err).__name__
+        conn.send(("error", type(err).__name__, text, traceback.format_exc()))
+        conn.close()
+        raise SystemExit(1)
+    conn.close()
 
 
 def global_stage(tomogram, probability, voxel_size: float, params: SegmentParams | None = None, *,
@@ -780,7 +1073,8 @@ def outliers_stage(tomogram, table: VesicleTable, voxel_size: float, params: Seg
 
 def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | None = None, mask=None,
             probability=None, large_probability=None, keep_intermediates: bool = True,
-            progress: ProgressCallback = None) -> SegmentationResult:
+            progress: ProgressCallback = None, prediction_process: str = "main",
+            workdir=None) -> SegmentationResult:
     """Find the synaptic vesicles of a tomogram and fit each as a sphere.
 
     Runs :func:`predict_stage`, :func:`global_stage`, :func:`adaptive_stage`,
@@ -816,6 +1110,13 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     progress : callable, optional
         ``progress(stage, done, total)`` with ``stage`` one of :data:`STAGES`. Raise
         :class:`cryoves.Cancelled` from it to stop.
+    prediction_process : {"main", "child", "auto"}
+        Where the network runs (see :func:`predict_stage`): ``"child"`` returns TensorFlow's
+        memory before the post-processing (:func:`predict_in_child`); ``"auto"`` does so for
+        volumes of at least :data:`CHILD_PROCESS_VOXELS` voxels when ``model`` is not a loaded
+        :class:`~cryoves.model.UNetModel` (``cryoves segment`` uses ``"auto"``).
+    workdir : str or Path, optional
+        With a child process: the folder for its temporary files.
 
     Returns
     -------
@@ -839,6 +1140,9 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     params = _stage_params(params)
     params.validate()
     check_inputs(tomogram, voxel_size, params=params, model=model, predict=probability is None, warn=True)
+    # memory-mapped volumes (the tomogram, maps from a child process): the pages a stage read are
+    # dropped from this process after it (they stay in the file cache), here and after every stage
+    release_pages(tomogram)
     if not hasattr(tomogram, "shape") or not hasattr(tomogram, "dtype"):
         tomogram = np.asarray(tomogram)
     if tomogram.ndim != 3:
@@ -854,11 +1158,17 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     # 1. predict ------------------------------------------------------------------------------
     t0 = time.perf_counter()
     large = None  # the large-vesicle pass's regions (SegmentParams.large_scale)
+    prediction = {"process": "main"}
     if probability is None:
         if large_probability is not None:
             raise ValueError("large_probability is used only with probability (a map of the same prediction); "
                              "without probability the network computes both")
-        probability, large = predict_stage(tomogram, vs, model, params, progress=progress)
+        if _use_child(prediction_process, tomogram, model):
+            prediction = {"process": "child"}
+            probability, large = predict_in_child(tomogram, vs, model, params, progress=progress, workdir=workdir,
+                                                  info=prediction)
+        else:
+            probability, large = predict_stage(tomogram, vs, model, params, progress=progress)
     else:
         probability = _check_probability(probability, shape)
         if large_probability is not None:
@@ -869,6 +1179,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     # 2. global threshold ---------------------------------------------------------------------
     t0 = time.perf_counter()
     normalization = intensity_normalization(tomogram)
+    release_pages(tomogram)
     g = global_stage(tomogram, probability, vs, params, large=large, mask=mask, normalization=normalization,
                      progress=progress)
     if not keep_intermediates:
@@ -879,6 +1190,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     labels = g.labels
     if keep_intermediates:
         stage_labels["global"] = labels
+    _release_pages(tomogram, probability, large)
     timings["global"] = time.perf_counter() - t0
 
     g_threshold = g.threshold
@@ -891,6 +1203,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
                             overwrite_labels=not keep_intermediates, progress=progress)
     if keep_intermediates:
         stage_labels["adaptive"] = labels
+    _release_pages(tomogram, probability, large)
     timings["adaptive"] = time.perf_counter() - t0
 
     # 4. sphere refinement --------------------------------------------------------------------
@@ -900,6 +1213,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     stage_tables["refine"] = table
     if keep_intermediates:
         stage_labels["refine"] = render_labels(table, shape)
+    _release_pages(tomogram, probability, large)
     timings["refine"] = time.perf_counter() - t0
 
     # 5. outliers -----------------------------------------------------------------------------
@@ -909,10 +1223,12 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     final = render_labels(table, shape)
     if keep_intermediates:
         stage_labels["outliers"] = final
+    _release_pages(tomogram, probability, large)
     timings["outliers"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
     warnings_ = check_result(tomogram, table, vs, params=params, warn=True)  # implausible: ResultWarning
 
     return SegmentationResult(table=table, labels=final, probability=probability, stage_labels=stage_labels,
                               stage_tables=stage_tables, threshold=threshold, timings=timings,
-                              params=params, voxel_size=vs, warnings=list(warnings_), large_probability=large)
+                              params=params, voxel_size=vs, warnings=list(warnings_), large_probability=large,
+                              prediction=prediction)

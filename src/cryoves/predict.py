@@ -59,7 +59,7 @@ from cryoves._progress import ProgressCallback, report
 from cryoves.io import release_pages
 from cryoves.table import check_voxel_size
 
-__all__ = ["predict_probability", "large_regions", "plan_tiles", "TilePlan", "resample", "normalize", "preprocess",
+__all__ = ["predict_probability", "to_input_grid", "model_grid_shape", "large_regions", "plan_tiles", "TilePlan", "resample", "normalize", "preprocess",
            "DEFAULT_MAX_TILE_VOXELS", "DEFAULT_BLEND"]
 
 #: Default memory budget: voxels per network call (tile voxels x batch). The folded
@@ -248,7 +248,7 @@ def plan_tiles(shape: Sequence[int], divisor: int = 4, halo: int = 23,
 # Resampling and normalisation
 # --------------------------------------------------------------------------------------
 def resample(volume: np.ndarray, shape: Sequence[int], order: int = 1,
-             anti_alias: bool = True) -> np.ndarray:
+             anti_alias: bool = True, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Resample a volume onto a grid of ``shape`` covering the same physical box.
 
     Voxel edges of both grids coincide (``grid_mode=True``): voxel ``i`` of the output
@@ -265,24 +265,59 @@ def resample(volume: np.ndarray, shape: Sequence[int], order: int = 1,
     anti_alias : bool
         Gaussian low-pass (``sigma = (n_in/n_out - 1) / 2`` input voxels) on axes that
         shrink, to avoid aliasing.
+    out : ndarray of float32, optional
+        Write the result here (e.g. a memory-mapped file), shape ``shape``.
 
     Returns
     -------
     ndarray of float32
+        ``out`` when given.
     """
     vol = np.asarray(volume, dtype=np.float32)
     shape = tuple(int(s) for s in shape)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != np.float32):
+        raise ValueError(f"out must be a float32 array of shape {shape}, got {out.dtype} {tuple(out.shape)}")
     if shape == vol.shape:
-        return vol.copy()
+        if out is None:
+            return vol.copy()
+        out[...] = vol
+        return out
     factors = tuple(o / i for o, i in zip(shape, vol.shape))
     if anti_alias and any(f < 1 for f in factors):
         sigma = [max(0.0, (1.0 / f - 1.0) / 2.0) for f in factors]
-        vol = ndimage.gaussian_filter(vol, sigma=sigma, mode="mirror")
-    out = ndimage.zoom(vol, factors, order=order, mode="nearest", grid_mode=True,
+        vol = _gaussian_filter(vol, sigma, mode="mirror")
+    out = ndimage.zoom(vol, factors, output=out, order=order, mode="nearest", grid_mode=True,
                        prefilter=False)
     if out.shape != shape:  # pragma: no cover - zoom rounds shape*factor, exact here
         raise RuntimeError(f"resampling produced {out.shape}, expected {shape}")
     return out.astype(np.float32, copy=False)
+
+
+def _gaussian_filter(vol: np.ndarray, sigma: Sequence[float], mode: str) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(vol, sigma, mode=mode)`` (a new float32 array), the same numbers.
+
+    As scipy does, one 1-D filter per axis, each on the previous one's output; the first reads
+    ``vol`` block by block (blocks along an axis it does not filter) and releases a memory-mapped
+    ``vol``'s pages after each (:func:`cryoves.io.release_pages`), so that the input is not held
+    in memory next to the result.
+    """
+    axes = [(ax, float(s)) for ax, s in enumerate(sigma) if s > 1e-15]  # scipy's own rule
+    out = np.empty(vol.shape, dtype=np.float32)
+    if not axes:
+        out[...] = vol
+        return out
+    (ax0, s0), rest = axes[0], axes[1:]
+    other = next(a for a in range(vol.ndim) if a != ax0)
+    step = max(1, _SLAB_VOXELS // max(1, vol.size // max(1, vol.shape[other])))
+    for i in range(0, vol.shape[other], step):
+        idx = [slice(None)] * vol.ndim
+        idx[other] = slice(i, i + step)
+        idx = tuple(idx)
+        ndimage.gaussian_filter1d(np.asarray(vol[idx], dtype=np.float32), s0, ax0, output=out[idx], mode=mode)
+        release_pages(vol)
+    for ax, s in rest:
+        ndimage.gaussian_filter1d(out, s, ax, output=out, mode=mode)
+    return out
 
 
 def _subsample(vol: np.ndarray, n_max: int = _STATS_VOXELS) -> np.ndarray:
@@ -504,6 +539,20 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
     cryoves.Cancelled
         If the progress callback raises it.
     """
+    prob, in_shape = _predict_on_model_grid(
+        tomogram, voxel_size, model, tile_shape=tile_shape, halo=halo, batch_size=batch_size, tta=tta,
+        progress=progress, blend=blend, max_tile_voxels=max_tile_voxels, preprocessing=preprocessing, scale=scale,
+        min_region_radius_nm=min_region_radius_nm)
+    return to_input_grid(prob, in_shape)
+
+
+def _predict_on_model_grid(tomogram, voxel_size, model, *, tile_shape, halo, batch_size, tta, progress, blend,
+                           max_tile_voxels, preprocessing, scale, min_region_radius_nm, out=None):
+    """Steps 1-4 of :func:`predict_probability`: the map on the model grid (not clipped), and the input shape.
+
+    ``out``: a zeroed float32 array (e.g. a memory-mapped file) of the model-grid shape to
+    accumulate into; used only when the volume needs no resampling (else ignored).
+    """
     tomogram, vs = _check_input(tomogram, voxel_size)
     model = _resolve_model(model)
     card = model.card
@@ -520,18 +569,21 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
 
     # 1. resample to the model's voxel size (at this scale)
     factor = vs * scale / card.voxel_size_nm
-    if abs(factor - 1.0) <= _RESAMPLE_RTOL:
-        model_shape = in_shape
+    model_shape = model_grid_shape(in_shape, vs, card.voxel_size_nm, scale)
+    if model_shape == in_shape and abs(factor - 1.0) <= _RESAMPLE_RTOL:
         vol = tomogram
     else:
-        model_shape = tuple(max(1, int(round(s * factor))) for s in in_shape)
         vol = resample(tomogram, model_shape, order=1, anti_alias=True)
 
     # 2.-3. invert, smooth, normalise; tiles
     rf_width, rf_radius = model.receptive_field
     halo = rf_radius if halo is None else int(halo)
-    streamed = vol is tomogram and int(np.prod(model_shape)) >= STREAM_VOXELS
-    budget = min(max_tile_voxels, STREAM_MAX_TILE_VOXELS) if streamed else max_tile_voxels
+    large_volume = int(np.prod(model_shape)) >= STREAM_VOXELS
+    streamed = vol is tomogram and large_volume
+    # a large volume (streamed or resampled, e.g. the large-vesicle pass) gets the smaller budget
+    budget = min(max_tile_voxels, STREAM_MAX_TILE_VOXELS) if large_volume else max_tile_voxels
+    if out is not None and (vol is not tomogram or tuple(out.shape) != model_shape):
+        out = None
     plan = plan_tiles(model_shape, divisor=model.divisor, halo=halo, blend=blend, tile_shape=tile_shape,
                       max_tile_voxels=budget)
     pad_mode = "reflect" if min(model_shape) > 1 else "edge"
@@ -540,25 +592,83 @@ def predict_probability(tomogram, voxel_size: float, model=None, *,
         # input, the same numbers without a preprocessed copy of the whole volume
         fetch = _StreamedTiles(tomogram, card.preprocessing, plan, pad_mode)
         prob = _predict_tiles(None, model, plan, batch_size, tta, progress, budget,
-                              out_shape=model_shape, fetch=fetch)
+                              out_shape=model_shape, fetch=fetch, out=out)
         release_pages(tomogram)
     else:
         vol = preprocess(vol, card.preprocessing, copy=vol is tomogram)  # in place on our own copy
         release_pages(tomogram)
-        pad = [(0, p - s) for p, s in zip(plan.shape, model_shape)]
-        if any(after for _, after in pad):
-            vol = np.pad(vol, pad, mode=pad_mode)
-        prob = _predict_tiles(vol, model, plan, batch_size, tta, progress, max_tile_voxels,
-                              out_shape=model_shape)
+        # padding by index (as numpy.pad does it): tiles read the volume, no padded copy of it
+        fetch = _PaddedTiles(vol, plan, pad_mode)
         del vol
+        prob = _predict_tiles(None, model, plan, batch_size, tta, progress, budget,
+                              out_shape=model_shape, fetch=fetch, out=out)
+        del fetch
     if min_region_radius_nm is not None:  # on the model grid: vs / factor nm per voxel
         prob = large_regions(prob, vs / factor, min_region_radius_nm)
+    return prob, in_shape
 
-    # 4. back to the input grid
-    if model_shape != in_shape:
-        prob = resample(prob, in_shape, order=1, anti_alias=False)
-    np.clip(prob, 0.0, 1.0, out=prob)
-    return np.ascontiguousarray(prob, dtype=np.float32)
+
+def model_grid_shape(shape: Sequence[int], voxel_size: float, model_voxel_size: float,
+                     scale: float = 1.0) -> Tuple[int, int, int]:
+    """Shape of a tomogram on the model's grid (:func:`predict_probability`, step 1).
+
+    Parameters
+    ----------
+    shape : sequence of 3 int
+        The tomogram's shape.
+    voxel_size, model_voxel_size : float
+        nm per voxel of the tomogram and of the model (``model.card.voxel_size_nm``).
+    scale : float
+        As in :func:`predict_probability`.
+
+    Returns
+    -------
+    tuple of 3 int
+        ``shape`` itself when the voxel sizes (times ``scale``) agree within 1 %.
+    """
+    shape = tuple(int(s) for s in shape)
+    factor = float(voxel_size) * float(scale) / float(model_voxel_size)
+    if abs(factor - 1.0) <= _RESAMPLE_RTOL:
+        return shape
+    return tuple(max(1, int(round(s * factor))) for s in shape)
+
+
+def to_input_grid(prob: np.ndarray, shape: Sequence[int], out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Step 5 of :func:`predict_probability`: a model-grid map resampled (linear) to ``shape``, clipped to [0, 1].
+
+    Parameters
+    ----------
+    prob : ndarray
+        Map on the model grid. Modified (clipped) when it already has ``shape`` and ``out`` is None.
+    shape : sequence of 3 int
+        The tomogram's shape.
+    out : ndarray of float32, optional
+        Write the result here (e.g. a memory-mapped file); its pages are released as it is
+        filled (:func:`cryoves.io.release_pages`).
+
+    Returns
+    -------
+    ndarray of float32, C-contiguous (``out`` when given)
+    """
+    shape = tuple(int(s) for s in shape)
+    step = _slab_rows(shape)
+    if tuple(prob.shape) != shape:
+        prob = resample(prob, shape, order=1, anti_alias=False, out=out)
+    elif out is not None and out is not prob:
+        for z0 in range(0, shape[0], step):
+            out[z0:z0 + step] = prob[z0:z0 + step]
+    if out is None:
+        np.clip(prob, 0.0, 1.0, out=prob)
+        return np.ascontiguousarray(prob, dtype=np.float32)
+    for z0 in range(0, shape[0], step):  # slab by slab: the map's pages need not stay resident
+        np.clip(out[z0:z0 + step], 0.0, 1.0, out=out[z0:z0 + step])
+        release_pages(out)
+    return out
+
+
+def _slab_rows(shape) -> int:
+    """Planes per slab of about :data:`_SLAB_VOXELS` voxels."""
+    return max(1, _SLAB_VOXELS // max(1, int(shape[1]) * int(shape[2])))
 
 
 def _check_scale(scale) -> float:
@@ -592,13 +702,16 @@ def large_regions(probability: np.ndarray, voxel_size: float, min_radius_nm: flo
     -------
     ndarray of float32, same shape
     """
+    from cryoves.threshold import _label_counts, _label_small
+
     vs = check_voxel_size(voxel_size)
     prob = np.asarray(probability, dtype=np.float32)
-    labels, n = ndimage.label(prob > 0.5)
+    # uint16 labels when they fit, counted slab by slab: no int32/int64 volume-sized temporaries
+    labels, n = _label_small(prob > 0.5, ndimage.generate_binary_structure(3, 1))
     out = np.zeros(prob.shape, dtype=np.float32)
     if n == 0:
         return out
-    sizes = np.bincount(labels.ravel())
+    sizes = _label_counts(labels)
     keep = sizes >= (4.0 / 3.0) * math.pi * (float(min_radius_nm) / vs) ** 3
     keep[0] = False
     if not keep.any():
@@ -621,6 +734,26 @@ _SLAB_VOXELS = 16 * 2 ** 20  # voxels per slab of the statistics pass
 #: tomogram (CPU): peak RSS while predicting 4.3 GB with this budget (98 tiles of 180x192x192, 2.17x
 #: the voxels through the network), 5.6 GB with the default 9 M (70 tiles, 2.0x).
 STREAM_MAX_TILE_VOXELS = 7_000_000
+
+
+class _PaddedTiles:
+    """Tiles of ``np.pad(vol, ..., mode=pad_mode)`` up to ``plan.shape``, read from ``vol`` (no padded copy)."""
+
+    def __init__(self, vol: np.ndarray, plan: TilePlan, pad_mode: str):
+        self.vol = vol
+        self.index = [np.pad(np.arange(n), (0, p - n), mode=pad_mode) for n, p in zip(vol.shape, plan.shape)]
+        self.tile = plan.tile_shape
+
+    def __call__(self, z: int, y: int, x: int) -> np.ndarray:
+        idx = [ind[s:s + t] for ind, s, t in zip(self.index, (z, y, x), self.tile)]
+        return _take_box(self.vol, idx)
+
+
+def _take_box(vol: np.ndarray, idx) -> np.ndarray:
+    """``vol[np.ix_(*idx)]``; a view (slices) where every index run is contiguous."""
+    if all(len(i) == i[-1] - i[0] + 1 and np.all(np.diff(i) == 1) for i in idx):
+        return vol[tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)]
+    return vol[np.ix_(*idx)]
 
 
 class _StreamedTiles:
@@ -680,20 +813,20 @@ class _StreamedTiles:
         release_pages(self.src)  # the tile is copied: the map's pages need not stay resident
         a -= self.offset
         a *= self.scale
-        local = [i - b.start for i, b in zip(idx, box)]
-        if all(len(loc) == loc[-1] - loc[0] + 1 and np.all(np.diff(loc) == 1) for loc in local):
-            return a[tuple(slice(int(loc[0]), int(loc[-1]) + 1) for loc in local)]
-        return a[np.ix_(*local)]
+        return _take_box(a, [i - b.start for i, b in zip(idx, box)])
 
 
 def _predict_tiles(vol: Optional[np.ndarray], model, plan: TilePlan, batch_size, tta: bool,
                    progress: ProgressCallback, max_tile_voxels: int,
-                   out_shape: Optional[Sequence[int]] = None, fetch=None) -> np.ndarray:
+                   out_shape: Optional[Sequence[int]] = None, fetch=None,
+                   out: Optional[np.ndarray] = None) -> np.ndarray:
     """Run the network over the tiles of ``plan`` and blend.
 
     ``vol`` is the preprocessed volume, already padded to ``plan.shape``, or None when
     ``fetch(z, y, x)`` makes each preprocessed tile. The result has ``out_shape`` (default
-    ``plan.shape``): the padded margin beyond it is never stored.
+    ``plan.shape``): the padded margin beyond it is never stored. ``out``: a zeroed float32
+    array of that shape to blend into (a memory-mapped file: its pages are released after every
+    batch, so the map is not held in this process's memory); default: a new array.
     """
     net = model.inference_model()
     tile = plan.tile_shape
@@ -711,7 +844,10 @@ def _predict_tiles(vol: Optional[np.ndarray], model, plan: TilePlan, batch_size,
     index = [{s: i for i, s in enumerate(plan.starts[ax])} for ax in range(3)]
 
     out_shape = tuple(plan.shape) if out_shape is None else tuple(int(n) for n in out_shape)
-    out = np.zeros(out_shape, dtype=np.float32)
+    if out is None:
+        out = np.zeros(out_shape, dtype=np.float32)
+    elif tuple(out.shape) != out_shape or out.dtype != np.float32:
+        raise ValueError(f"out must be a float32 array of shape {out_shape}, got {out.dtype} {tuple(out.shape)}")
     if fetch is None:
         def fetch(z, y, xx):
             return vol[z:z + tile[0], y:y + tile[1], xx:xx + tile[2]]
@@ -735,6 +871,7 @@ def _predict_tiles(vol: Optional[np.ndarray], model, plan: TilePlan, batch_size,
             if kz > 0 and ky > 0 and kx > 0:  # a tile can lie wholly in the padded margin
                 out[z:z + kz, y:y + ky, xx:xx + kx] += p[:kz, :ky, :kx] * w[:kz, :ky, :kx]
         del y_pred
+        release_pages(out)  # a memory-mapped out: its pages stay in the file, not in this process
         report(progress, "predict", b + 1, n_batches)
 
     # The weight sum is separable: sum over the tile grid of products of 1-D weights.
@@ -746,7 +883,11 @@ def _predict_tiles(vol: Optional[np.ndarray], model, plan: TilePlan, batch_size,
         if np.any(acc <= 0):  # pragma: no cover - guaranteed by plan_tiles
             raise RuntimeError("tile plan leaves voxels uncovered")
         wsum.append((1.0 / acc).astype(np.float32)[: out_shape[ax]])
-    out *= wsum[0][:, None, None]
-    out *= wsum[1][None, :, None]
-    out *= wsum[2][None, None, :]
+    step = _slab_rows(out_shape)
+    for z0 in range(0, out_shape[0], step):  # slab by slab (the same products, voxel by voxel)
+        sl = out[z0:z0 + step]
+        sl *= wsum[0][z0:z0 + step, None, None]
+        sl *= wsum[1][None, :, None]
+        sl *= wsum[2][None, None, :]
+        release_pages(out)
     return out

@@ -183,6 +183,7 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         pv.append(ps.ravel()[idx])
         mv.append(pmin.ravel()[idx])
         iv.append(np.asarray(tomogram[z0:z1]).ravel()[idx])
+        release_pages(p)  # a memory-mapped map: read again from the file cache when needed
     pv = np.concatenate(pv).astype(np.float64)
     mv = np.concatenate(mv).astype(np.float64)
     iv = np.concatenate(iv).astype(np.float64)
@@ -210,7 +211,12 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         best = float(ts[0])
     else:
         best = float(ts[int(np.nanargmin(means_sorted))])
-    labels, _ = ndi.label(p >= best, structure=_structure(connectivity), output=np.int32)
+    above = np.empty(p.shape, dtype=bool)
+    for z0 in range(0, n_z, step):  # slab by slab: a memory-mapped map's pages are released as read
+        np.greater_equal(p[z0:z0 + step], best, out=above[z0:z0 + step])
+        release_pages(p)
+    labels, _ = ndi.label(above, structure=_structure(connectivity), output=np.int32)
+    del above
     report(progress, "global threshold", 2, 2)
     return GlobalThresholdResult(threshold=best, labels=labels, thresholds=thresholds,
                                  shell_means=shell_means, shell_counts=shell_counts)
@@ -524,9 +530,11 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
     grow_pad = int(np.ceil(2 * r_min)) + 2
     t_grid = np.arange(threshold - step, grow_min - 1e-9, -step)
     n_lab = len(slices)
+    release_pages(probability)
     for lab in range(1, n_lab + 1):
         if lab % 64 == 0:
             report(progress, "adaptive threshold", (lab * total) // (n_lab + 1), total)
+            release_pages(probability)  # a memory-mapped map: its pages are not held here
         sl = slices[lab - 1]
         if sl is None or vols[lab] >= k or len(t_grid) == 0:
             continue
@@ -559,6 +567,8 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
         if best is not None:
             sub[best] = lab
             out[sl] = sub
+
+    release_pages(probability)
 
     # ---- 3. drop non-spherical and small segments --------------------------------------
     stats = segment_stats(out)
@@ -720,20 +730,30 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
             idx = np.flatnonzero(np.isin(out, frag_ids))
             frag = (idx, flat[idx].copy())
             flat[idx] = 0
-    # 2. candidates
+    # 2. candidates: voxels of probability >= low_threshold farther than 2 voxels (6-connected steps)
+    # from every segment, slab by slab (a slab's dilation sees two more planes on each side)
     p = np.asarray(probability, dtype=np.float32)
-    cand = p >= np.float32(low_threshold)
-    n_belief = int(np.count_nonzero(cand))
-    if out.max() > 0:
-        near = ndi.binary_dilation(out > 0, structure=_structure(1), iterations=2)
-        np.logical_not(near, out=near)
-        cand &= near
-        del near
+    low = np.float32(low_threshold)
+    cand = np.empty(shape, dtype=bool)
+    n_belief = 0
+    any_segment = out.max() > 0
+    step = max(1, _SLAB_VOXELS // max(1, shape[1] * shape[2]))
+    for z0 in range(0, shape[0], step):
+        z1 = min(shape[0], z0 + step)
+        c = cand[z0:z1]
+        np.greater_equal(p[z0:z1], low, out=c)
+        release_pages(p)
+        n_belief += int(np.count_nonzero(c))
+        if any_segment:
+            a0, a1 = max(0, z0 - 2), min(shape[0], z1 + 2)
+            near = ndi.binary_dilation(out[a0:a1] > 0, structure=_structure(1), iterations=2)
+            c &= ~near[z0 - a0: z1 - a0]
     if n_belief == 0 or np.count_nonzero(cand) < min_weak_fraction * n_belief:
         # a confident map: the half-beliefs left over are more often look-alikes (measured: true
         # vesicles are not lost by such maps, distractors with a clear membrane are rescued)
         return _restore_fragments(out, frag)
-    comp, n = ndi.label(cand, structure=structure)
+    comp, n = _label_small(cand, structure)
+    del cand
     report(progress, "weak segments", 0, max(n, 1))
     if n == 0:
         return _restore_fragments(out, frag)
@@ -834,10 +854,19 @@ def _map_is_weak(probability, labels, low_threshold, min_weak_fraction, min_volu
         if near.any():
             near = ndi.binary_dilation(near, structure=_structure(1), iterations=2)
         above = np.asarray(probability[z0:z1], dtype=np.float32) >= low
+        release_pages(probability)
         n_belief += int(np.count_nonzero(above))
         above &= ~near[z0 - a0: z1 - a0]
         n_cand += int(np.count_nonzero(above))
     return n_belief > 0 and not n_cand < min_weak_fraction * n_belief
+
+
+def _label_small(mask: np.ndarray, structure) -> tuple[np.ndarray, int]:
+    """``ndi.label(mask, structure)`` as uint16 when the components fit (half the memory of int32), else int32."""
+    try:
+        return ndi.label(mask, structure=structure, output=np.uint16)
+    except RuntimeError:  # "insufficient bit-depth": more than 65535 components
+        return ndi.label(mask, structure=structure, output=np.int32)
 
 
 def _int32_labels(labels, overwrite: bool) -> np.ndarray:

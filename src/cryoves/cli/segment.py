@@ -33,6 +33,7 @@ summary and the exit status are the same (:mod:`cryoves.batch`).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
@@ -49,6 +50,9 @@ FORMATS = ("csv", "labels", "pyto", "star", "mod")
 #: Defaults shown by ``--help`` (those of :class:`cryoves.pipeline.SegmentParams`, checked by a
 #: test; not imported here so that ``cryoves --help`` and input errors stay fast).
 HELP_DEFAULTS = {"p_threshold": 0.01, "min_radius_nm": 12.0}
+#: :data:`cryoves.pipeline.CHILD_PROCESS_VOXELS` (checked by a test; not imported, as above): tomograms
+#: this large are predicted in a child process, so the U-Net is not loaded here for them.
+CHILD_PROCESS_VOXELS = 64 * 2 ** 20
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -254,6 +258,17 @@ def _check_input_file(path: Path, what: str) -> None:
         raise FileNotFoundError(f"{what} file not found: {path}")
 
 
+def _predicted_in_child(tomo: Path) -> bool:
+    """Whether :func:`cryoves.batch.segment_one` predicts this tomogram in a child process (from its header)."""
+    from cryoves import io as cio
+
+    try:
+        shape = cio.read_mrc_header(tomo).shape
+    except (OSError, ValueError):
+        return False
+    return math.prod(shape) >= CHILD_PROCESS_VOXELS
+
+
 def _check_header(tomo: Path, args, min_radius_nm: float) -> list[str]:
     """Validate a tomogram from its header alone (no data read); returns warnings."""
     from cryoves import io as cio
@@ -439,10 +454,11 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
     model_box = []
     loader = _ModelLoader(args.weights)
     local = [False]  # tomograms segmented in this process (not on a dask cluster)
+    large = [False]  # the tomogram at hand is predicted in a child process: no model here
 
     def get_params():  # the pipeline is imported only now (1.5-3 s), after the first tomogram is read
         if not params_box:
-            if local[0] and not model_box:
+            if local[0] and not model_box and not large[0]:
                 # the first tomogram is read and its values checked: TensorFlow is imported and the
                 # U-Net built in the background while the pipeline is imported here
                 _info(args, "loading the U-Net")
@@ -493,6 +509,7 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
         local[0] = True
         for i, (tomo, mask, folder) in enumerate(plan):
             _info(args, f"[{i + 1}/{len(plan)}] {tomo}" if not single else f"reading {tomo}")
+            large[0] = _predicted_in_child(tomo)
             bars = _Bars(_stem(tomo), args.quiet)
             try:
                 outcome = run_one(tomo, mask, folder, options, get_params, get_model, progress=bars, warn=_warn)
