@@ -126,7 +126,7 @@ class EditorWidget(QWidget):
         self._bound: list[tuple[object, str, object]] = []
         self._shortcuts: list = []  # QShortcut objects of CANVAS_SHORTCUTS
         self._modifier_filter = None  # _BareModifierFilter of the canvas
-        self._gc_held = False  # this widget holds a gc.freeze (while editing)
+        self._gc_hold: _GcHold | None = None  # this widget's hold of the gc.freeze (while editing)
         self._filtered_canvas = None
         self._finetuned: Path | None = None
         self.restore_answer: bool | None = None
@@ -416,9 +416,11 @@ class EditorWidget(QWidget):
         self.editor = editor
         editor.on_change(self._on_edit)
         self._attach_layers()
-        if not self._gc_held:
-            _hold_gc()  # after the layers are attached: what exists now is frozen
-            self._gc_held = True
+        if self._gc_hold is None:
+            # after the layers are attached: what exists now is frozen; released when editing
+            # stops, or when the widget is deleted with its viewer while editing
+            self._gc_hold = _GcHold()
+            self.destroyed.connect(self._gc_hold.release)
         self._set_editing_enabled(True)
         self._last_ids = np.asarray(editor.table.ids).copy()
         self._refresh_points()
@@ -482,9 +484,9 @@ class EditorWidget(QWidget):
                 pass
         self._labels_visible_before = None
         self.editor = None
-        if self._gc_held:
-            self._gc_held = False
-            _release_gc()
+        hold, self._gc_hold = self._gc_hold, None
+        if hold is not None:
+            hold.release()
         self._queue = []
         self.set_mode("navigate")
         self._set_editing_enabled(False)
@@ -1218,38 +1220,44 @@ class EditorWidget(QWidget):
         self.runner.start(work, done, "Re-prediction")
 
 
-_GC_HOLDS = 0  # editors now editing (each holds the freeze of _hold_gc)
+_GC_HOLDS = 0  # editors now editing (each holds the freeze of _GcHold)
 _GC_OURS = False  # the freeze is ours (nothing else had frozen objects before)
 
 
-def _hold_gc() -> None:
-    """Exclude the objects that exist now from Python's cyclic garbage collector, while editing.
+class _GcHold:
+    """While held, the objects that existed when the first hold began are out of the scans of
+    Python's cyclic garbage collector (``gc.freeze``).
 
-    A napari session holds a few 100,000 objects; a full collection scans them all (0.1-0.35 s,
-    measured during the editor benchmark), and the collector starts one by itself now and then,
-    in the middle of a click. After ``gc.freeze()`` a collection scans only the objects made
-    since; :func:`_release_gc` puts the frozen ones back when the last editor stops (a cycle among
-    them that became garbage meanwhile is then collected as usual). Nothing is done when something
-    else froze objects before (its freeze is left as it is).
+    A napari session holds several 100,000 objects; a full collection scans them all (0.1-0.35 s
+    measured during the editor benchmark), and the collector starts one by itself now and then, in
+    the middle of a click. Frozen, a collection scans only the objects made since. When the last
+    hold is released the frozen objects are put back (a cycle among them that became garbage
+    meanwhile is then collected as usual). Nothing is done when something else had frozen objects
+    before (its freeze is left as it is). :meth:`release` may be called more than once.
     """
-    import gc
 
-    global _GC_HOLDS, _GC_OURS
-    _GC_HOLDS += 1
-    if _GC_HOLDS == 1 and gc.get_freeze_count() == 0:
-        gc.collect()  # not to freeze garbage
-        gc.freeze()
-        _GC_OURS = True
+    def __init__(self):
+        import gc
 
+        global _GC_HOLDS, _GC_OURS
+        self._held = True
+        _GC_HOLDS += 1
+        if _GC_HOLDS == 1 and gc.get_freeze_count() == 0:
+            gc.collect()  # not to freeze garbage
+            gc.freeze()
+            _GC_OURS = True
 
-def _release_gc() -> None:
-    import gc
+    def release(self, *_) -> None:
+        import gc
 
-    global _GC_HOLDS, _GC_OURS
-    _GC_HOLDS = max(0, _GC_HOLDS - 1)
-    if _GC_HOLDS == 0 and _GC_OURS:
-        gc.unfreeze()
-        _GC_OURS = False
+        global _GC_HOLDS, _GC_OURS
+        if not self._held:
+            return
+        self._held = False
+        _GC_HOLDS = max(0, _GC_HOLDS - 1)
+        if _GC_HOLDS == 0 and _GC_OURS:
+            gc.unfreeze()
+            _GC_OURS = False
 
 
 #: Qt's modifier keys -> their names in napari's key bindings (resolved on first use).
