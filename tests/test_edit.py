@@ -649,3 +649,33 @@ def test_reading_gives_the_table_itself_under_the_lock(scene):
         assert t.row(2)["status"] == "accepted"
     worker.join(10)
     assert done.is_set() and ed.row(2)["status"] == "removed"
+
+
+@pytest.mark.parametrize("note", ["", 'a note, with "quotes"\nand a line break'])
+def test_autosave_text_is_the_whole_tables_after_random_edits(scene, tmp_path, note):
+    """The autosave formats again only the rows of the vesicles changed since its last write; the
+    file is still, byte for byte, cryoves.io's CSV of the whole current table, through edits,
+    undo and redo, adds and their undo (rows appended and dropped), with or without notes that
+    the CSV must quote over several lines."""
+    from cryoves.io import vesicles_csv_text
+
+    tomo, centers, radii, base = scene
+    base = base.copy()
+    base["note"] = np.array([note if k % 3 == 0 else "" for k in range(len(base))], dtype=object)
+    csv = tmp_path / "auto.csv"
+    ed = VesicleEditor(tomo, base, VOXEL, autosave_path=csv)
+    rng = np.random.default_rng(7)
+    for n in range(6, 61, 6):
+        _random_edits(ed, centers, rng, n)
+        for _ in range(int(rng.integers(0, 4))):
+            ed.undo()
+        for _ in range(int(rng.integers(0, 3))):
+            ed.redo()
+        ed.flush_autosave(timeout=30)
+        assert csv.read_text(encoding="utf-8") == vesicles_csv_text(ed.table)
+    while ed.can_undo:
+        ed.undo()
+    ed.flush_autosave(timeout=30)
+    assert csv.read_text(encoding="utf-8") == vesicles_csv_text(ed.table)
+    assert same_table(read_vesicles_csv(csv), ed.table)
+    ed.close()

@@ -990,7 +990,8 @@ class VesicleEditor:
         if self._replaying:
             return
         if self._autosaver is not None:
-            self._autosaver.request(self._snapshot)  # copied by the autosave thread, when it writes
+            # copied by the autosave thread, when it writes; only the changed rows are formatted again
+            self._autosaver.request(self._snapshot, ids=event.ids)
         for cb in list(self._callbacks):
             cb(event)
 
@@ -1110,12 +1111,58 @@ class _LogSyncer:
         self.check()
 
 
+class _CsvRows:
+    """The CSV text of a table (:func:`cryoves.io.vesicles_csv_text`, the same text), rebuilt
+    from the previous text's lines: only the rows of the vesicles changed since are formatted
+    again.
+
+    Formatting every number of 1,000 rows takes ~12 ms of CPU, all of it holding the
+    interpreter's lock: an autosave running in its thread when the next click comes delays that
+    click by as much (the edit waits for the lock). Reformatting the few changed rows takes
+    ~0.1 ms. Every line is cryoves.io's own formatting of that row, so the text is the whole
+    table's; when a field holds a line break (a note) the rows are formatted one by one.
+    """
+
+    def __init__(self):
+        self._header: str | None = None
+        self._lines: dict[int, str] = {}  # vesicle id -> its CSV line, "\n" included
+
+    def text(self, table: VesicleTable, changed=None) -> str:
+        """CSV text of ``table``; ``changed``: the ids whose rows may differ from the last call's
+        table (None: all of them)."""
+        from cryoves.io import vesicles_csv_text
+
+        header = vesicles_csv_text(table.select(np.empty(0, np.int64)))
+        ids = table.ids.tolist()
+        if changed is None or header != self._header:
+            self._header, self._lines = None, {}
+            full = vesicles_csv_text(table)
+            body = full[len(header):].split("\n")
+            if len(body) == len(ids) + 1:  # one line per row: no line break inside a field
+                self._lines = {i: line + "\n" for i, line in zip(ids, body)}
+            else:
+                self._lines = {i: vesicles_csv_text(table.select([k]))[len(header):] for k, i in enumerate(ids)}
+            self._header = header
+            return full
+        present = set(ids)
+        # a row added after the request this write serves is new here too (its request comes next)
+        changed = {int(i) for i in changed} | (present - self._lines.keys())
+        for vid in changed - present:
+            self._lines.pop(vid, None)
+        todo = changed & present
+        rows = np.flatnonzero(np.isin(table.ids, np.fromiter(todo, np.int64, len(todo))))
+        for k in rows.tolist():
+            self._lines[ids[k]] = vesicles_csv_text(table.select([k]))[len(header):]
+        return header + "".join([self._lines[i] for i in ids])
+
+
 class _Autosaver:
     """Writes the latest requested table to a CSV file in a background thread.
 
     A write starts once edits pause for ``delay`` seconds (at the latest ``max_delay`` seconds
     after the first unsaved edit) or when :meth:`flush` asks; requests in between coalesce, so
-    the writer does not compete with a burst of edits for the interpreter.
+    the writer does not compete with a burst of edits for the interpreter. Only the rows of the
+    ids named by the requests since the last write are formatted again (:class:`_CsvRows`).
     """
 
     def __init__(self, path: Path, delay: float = 0.12, max_delay: float = 3.0):
@@ -1131,17 +1178,27 @@ class _Autosaver:
         self._busy = False
         self._closed = False
         self._error: BaseException | None = None
+        self._changed: set[int] | None = None  # ids changed since the last write (None: all)
+        self._rows = _CsvRows()
         self._thread = threading.Thread(target=self._run, name=f"cryoves-autosave-{path.name}", daemon=True)
         self._thread.start()
 
-    def request(self, table) -> None:
-        """Write ``table`` (a VesicleTable, or a callable returning one, called when the write is due)."""
+    def request(self, table, ids=None) -> None:
+        """Write ``table`` (a VesicleTable, or a callable returning one, called when the write is due).
+
+        ``ids``: the vesicles whose rows changed since the previous request (None: any row may
+        have changed).
+        """
         with self._cond:
             now = time.monotonic()
             if self._pending is None:
                 self._first = now
             self._last = now
             self._pending = table
+            if ids is None:
+                self._changed = None
+            elif self._changed is not None:
+                self._changed.update(int(i) for i in ids)
             self._cond.notify_all()
 
     def _due(self) -> float:
@@ -1152,7 +1209,7 @@ class _Autosaver:
         return min(self._last + self.delay, self._first + self.max_delay) - now
 
     def _run(self) -> None:
-        from cryoves.io import write_vesicles_csv
+        from cryoves.io import atomic_write_text
 
         while True:
             with self._cond:
@@ -1167,16 +1224,19 @@ class _Autosaver:
                         break
                     self._cond.wait(wait)
                 table, self._pending = self._pending, None
+                changed, self._changed = self._changed, set()
                 self._force = False
                 self._busy = True
             try:
                 if callable(table):
                     table = table()
                 if table is not None:
-                    write_vesicles_csv(self.path, table, overwrite=True)
+                    # as cryoves.io.write_vesicles_csv writes it (the same text, atomically)
+                    atomic_write_text(self.path, self._rows.text(table, changed), overwrite=True, newline="")
             except BaseException as err:  # reported by flush()
                 with self._cond:
                     self._error = err
+                    self._changed = None  # the next write formats every row
             finally:
                 with self._cond:
                     self._busy = False
