@@ -20,7 +20,7 @@ For each vesicle, starting from a centre ``C`` and radius ``r``:
      asymmetric bilayer (one leaflet denser) moves it towards the denser leaflet. Measured on
      simulations that vary the leaflet width and separation, the bilayer blur, the defocus, CTF
      correction, the voxel size (1.2-2.8 nm) and the reconstruction: δd 0.004-0.019
-     (``benchmarks/radius_rule.py``, docs/accuracy.md), against 0.019-0.06 for ``"max_slope"``;
+     (``benchmarks/radius_rule.py``, docs/accuracy.md), against 0.008-0.07 for ``"max_slope"``;
    - ``"max_slope"``: ``r = d_m + t_m / 2`` with ``t_m / 2`` the distance from ``d_m`` to the
      steepest rise of the Gaussian-smoothed (sigma 1 voxel) profile between ``d_m`` and the
      halo, the half-way point of the blurred edge. At 2.2 nm voxels a 4-5 nm bilayer is about
