@@ -365,3 +365,31 @@ def test_add_weak_segments_adds_no_label_volume_on_a_confident_map():
     assert out is labels  # nothing to add: the same int32 volume, not a copy
     out16 = add_weak_segments(np.zeros(shape, np.float32), prob, labels.astype(np.uint16), 2.0)
     assert out16.dtype == np.int32 and np.array_equal(out16, labels)
+
+
+def test_adaptive_threshold_same_labels_on_one_core_and_many(monkeypatch):
+    """The segments to split are computed ahead on worker threads: the labels (numbering
+    included) must be those of the plain loop on one core."""
+    import cryoves.threshold as T
+
+    shape = (40, 80, 100)
+    zz, yy, xx = np.indices(shape)
+    prob = np.zeros(shape, np.float32)
+    # saturated clumps (split at distance necks, then again) and soft pairs (split by threshold)
+    for c in [(20, 20, 15 + 15 * i) for i in range(5)] + [(20, 33, 22), (20, 33, 37), (20, 33, 52)]:
+        prob[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= 64] = 1.0
+    for z0 in (8, 30):
+        for x0 in (10, 40, 70):
+            for c in [(z0, 62, x0), (z0, 62, x0 + 14)]:
+                prob = np.maximum(prob, _sigmoid_sphere(shape, c, 7))
+    rng = np.random.default_rng(5)
+    prob = np.clip(prob + 0.002 * rng.standard_normal(shape), 0, 1).astype(np.float32)
+    labels, n = ndi.label(prob >= 0.8, structure=ndi.generate_binary_structure(3, 1))
+    labels = labels.astype(np.int32)
+    assert n >= 7
+    outs = []
+    for cores in (1, 4):
+        monkeypatch.setattr(T, "n_cores", lambda c=cores: c)
+        outs.append(adaptive_threshold(prob, labels, 0.8, 1.0, min_radius_nm=5.0))
+    assert outs[0].max() > n  # segments were split
+    np.testing.assert_array_equal(outs[0], outs[1])

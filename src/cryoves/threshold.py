@@ -28,11 +28,13 @@ Conventions
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from cryoves._parallel import n_cores
 from cryoves._progress import ProgressCallback, report
 from cryoves.io import release_pages
 from cryoves.table import check_voxel_size
@@ -494,35 +496,54 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
     queue = [(int(lab), 0, init_slices[lab - 1])
              for lab, v, e, f in zip(stats["label"], stats["volume"], stats["extent"], stats["fill"])
              if needs_split(v, e, f)]
-    while queue:
-        report(progress, "adaptive threshold", 0, total)  # lets a caller cancel between segments
-        lab, depth, bbox = queue.pop()
+
+    def split_job(lab, bbox):
+        # reads only the voxels of ``lab``, which no other item changes: the same result whenever
+        # it runs, so items are computed ahead on the other cores (cryoves._parallel)
         sl = _pad_slices(bbox, shape, 1)
         seg = out[sl] == lab
         if not seg.any():
-            continue
-        part = _split_segment(np.asarray(probability[sl], dtype=np.float32), seg, threshold, step,
-                              fine_step, min_part, 0.5 * k, structure)
-        if part is None:
-            continue
-        sub = out[sl].copy()
-        sub[seg] = 0  # voxels of the segment reached by no part are dropped
-        for j, pid in enumerate(np.unique(part[part > 0])):
-            nl = lab if j == 0 else next_label
-            if j:
-                next_label += 1
-            pmask = part == pid
-            sub[pmask] = nl
-            if depth + 1 < max_split_depth:
-                bb = ndi.find_objects(pmask.astype(np.int8))[0]
-                v = float(pmask.sum())
-                edges = [s.stop - s.start for s in bb]
-                e = v / float(np.prod(edges))
-                f = v / (np.pi / 6.0 * max(edges) ** 3)
-                if needs_split(v, e, f):
-                    gbb = tuple(slice(o.start + b.start, o.start + b.stop) for o, b in zip(sl, bb))
-                    queue.append((nl, depth + 1, gbb))
-        out[sl] = sub
+            return sl, seg, None
+        return sl, seg, _split_segment(np.asarray(probability[sl], dtype=np.float32), seg, threshold, step,
+                                       fine_step, min_part, 0.5 * k, structure)
+
+    workers = min(n_cores(), 8)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cryoves") if workers > 1 and queue else None
+    ahead = {}  # id(item) -> future, for the last items of the queue (popped next)
+    try:
+        while queue:
+            report(progress, "adaptive threshold", 0, total)  # lets a caller cancel between segments
+            if pool is not None:
+                for item in queue[-2 * workers:]:
+                    if id(item) not in ahead:
+                        ahead[id(item)] = pool.submit(split_job, item[0], item[2])
+            item = queue.pop()
+            lab, depth, bbox = item
+            fut = ahead.pop(id(item), None)
+            sl, seg, part = fut.result() if fut is not None else split_job(lab, bbox)
+            if part is None:
+                continue
+            sub = np.where(seg, 0, out[sl])  # voxels of the segment reached by no part are dropped
+            for j, pid in enumerate(np.unique(part[part > 0])):
+                nl = lab if j == 0 else next_label
+                if j:
+                    next_label += 1
+                pmask = part == pid
+                sub[pmask] = nl
+                if depth + 1 < max_split_depth:
+                    bb = ndi.find_objects(pmask.astype(np.int8))[0]
+                    v = float(pmask.sum())
+                    edges = [s.stop - s.start for s in bb]
+                    e = v / float(np.prod(edges))
+                    f = v / (np.pi / 6.0 * max(edges) ** 3)
+                    if needs_split(v, e, f):
+                        gbb = tuple(slice(o.start + b.start, o.start + b.stop) for o, b in zip(sl, bb))
+                        queue.append((nl, depth + 1, gbb))
+            box = out[sl]
+            box[seg] = sub[seg]  # only this segment's voxels: other items read the rest meanwhile
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- 2. grow small segments by lowering their threshold ----------------------------
     slices = ndi.find_objects(out)
