@@ -23,6 +23,12 @@ from cryoves.evaluate import SUITES, evaluation_suite
 from cryoves.simulate import SimulationParams
 from cryoves.io import atomic_write_text
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import block_of  # noqa: E402
+
+#: blocks of docs/accuracy.md written by other benchmarks, kept when this one rewrites the file
+KEPT_BLOCKS = ("radius_rule.py", "compound_stress.py")
+
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "cryovesnet-weights" / "weights.h5"
 
 # targets on the simulated suites, default weights
@@ -211,11 +217,12 @@ def main_(argv=None) -> int:
                          f"{_summary(kind, rows)}\n\n{md.read_text()}")
     text = "\n".join(parts)
     if a.report and Path(a.report).exists():
-        # keep the block that benchmarks/radius_rule.py writes into the same file
+        # keep the blocks that other benchmarks write into the same file
         old = Path(a.report).read_text()
-        b, e = "<!-- radius_rule.py begin -->", "<!-- radius_rule.py end -->"
-        if b in old and e in old:
-            text = text.rstrip("\n") + "\n\n" + old[old.index(b):old.index(e) + len(e)] + "\n"
+        for name in KEPT_BLOCKS:
+            block = block_of(old, name)
+            if block is not None:
+                text = text.rstrip("\n") + "\n\n" + block + "\n"
     if a.report:
         out = Path(a.report)
         atomic_write_text(out, text, overwrite=True)

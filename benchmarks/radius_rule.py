@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoves.io import atomic_write_text
+from _report import markers, write_block
 from cryoves.refine import refine_spheres
 from cryoves.simulate import SimulationParams, simulate_tomogram
 from cryoves.table import VesicleTable
 
-BEGIN, END = "<!-- radius_rule.py begin -->", "<!-- radius_rule.py end -->"
+BEGIN, END = markers("radius_rule.py")
 FIELD_NM = (130.0, 350.0, 350.0)
 TARGET = 0.02
 
@@ -142,16 +142,6 @@ def markdown(rows, elapsed: float, argv: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_block(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + block.rstrip("\n") + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(path, text, overwrite=True)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", default=None, help="rewrite the radius_rule.py block of this Markdown file")
@@ -170,7 +160,7 @@ def main(argv=None) -> int:
               flush=True)
     block = markdown(rows, time.perf_counter() - t0, " ".join(sys.argv[1:] if argv is None else argv))
     if a.report:
-        write_block(Path(a.report), block)
+        write_block(Path(a.report), block, "radius_rule.py")
         print(f"written {a.report}", file=sys.stderr)
     else:
         print(block)
