@@ -43,6 +43,9 @@ Qt, napari, vispy and the editor, not Mesa's rendering threads, which run in par
 average before and after the run.
 Prints p50 / p95 / max in ms.
 
+Mesa's software renderer starts one rendering thread per CPU (``LP_NUM_THREADS`` overrides it;
+``--lp-threads N`` sets it for the run, and the last line says when it was set).
+
 ``--trace`` also prints where the time of each event goes (napari's picking, the editor's
 callback, the canvas paint, Qt's window events by type, the widgets painted before the frame);
 ``--profile add|remove|undo|redo`` prints a cProfile of that operation's events (press -> frame).
@@ -236,7 +239,15 @@ def main(argv=None):
                     help="also print where the time of each event goes (mean ms per event: napari's picking, "
                          "the editor's callback, the canvas paint, Qt's window events by type)")
     ap.add_argument("--tmp", default=None, help="folder for the memmap, log and autosave (default: system temp)")
+    ap.add_argument("--lp-threads", type=int, default=None, metavar="N",
+                    help="rendering threads of Mesa's software OpenGL (sets LP_NUM_THREADS before the viewer is "
+                         "made; default: Mesa's, one per CPU). 2 x the CPUs avoids the slow first frames after "
+                         "a pause (docs/speed.md)")
     a = ap.parse_args(argv)
+    if a.lp_threads is not None:
+        if a.lp_threads < 1:
+            raise SystemExit(f"--lp-threads must be >= 1, got {a.lp_threads}")
+        os.environ["LP_NUM_THREADS"] = str(a.lp_threads)  # read by Mesa when the first OpenGL context is made
 
     import napari
     from qtpy.QtCore import QPoint, Qt
@@ -482,7 +493,9 @@ def main(argv=None):
         print(f"idle frame at the first vesicle's view (a corner: less tomogram on the canvas): {_pct(idle)} ms; "
               f"CPU {_pct(idle_cpu)} ms")
         print(f"idle frame at the last edit's view: {_pct(idle_end)} ms; CPU {_pct(idle_end_cpu)} ms")
-        print(f"canvas {size[0]} x {size[1]} px (device pixel ratio {dpr:g}); OpenGL renderer: {renderer}")
+        threads = os.environ.get("LP_NUM_THREADS")
+        print(f"canvas {size[0]} x {size[1]} px (device pixel ratio {dpr:g}); OpenGL renderer: {renderer}"
+              + (f"; LP_NUM_THREADS={threads}" if threads else ""))
         print(f"{os.cpu_count()} CPUs visible, load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after; "
               f"napari {napari.__version__}")
         viewer.close()
