@@ -9,8 +9,12 @@ The tomogram is the float32 memory map of ``benchmarks/bench_editor_core.py`` (a
 synthetic vesicles), shown in a napari viewer with its vesicles layer (``--n`` vesicles) and the
 "6. Edit vesicles" dock widget editing it (edit log and autosave in a temporary folder). The view is
 centred on each target at ~3 screen pixels per voxel (as when proofreading), the mouse is moved
-onto the target (untimed: as a hand does before it clicks; napari updates its status bar then),
-then one Qt mouse press and release (or key press) is sent to the canvas. Two times per event:
+onto the target (untimed: as a hand does before it clicks; napari updates its status bar then)
+and rests there ``--dwell`` seconds (default 0.3), then one Qt mouse press and release is sent to
+the canvas; Ctrl+Z / Ctrl+Shift+Z are typed in a row (``--key-dwell`` seconds apart, default 0).
+The rest matters with software OpenGL: after a pause the first frames are slower (docs/speed.md).
+(Before 2026-12-01 the rest was 0.3 s for ~60 % of the clicks and ~0 for the others: the wait for
+the status bar's frame missed a frame already drawn.) Two times per event:
 
 * ``handled``: from the press until the event is handled (napari's mouse handling, the edit
   with its log line, the labels repaint and the points update);
@@ -239,11 +243,17 @@ def main(argv=None):
                     help="also print where the time of each event goes (mean ms per event: napari's picking, "
                          "the editor's callback, the canvas paint, Qt's window events by type)")
     ap.add_argument("--tmp", default=None, help="folder for the memmap, log and autosave (default: system temp)")
+    ap.add_argument("--dwell", type=float, default=0.3, metavar="S",
+                    help="seconds the mouse rests on the target before each click, as a hand does (default 0.3)")
+    ap.add_argument("--key-dwell", type=float, default=0.0, metavar="S",
+                    help="seconds of nothing before each Ctrl+Z / Ctrl+Shift+Z (default 0: typed in a row)")
     ap.add_argument("--lp-threads", type=int, default=None, metavar="N",
                     help="rendering threads of Mesa's software OpenGL (sets LP_NUM_THREADS before the viewer is "
                          "made; default: Mesa's, one per CPU). 2 x the CPUs avoids the slow first frames after "
                          "a pause (docs/speed.md)")
     a = ap.parse_args(argv)
+    if a.dwell < 0 or a.key_dwell < 0:
+        raise SystemExit(f"--dwell and --key-dwell must be >= 0, got {a.dwell} and {a.key_dwell}")
     if a.lp_threads is not None:
         if a.lp_threads < 1:
             raise SystemExit(f"--lp-threads must be >= 1, got {a.lp_threads}")
@@ -365,10 +375,20 @@ def main(argv=None):
 
             ev = QMouseEvent(QEvent.MouseMove, QPointF(p), QPointF(native.mapToGlobal(QPointF(p).toPoint())),
                              Qt.NoButton, Qt.NoButton, Qt.NoModifier)
+            moved = time.perf_counter()
             app.sendEvent(native, ev)
             settle()
-            wait_for_frame(time.perf_counter(), timeout=0.3, fail=False)  # the status bar, if it changed
+            # the frame of the status bar, if it changed (it may have been drawn in settle() already)
+            wait_for_frame(moved, timeout=0.3, fail=False)
             settle()
+            rest(a.dwell)
+
+        def rest(seconds: float) -> None:
+            """Nothing happens for ``seconds`` (the event loop runs, as between a user's actions)."""
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                app.processEvents()
+                time.sleep(min(0.005, max(0.0, end - time.perf_counter())))
 
         def timed_click(zyx, op):
             look_at(zyx)
@@ -378,6 +398,7 @@ def main(argv=None):
                                   QTest.mouseRelease(native, Qt.LeftButton, Qt.NoModifier, p)), op)
 
         def timed_key(k, mod, op):
+            rest(a.key_dwell)
             return timed(lambda: QTest.keyClick(native, k, mod), op)
 
         import cProfile
@@ -495,7 +516,8 @@ def main(argv=None):
         print(f"idle frame at the last edit's view: {_pct(idle_end)} ms; CPU {_pct(idle_end_cpu)} ms")
         threads = os.environ.get("LP_NUM_THREADS")
         print(f"canvas {size[0]} x {size[1]} px (device pixel ratio {dpr:g}); OpenGL renderer: {renderer}"
-              + (f"; LP_NUM_THREADS={threads}" if threads else ""))
+              + (f"; LP_NUM_THREADS={threads}" if threads else "")
+              + f"; mouse rest {a.dwell:g} s before a click, {a.key_dwell:g} s before a key")
         print(f"{os.cpu_count()} CPUs visible, load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after; "
               f"napari {napari.__version__}")
         viewer.close()
