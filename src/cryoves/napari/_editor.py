@@ -1365,7 +1365,8 @@ def software_gl_hint(tasks: str = "/proc/self/task", cpus: int | None = None) ->
             n += (t / "comm").read_text().startswith("llvmpipe-")
         except OSError:  # a thread that ended meanwhile
             continue
-    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    if cpus is None:  # the CPUs this process may use, as Mesa counts them
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if n == 0 or n >= 2 * cpus:
         return ""
     return (f"napari draws with software OpenGL on {n} thread(s): start it with LP_NUM_THREADS={2 * cpus} "
