@@ -9,8 +9,12 @@ The tomogram is the float32 memory map of ``benchmarks/bench_editor_core.py`` (a
 synthetic vesicles), shown in a napari viewer with its vesicles layer (``--n`` vesicles) and the
 "6. Edit vesicles" dock widget editing it (edit log and autosave in a temporary folder). The view is
 centred on each target at ~3 screen pixels per voxel (as when proofreading), the mouse is moved
-onto the target (untimed: as a hand does before it clicks; napari updates its status bar then),
-then one Qt mouse press and release (or key press) is sent to the canvas. Two times per event:
+onto the target (untimed: as a hand does before it clicks; napari updates its status bar then)
+and rests there ``--dwell`` seconds (default 0.3), then one Qt mouse press and release is sent to
+the canvas; Ctrl+Z / Ctrl+Shift+Z are typed in a row (``--key-dwell`` seconds apart, default 0).
+The rest matters with software OpenGL: after a pause the first frames are slower (docs/speed.md).
+(Before 2026-12-01 the rest was 0.3 s for ~60 % of the clicks and ~0 for the others: the wait for
+the status bar's frame missed a frame already drawn.) Two times per event:
 
 * ``handled``: from the press until the event is handled (napari's mouse handling, the edit
   with its log line, the labels repaint and the points update);
@@ -18,7 +22,14 @@ then one Qt mouse press and release (or key press) is sent to the canvas. Two ti
   ``frameSwapped`` signal of the canvas (a ``QOpenGLWidget``) after the event was handled;
 * ``CPU``: the CPU time the process used over ``total`` (every thread, Mesa's rendering threads
   included): what ``total`` would be on an idle machine if nothing ran in parallel, i.e. a
-  figure that does not grow with the load of other jobs.
+  figure that does not grow with the load of other jobs;
+* contention (Linux): how long the process's threads were runnable but waiting for a CPU
+  (the kernel's run-queue delay, summed over threads), the X server's CPU, and the share of the
+  CPUs that other processes used during the events. With software OpenGL the frame is drawn by
+  Mesa's threads; when another process (even at ``nice 19``) keeps a core busy, the kernel tends
+  to run them and the main thread one after another on the other core, and ``total`` becomes
+  the sum of their CPU times (~28 ms per frame here instead of ~17 ms with a free core). These
+  figures say how much of a run's ``total`` that was.
 
 for
 
@@ -35,6 +46,9 @@ Qt, napari, vispy and the editor, not Mesa's rendering threads, which run in par
 (under Xvfb: Mesa llvmpipe, i.e. software rendering on the CPU), the CPU count and the load
 average before and after the run.
 Prints p50 / p95 / max in ms.
+
+Mesa's software renderer starts one rendering thread per CPU (``LP_NUM_THREADS`` overrides it;
+``--lp-threads N`` sets it for the run, and the last line says when it was set).
 
 ``--trace`` also prints where the time of each event goes (napari's picking, the editor's
 callback, the canvas paint, Qt's window events by type, the widgets painted before the frame);
@@ -75,6 +89,73 @@ def _gl_renderer(native) -> str:
         return str(gl.glGetParameter(gl.GL_RENDERER))
     except Exception as exc:  # noqa: BLE001 - informative only
         return f"unknown ({exc})"
+
+
+def _schedstat(path: str) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) of one thread (``/proc/.../schedstat``)."""
+    with open(path) as f:
+        run, wait = f.read().split()[:2]
+    return int(run), int(wait)
+
+
+def _display_server_tasks() -> list[str]:
+    """schedstat files of the X server started for this run (``xvfb-run``'s Xvfb: a child of our
+    parent), if any: it copies every frame to its screen, work done for us outside this process."""
+    ppid = str(os.getppid())
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            comm = (d / "comm").read_text().strip()
+            if comm in ("Xvfb", "Xorg") and (d / "stat").read_text().rsplit(")", 1)[1].split()[1] == ppid:
+                found += [str(t / "schedstat") for t in (d / "task").iterdir()]
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+class _Contention:
+    """How busy the machine was around one event (Linux ``/proc``; NaN elsewhere).
+
+    ``wait``: the time this process's threads spent runnable but waiting for a CPU (the kernel's
+    run-queue delay, summed over threads): ~0 when a core is free whenever one of them needs it.
+    ``others``: the CPU time every other process used meanwhile (``/proc/stat``, whole machine,
+    counted in clock ticks, so only meaningful summed over many events), the X server excluded.
+    """
+
+    def __init__(self):
+        self.ok = os.path.exists("/proc/self/task") and os.path.exists("/proc/stat")
+        self.xserver = _display_server_tasks() if self.ok else []
+        self.tick = os.sysconf("SC_CLK_TCK") if self.ok else 100
+
+    def snapshot(self):
+        if not self.ok:
+            return None
+        run = wait = 0
+        for t in Path("/proc/self/task").iterdir():
+            try:
+                r, w = _schedstat(str(t / "schedstat"))
+            except (OSError, ValueError):
+                continue  # a thread that ended meanwhile
+            run += r
+            wait += w
+        xrun = 0
+        for f in self.xserver:
+            try:
+                xrun += _schedstat(f)[0]
+            except (OSError, ValueError):
+                pass
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(v[:8]) - v[3] - v[4]) / self.tick  # all but idle and iowait; guest time is in user
+        return time.perf_counter(), run * 1e-9, wait * 1e-9, xrun * 1e-9, busy
+
+    @staticmethod
+    def delta(a, b):
+        """(wall, our CPU, our wait for a CPU, X server CPU, other processes' CPU) in seconds."""
+        if a is None or b is None:
+            return (np.nan,) * 5
+        wall, run, wait, xrun, busy = (y - x for x, y in zip(a, b))
+        return wall, run, wait, xrun, busy - run - xrun
 
 
 def _install_trace(spans: list, widget) -> None:  # widget: the EditorWidget class
@@ -162,7 +243,21 @@ def main(argv=None):
                     help="also print where the time of each event goes (mean ms per event: napari's picking, "
                          "the editor's callback, the canvas paint, Qt's window events by type)")
     ap.add_argument("--tmp", default=None, help="folder for the memmap, log and autosave (default: system temp)")
+    ap.add_argument("--dwell", type=float, default=0.3, metavar="S",
+                    help="seconds the mouse rests on the target before each click, as a hand does (default 0.3)")
+    ap.add_argument("--key-dwell", type=float, default=0.0, metavar="S",
+                    help="seconds of nothing before each Ctrl+Z / Ctrl+Shift+Z (default 0: typed in a row)")
+    ap.add_argument("--lp-threads", type=int, default=None, metavar="N",
+                    help="rendering threads of Mesa's software OpenGL (sets LP_NUM_THREADS before the viewer is "
+                         "made; default: Mesa's, one per CPU). 2 x the CPUs avoids the slow first frames after "
+                         "a pause (docs/speed.md)")
     a = ap.parse_args(argv)
+    if a.dwell < 0 or a.key_dwell < 0:
+        raise SystemExit(f"--dwell and --key-dwell must be >= 0, got {a.dwell} and {a.key_dwell}")
+    if a.lp_threads is not None:
+        if a.lp_threads < 1:
+            raise SystemExit(f"--lp-threads must be >= 1, got {a.lp_threads}")
+        os.environ["LP_NUM_THREADS"] = str(a.lp_threads)  # read by Mesa when the first OpenGL context is made
 
     import napari
     from qtpy.QtCore import QPoint, Qt
@@ -208,6 +303,7 @@ def main(argv=None):
         native = canvas.native
         cam = viewer.scene.camera
         swaps: list[float] = []
+        contention = _Contention()
         native.frameSwapped.connect(lambda: swaps.append(time.perf_counter()))
 
         def settle():
@@ -245,6 +341,7 @@ def main(argv=None):
                 prof.enable()
             swaps.clear()
             spans.clear()
+            s0 = contention.snapshot()
             c = time.process_time()
             m = time.thread_time()
             t = time.perf_counter()
@@ -257,6 +354,7 @@ def main(argv=None):
             shown = wait_for_frame(h)
             parts["cpu"].append(time.process_time() - c)
             parts["main"].append(time.thread_time() - m)
+            parts["load"].append(_Contention.delta(s0, contention.snapshot()))
             prof.disable()
             if a.trace:
                 per = trace.setdefault(op, {})
@@ -277,10 +375,20 @@ def main(argv=None):
 
             ev = QMouseEvent(QEvent.MouseMove, QPointF(p), QPointF(native.mapToGlobal(QPointF(p).toPoint())),
                              Qt.NoButton, Qt.NoButton, Qt.NoModifier)
+            moved = time.perf_counter()
             app.sendEvent(native, ev)
             settle()
-            wait_for_frame(time.perf_counter(), timeout=0.3, fail=False)  # the status bar, if it changed
+            # the frame of the status bar, if it changed (it may have been drawn in settle() already)
+            wait_for_frame(moved, timeout=0.3, fail=False)
             settle()
+            rest(a.dwell)
+
+        def rest(seconds: float) -> None:
+            """Nothing happens for ``seconds`` (the event loop runs, as between a user's actions)."""
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                app.processEvents()
+                time.sleep(min(0.005, max(0.0, end - time.perf_counter())))
 
         def timed_click(zyx, op):
             look_at(zyx)
@@ -290,6 +398,7 @@ def main(argv=None):
                                   QTest.mouseRelease(native, Qt.LeftButton, Qt.NoModifier, p)), op)
 
         def timed_key(k, mod, op):
+            rest(a.key_dwell)
             return timed(lambda: QTest.keyClick(native, k, mod), op)
 
         import cProfile
@@ -299,7 +408,8 @@ def main(argv=None):
         trace: dict[str, dict[str, list]] = {}
         rng = np.random.default_rng(a.seed + 11)
         res = {"add": [], "remove": [], "undo": [], "redo": []}
-        parts = {"handled": [], "labels": [], "points": [], "cpu": [], "main": [], "main_handled": []}
+        parts = {"handled": [], "labels": [], "points": [], "cpu": [], "main": [], "main_handled": [], "load": []}
+        load = {}
         handled = {}
         inner = {}
         cpu = {}
@@ -328,6 +438,7 @@ def main(argv=None):
             handled[op] = list(parts["handled"])
             cpu[op] = list(parts["cpu"])
             main_cpu[op] = (list(parts["main_handled"]), list(parts["main"]))
+            load[op] = np.array(parts["load"], dtype=float).reshape(-1, 5)
             inner[op] = (np.nanpercentile(np.array(parts["labels"]) * 1e3, 50),
                          np.nanpercentile(np.array(parts["points"]) * 1e3, 50))
             for v in parts.values():
@@ -379,6 +490,21 @@ def main(argv=None):
         for k, v in res.items():
             if v:
                 print(f"{k:<8}until handled: {_pct(main_cpu[k][0])}   until the frame: {_pct(main_cpu[k][1])}")
+        print("contention (the machine's other work during the events; see _Contention):")
+        for k, v in res.items():
+            if not v:
+                continue
+            ld = load[k]
+            tot = np.array(v)
+            calm = ld[:, 2] < 2e-3
+            line = (f"{k:<8}our threads waiting for a CPU: {_pct(ld[:, 2])}; X server CPU p50 "
+                    f"{np.nanpercentile(ld[:, 3] * 1e3, 50):.1f} ms; other processes' CPU: "
+                    f"{np.nansum(ld[:, 4]) / np.nansum(ld[:, 0]):.2f} of {os.cpu_count()} CPUs (mean)")
+            if calm.any() and not calm.all():
+                line += f"; total of the {calm.sum()} events that waited < 2 ms: {_pct(tot[calm])}"
+            elif calm.all():
+                line += "; no event waited 2 ms"
+            print(line)
         if a.trace:
             print("where the time goes, press -> frame shown (ms per event, mean; count per event):")
             for op, per in trace.items():
@@ -388,7 +514,10 @@ def main(argv=None):
         print(f"idle frame at the first vesicle's view (a corner: less tomogram on the canvas): {_pct(idle)} ms; "
               f"CPU {_pct(idle_cpu)} ms")
         print(f"idle frame at the last edit's view: {_pct(idle_end)} ms; CPU {_pct(idle_end_cpu)} ms")
-        print(f"canvas {size[0]} x {size[1]} px (device pixel ratio {dpr:g}); OpenGL renderer: {renderer}")
+        threads = os.environ.get("LP_NUM_THREADS")
+        print(f"canvas {size[0]} x {size[1]} px (device pixel ratio {dpr:g}); OpenGL renderer: {renderer}"
+              + (f"; LP_NUM_THREADS={threads}" if threads else "")
+              + f"; mouse rest {a.dwell:g} s before a click, {a.key_dwell:g} s before a key")
         print(f"{os.cpu_count()} CPUs visible, load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after; "
               f"napari {napari.__version__}")
         viewer.close()

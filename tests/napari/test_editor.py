@@ -646,3 +646,33 @@ def test_editing_freezes_the_objects_for_the_garbage_collector(edit_setup, qtbot
     assert gc.get_freeze_count() > 10_000  # the napari session's objects
     w.finish()
     assert gc.get_freeze_count() == 0
+
+
+def test_software_gl_hint_counts_mesa_threads(tmp_path):
+    """The tip names LP_NUM_THREADS only while llvmpipe renders on fewer threads than 2 x the CPUs."""
+    from cryoves.napari._editor import software_gl_hint
+
+    def tasks(*names):
+        d = tmp_path / "-".join(names or ("none",))
+        for i, name in enumerate(names):
+            (d / str(100 + i)).mkdir(parents=True)
+            (d / str(100 + i) / "comm").write_text(name + "\n")
+        d.mkdir(exist_ok=True)
+        return str(d)
+
+    hint = software_gl_hint(tasks("python", "llvmpipe-0", "llvmpipe-1", "QXcbEventQueue"), cpus=2)
+    assert "LP_NUM_THREADS=4" in hint and "2 thread(s)" in hint
+    assert software_gl_hint(tasks("python", *(f"llvmpipe-{i}" for i in range(4))), cpus=2) == ""
+    assert software_gl_hint(tasks("python", "QXcbEventQueue"), cpus=2) == ""  # a GPU: no llvmpipe threads
+    assert software_gl_hint(str(tmp_path / "missing"), cpus=2) == ""  # no /proc
+
+
+def test_start_editing_shows_the_software_gl_hint(edit_setup):
+    """Under Mesa's llvmpipe with its default threads (the test display), Start editing shows the tip."""
+    from cryoves.napari._editor import software_gl_hint
+
+    viewer, w, *_ = edit_setup
+    hint = software_gl_hint()
+    if not hint:
+        pytest.skip("not drawn by llvmpipe with fewer threads than 2 x the CPUs")
+    assert hint in w.status.value

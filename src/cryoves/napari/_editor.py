@@ -22,6 +22,7 @@ widget is open, and removed when it closes.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -425,7 +426,11 @@ class EditorWidget(QWidget):
         self._last_ids = np.asarray(editor.table.ids).copy()
         self._refresh_points()
         self._update_counter()
-        self.status.value = f"{line}; log: {paths.log}  ({time.perf_counter() - t0:.1f} s)"
+        hint = software_gl_hint()
+        if hint:
+            log.info("cryoves editor: %s", hint)
+        self.status.value = f"{line}; log: {paths.log}  ({time.perf_counter() - t0:.1f} s)" + (
+            f". {hint}" if hint else "")
 
     def _attach_layers(self) -> None:
         ed = self.editor
@@ -1336,6 +1341,36 @@ class _BareModifierFilter(QObject):
             return False
         ev.accept()
         return True
+
+
+def software_gl_hint(tasks: str = "/proc/self/task", cpus: int | None = None) -> str:
+    """A tip when napari draws with Mesa's software OpenGL (llvmpipe) on fewer threads than 2 x the CPUs ('' else).
+
+    llvmpipe starts one rendering thread per CPU when the first OpenGL context is made (before any
+    plugin is loaded; ``LP_NUM_THREADS`` overrides it). After the process was idle (a user aiming
+    before a click) the kernel often runs both of those threads on one core for the first two
+    frames, and whenever another process (even at ``nice 19``) holds a core they share the other
+    one. On a 2-CPU machine (Xvfb, the editor benchmark's view) a redraw took ~22 ms in the first
+    two frames after a pause and ~24 ms beside a ``nice 19`` job, ~17 ms with 4 threads in both
+    cases (docs/speed.md). The running threads are counted (Linux: the names in ``tasks``), so the
+    tip reflects the renderer actually in use; elsewhere it is ''.
+    """
+    try:
+        threads = list(Path(tasks).iterdir())
+    except OSError:  # not Linux, or /proc unreadable
+        return ""
+    n = 0
+    for t in threads:
+        try:
+            n += (t / "comm").read_text().startswith("llvmpipe-")
+        except OSError:  # a thread that ended meanwhile
+            continue
+    if cpus is None:  # the CPUs this process may use, as Mesa counts them
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n == 0 or n >= 2 * cpus:
+        return ""
+    return (f"napari draws with software OpenGL on {n} thread(s): start it with LP_NUM_THREADS={2 * cpus} "
+            f"for faster redraws after a pause (docs/editor.md, Speed)")
 
 
 def _mark_handled(event) -> None:
