@@ -31,3 +31,14 @@ def write_block(path: Path, block: str, name: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block
     atomic_write_text(path, text, overwrite=True)
+
+
+def emit(block: str, report, name: str) -> None:
+    """Write ``block`` into the report file (its marked block of ``name``), or print it without one."""
+    import sys
+
+    if report:
+        write_block(Path(report), block, name)
+        print(f"written {report}", file=sys.stderr)
+    else:
+        print(block)

@@ -30,7 +30,7 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-from _report import markers, write_block
+from _report import emit, markers
 
 BEGIN, END = markers("compound_stress.py")
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "cryovesnet-weights" / "weights.h5"
@@ -117,11 +117,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows, labels = run(reference)
     block = markdown(rows, labels, time.perf_counter() - t0, " ".join(sys.argv[1:] if argv is None else argv))
-    if a.report:
-        write_block(Path(a.report), block, "compound_stress.py")
-        print(f"written {a.report}", file=sys.stderr)
-    else:
-        print(block)
+    emit(block, a.report, "compound_stress.py")
     return 0
 
 

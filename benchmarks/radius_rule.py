@@ -19,16 +19,14 @@ it when absent). About 3 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
-from _report import markers, write_block
+from _report import emit, markers
 from cryoves.refine import refine_spheres
 from cryoves.simulate import SimulationParams, simulate_tomogram
 from cryoves.table import VesicleTable
@@ -159,11 +157,7 @@ def main(argv=None) -> int:
               f"Δc {m['dc_nm']:.2f} nm | max_slope δd {s['delta_d']:.4f} bias {s['bias']:+.4f}  ({r['seconds']:.0f} s)",
               flush=True)
     block = markdown(rows, time.perf_counter() - t0, " ".join(sys.argv[1:] if argv is None else argv))
-    if a.report:
-        write_block(Path(a.report), block, "radius_rule.py")
-        print(f"written {a.report}", file=sys.stderr)
-    else:
-        print(block)
+    emit(block, a.report, "radius_rule.py")
     worst = max(r["membrane_centre"]["delta_d"] for r in rows if r["name"] not in EXTREME)
     return 0 if worst <= TARGET else 1
 
