@@ -429,8 +429,9 @@ class EditorWidget(QWidget):
         hint = software_gl_hint()
         if hint:
             log.info("cryoves editor: %s", hint)
-        self.status.value = f"{line}; log: {paths.log}  ({time.perf_counter() - t0:.1f} s)" + (
-            f". {hint}" if hint else "")
+        # the tip first: the status box shows four lines, and the log line can fill them
+        self.status.value = (f"{hint}\n" if hint else "") + (
+            f"{line}; log: {paths.log}  ({time.perf_counter() - t0:.1f} s)")
 
     def _attach_layers(self) -> None:
         ed = self.editor
@@ -1369,8 +1370,7 @@ def software_gl_hint(tasks: str = "/proc/self/task", cpus: int | None = None) ->
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if n == 0 or n >= 2 * cpus:
         return ""
-    return (f"napari draws with software OpenGL on {n} thread(s): start it with LP_NUM_THREADS={2 * cpus} "
-            f"for faster redraws after a pause (docs/editor.md, Speed)")
+    return f"Tip: start napari with LP_NUM_THREADS={2 * cpus} (software OpenGL, {n} thread(s); docs/editor.md)."
 
 
 def _mark_handled(event) -> None:
