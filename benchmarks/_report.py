@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from cryoves.io import atomic_write_text
@@ -35,8 +36,6 @@ def write_block(path: Path, block: str, name: str) -> None:
 
 def emit(block: str, report, name: str) -> None:
     """Write ``block`` into the report file (its marked block of ``name``), or print it without one."""
-    import sys
-
     if report:
         write_block(Path(report), block, name)
         print(f"written {report}", file=sys.stderr)
