@@ -335,6 +335,17 @@ def test_thin_volume_warns_about_the_field_of_view(small_simulation, oracle_prob
 # ----------------------------------------------------------------------------------------
 # results
 # ----------------------------------------------------------------------------------------
+def test_fine_voxels_with_strong_fringes_are_not_called_inverted():
+    """At 1.0 nm (CTF uncorrected, -8 um) a membrane's bright fringes are as strong as its dip:
+    most vesicles look 'bright', but the data are not inverted, and the check must not say so."""
+    from cryoves.simulate import SimulationParams, simulate_tomogram
+
+    sim = simulate_tomogram((112, 220, 220), params=SimulationParams(voxel_size=1.0, seed=50002))
+    pol = validate.contrast_polarity(sim.tomogram, sim.table)
+    assert pol["n"] >= 10 and pol["fraction_bright"] > 0.5  # the per-vesicle majority alone would warn
+    assert not any("inverted" in w for w in validate.check_result(sim.tomogram, sim.table, 1.0))
+
+
 def test_result_checks_flag_inverted_contrast(small_simulation, oracle_probability):
     from cryoves.pipeline import segment
 
