@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from cryoves._parallel import n_cores
+from cryoves._parallel import n_cores, slab_map
 from cryoves._progress import ProgressCallback, report
 from cryoves.io import release_pages
 from cryoves.table import check_voxel_size
@@ -169,11 +169,11 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
     p = np.asarray(probability, dtype=np.float32)
     # candidate shell voxels slab by slab (a slab's erosion sees one more plane on each side), in
     # the order of the whole volume: no volume-sized temporaries
-    pv, mv, iv = [], [], []
+    # (slabs on the process's cores, concatenated in order: the numbers of one loop)
     n_z = p.shape[0]
     step = max(1, _SLAB_VOXELS // max(1, p.shape[1] * p.shape[2]))
-    for z0 in range(0, n_z, step):
-        z1 = min(n_z, z0 + step)
+
+    def shell_candidates(z0, z1):
         a0, a1 = max(0, z0 - 1), min(n_z, z1 + 1)
         pmin = _ball1_min(p[a0:a1])[z0 - a0: z1 - a0]
         ps = p[z0:z1]
@@ -182,13 +182,15 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         if mask is not None:
             cand &= mask[z0:z1]
         idx = np.flatnonzero(cand)
-        pv.append(ps.ravel()[idx])
-        mv.append(pmin.ravel()[idx])
-        iv.append(np.asarray(tomogram[z0:z1]).ravel()[idx])
+        out = (ps.ravel()[idx], pmin.ravel()[idx], np.asarray(tomogram[z0:z1]).ravel()[idx])
         release_pages(p)  # a memory-mapped map: read again from the file cache when needed
-    pv = np.concatenate(pv).astype(np.float64)
-    mv = np.concatenate(mv).astype(np.float64)
-    iv = np.concatenate(iv).astype(np.float64)
+        return out
+
+    parts = slab_map(shell_candidates, n_z, step)
+    pv = np.concatenate([a[0] for a in parts]).astype(np.float64)
+    mv = np.concatenate([a[1] for a in parts]).astype(np.float64)
+    iv = np.concatenate([a[2] for a in parts]).astype(np.float64)
+    del parts
     release_pages(tomogram)
     # voxel is on the shell of thresholds ts[lo:hi]: ts > pmin and ts <= p
     lo = np.searchsorted(ts, mv, side="right")
@@ -214,9 +216,12 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
     else:
         best = float(ts[int(np.nanargmin(means_sorted))])
     above = np.empty(p.shape, dtype=bool)
-    for z0 in range(0, n_z, step):  # slab by slab: a memory-mapped map's pages are released as read
-        np.greater_equal(p[z0:z0 + step], best, out=above[z0:z0 + step])
+
+    def threshold_slab(z0, z1):  # slab by slab: a memory-mapped map's pages are released as read
+        np.greater_equal(p[z0:z1], best, out=above[z0:z1])
         release_pages(p)
+
+    slab_map(threshold_slab, n_z, step)
     labels, _ = ndi.label(above, structure=_structure(connectivity), output=np.int32)
     del above
     report(progress, "global threshold", 2, 2)
@@ -756,19 +761,21 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     p = np.asarray(probability, dtype=np.float32)
     low = np.float32(low_threshold)
     cand = np.empty(shape, dtype=bool)
-    n_belief = 0
     any_segment = out.max() > 0
     step = max(1, _SLAB_VOXELS // max(1, shape[1] * shape[2]))
-    for z0 in range(0, shape[0], step):
-        z1 = min(shape[0], z0 + step)
+
+    def candidate_slab(z0, z1):  # writes cand[z0:z1] only; slabs on the process's cores
         c = cand[z0:z1]
         np.greater_equal(p[z0:z1], low, out=c)
         release_pages(p)
-        n_belief += int(np.count_nonzero(c))
+        n = int(np.count_nonzero(c))
         if any_segment:
             a0, a1 = max(0, z0 - 2), min(shape[0], z1 + 2)
             near = ndi.binary_dilation(out[a0:a1] > 0, structure=_structure(1), iterations=2)
             c &= ~near[z0 - a0: z1 - a0]
+        return n
+
+    n_belief = sum(slab_map(candidate_slab, shape[0], step))
     if n_belief == 0 or np.count_nonzero(cand) < min_weak_fraction * n_belief:
         # a confident map: the half-beliefs left over are more often look-alikes (measured: true
         # vesicles are not lost by such maps, distractors with a clear membrane are rescued)
@@ -867,18 +874,21 @@ def _map_is_weak(probability, labels, low_threshold, min_weak_fraction, min_volu
     low = np.float32(low_threshold)
     n_z = lab.shape[0]
     step = max(1, _SLAB_VOXELS // max(1, lab.shape[1] * lab.shape[2]))
-    n_belief = n_cand = 0
-    for z0 in range(0, n_z, step):
-        z1 = min(n_z, z0 + step)
+
+    def counts(z0, z1):  # (beliefs, candidates) of a slab; slabs on the process's cores
         a0, a1 = max(0, z0 - 2), min(n_z, z1 + 2)  # two dilation steps need two more planes
         near = trusted[lab[a0:a1]]
         if near.any():
             near = ndi.binary_dilation(near, structure=_structure(1), iterations=2)
         above = np.asarray(probability[z0:z1], dtype=np.float32) >= low
         release_pages(probability)
-        n_belief += int(np.count_nonzero(above))
+        n_b = int(np.count_nonzero(above))
         above &= ~near[z0 - a0: z1 - a0]
-        n_cand += int(np.count_nonzero(above))
+        return n_b, int(np.count_nonzero(above))
+
+    per_slab = slab_map(counts, n_z, step)
+    n_belief = sum(b for b, _ in per_slab)
+    n_cand = sum(c for _, c in per_slab)
     return n_belief > 0 and not n_cand < min_weak_fraction * n_belief
 
 
