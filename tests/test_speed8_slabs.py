@@ -151,3 +151,25 @@ def test_tensorflow_import_leaves_matplotlib_out():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_h_maxima_with_one_sort_equals_skimage(monkeypatch):
+    import skimage.morphology.grayreconstruct as gr
+    from skimage.morphology import h_maxima
+
+    assert T._h_maxima_ok()
+    calls = []
+    real = gr.rank_order
+    monkeypatch.setattr(gr, "rank_order", lambda img: (calls.append(1), real(img))[1])
+    rng = np.random.default_rng(6)
+    for i in range(12):
+        shape = tuple(int(n) for n in rng.integers(6, 40, 3))
+        seg = ndimage.gaussian_filter(rng.random(shape), 2.0) > 0.5
+        smooth = ndimage.gaussian_filter(ndimage.distance_transform_edt(seg), 0.5)
+        for h in (0.5, 0.05):
+            n = len(calls)
+            got = T._h_maxima(smooth, h)
+            assert len(calls) == n  # skimage's reconstruction (and its second sort) not used
+            want = h_maxima(smooth, h)
+            assert len(calls) > n or h > np.ptp(smooth)
+            assert got.dtype == want.dtype and np.array_equal(got, want), (shape, h)
