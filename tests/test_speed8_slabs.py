@@ -173,3 +173,15 @@ def test_h_maxima_with_one_sort_equals_skimage(monkeypatch):
             want = h_maxima(smooth, h)
             assert len(calls) > n or h > np.ptp(smooth)
             assert got.dtype == want.dtype and np.array_equal(got, want), (shape, h)
+
+
+def test_label_counts_on_threads_equal_bincount(four_cores, monkeypatch):
+    rng = np.random.default_rng(7)
+    lab, n = ndimage.label(ndimage.gaussian_filter(rng.random((30, 24, 20)), 1.5) > 0.55)
+    lab = lab.astype(np.int32)
+    monkeypatch.setattr(T, "_SLAB_VOXELS", 4 * 24 * 20)  # 8 slabs
+    seen = _spy(monkeypatch, np, "bincount")
+    for minlength in (0, 5, n + 10):
+        assert np.array_equal(T._label_counts(lab, minlength=minlength), np.bincount(lab.ravel(), minlength=minlength))
+    assert len(seen) >= 2
+    assert np.array_equal(T._label_counts(np.zeros((6, 3, 3), np.int32)), [54])

@@ -237,9 +237,11 @@ def _label_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
     """``np.bincount(labels.ravel(), minlength=minlength)`` slab by slab (bincount converts its input
     to int64: on a whole volume that is a temporary twice the size of int32 labels)."""
     step = max(1, _SLAB_VOXELS // max(1, int(np.prod(labels.shape[1:]))))
-    counts = np.zeros(max(int(minlength), int(labels.max()) + 1 if labels.size else 0), dtype=np.int64)
-    for z0 in range(0, labels.shape[0], step):
-        c = np.bincount(np.asarray(labels[z0:z0 + step]).ravel())
+    # slabs on the process's cores; integer counts, so the sum does not depend on the order
+    parts = slab_map(lambda z0, z1: np.bincount(np.asarray(labels[z0:z1]).ravel()), labels.shape[0], step)
+    n = max([int(minlength)] + [len(c) for c in parts])
+    counts = np.zeros(n, dtype=np.int64)
+    for c in parts:
         counts[:len(c)] += c
     return counts
 
