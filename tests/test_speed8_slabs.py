@@ -185,3 +185,15 @@ def test_label_counts_on_threads_equal_bincount(four_cores, monkeypatch):
         assert np.array_equal(T._label_counts(lab, minlength=minlength), np.bincount(lab.ravel(), minlength=minlength))
     assert len(seen) >= 2
     assert np.array_equal(T._label_counts(np.zeros((6, 3, 3), np.int32)), [54])
+
+
+def test_label_volumes_equal_segment_stats():
+    rng = np.random.default_rng(8)
+    lab, n = ndimage.label(ndimage.gaussian_filter(rng.random((30, 40, 35)), 1.5) > 0.55)
+    lab = lab.astype(np.int32)
+    lab[lab == 3] = 0  # a missing label
+    stats = T.segment_stats(lab)
+    labs, vols = T._label_volumes(lab)
+    assert n > 5 and 3 not in labs
+    assert np.array_equal(labs, stats["label"]) and labs.dtype == stats["label"].dtype
+    assert np.array_equal(vols, stats["volume"]) and vols.dtype == stats["volume"].dtype

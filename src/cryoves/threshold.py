@@ -246,6 +246,14 @@ def _label_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
     return counts
 
 
+def _label_volumes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``segment_stats(labels)["label"]`` and ``["volume"]`` without the bounding boxes (the labels
+    present, ascending, and their voxel counts as float64)."""
+    counts = _label_counts(labels)[1:]
+    labs = np.flatnonzero(counts) + 1
+    return labs, counts[labs - 1].astype(np.float64)
+
+
 def segment_stats(labels) -> dict[str, np.ndarray]:
     """Volume, bounding-box volume, extent and volume z-score of every segment.
 
@@ -843,10 +851,10 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     out = _int32_labels(labels, overwrite_labels)
     max_in = int(out.max()) if out.size else 0
     # 1. fragments are not trusted
-    stats = segment_stats(out) if max_in > 0 and r_frag > 0 else None
     frag = None  # (flat indices, original values) of the released fragments' voxels
-    if stats is not None:
-        frag_ids = stats["label"][stats["volume"] < 4.0 / 3.0 * np.pi * r_frag ** 3]
+    if max_in > 0 and r_frag > 0:
+        labs, vols = _label_volumes(out)
+        frag_ids = labs[vols < 4.0 / 3.0 * np.pi * r_frag ** 3]
         if len(frag_ids):
             flat = out.reshape(-1)  # a view: out is C-contiguous
             idx = np.flatnonzero(np.isin(out, frag_ids))
@@ -965,8 +973,8 @@ def _map_is_weak(probability, labels, low_threshold, min_weak_fraction, min_volu
     lab = np.asarray(labels)
     trusted = np.zeros(int(lab.max()) + 1 if lab.size else 1, dtype=bool)
     if lab.size and lab.max() > 0:
-        stats = segment_stats(lab)
-        trusted[stats["label"][stats["volume"] >= min_volume]] = True
+        labs, vols = _label_volumes(lab)
+        trusted[labs[vols >= min_volume]] = True
     low = np.float32(low_threshold)
     n_z = lab.shape[0]
     step = max(1, _SLAB_VOXELS // max(1, lab.shape[1] * lab.shape[2]))
