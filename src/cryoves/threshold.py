@@ -217,7 +217,7 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         best = float(ts[int(np.nanargmin(means_sorted))])
     above = np.empty(p.shape, dtype=bool)
 
-    def threshold_slab(z0, z1):  # slab by slab: a memory-mapped map's pages are released as read
+    def threshold_slab(z0, z1, above=above):  # slab by slab: a memory-mapped map's pages are released as read
         np.greater_equal(p[z0:z1], best, out=above[z0:z1])
         release_pages(p)
 
@@ -868,7 +868,7 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     any_segment = out.max() > 0
     step = max(1, _SLAB_VOXELS // max(1, shape[1] * shape[2]))
 
-    def candidate_slab(z0, z1):  # writes cand[z0:z1] only; slabs on the process's cores
+    def candidate_slab(z0, z1, cand=cand):  # writes cand[z0:z1] only; slabs on the process's cores
         c = cand[z0:z1]
         np.greater_equal(p[z0:z1], low, out=c)
         release_pages(p)
