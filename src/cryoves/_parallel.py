@@ -46,3 +46,28 @@ def thread_map(func: Callable, items: Iterable, *, min_items: int | None = None,
             yield f.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def slab_step(n_planes: int, max_step: int) -> int:
+    """Planes per slab for whole-volume work done slab by slab on threads (:func:`slab_map`).
+
+    At most ``max_step`` planes (the memory bound of the caller's slabs), and few enough that
+    every core gets a slab: a 160-plane volume whose slabs may hold 113 planes is cut into two
+    of 80 on two cores (not 113 + 47); on one core the slabs are those of ``max_step``.
+    """
+    n_planes, max_step = int(n_planes), max(1, int(max_step))
+    workers = min(n_cores(), 8)
+    return max(1, min(max_step, -(-n_planes // max(1, workers))))
+
+
+def slab_map(func: Callable, n_planes: int, max_step: int) -> list:
+    """``[func(z0, z1) for each slab]`` of a volume of ``n_planes`` planes, on up to ``n_cores()`` threads.
+
+    Slabs of :func:`slab_step` planes, in order; the results come back in that order, so a caller
+    that combines them in order (sums, concatenation, writes to disjoint slabs) computes exactly
+    what a plain loop computes. ``func`` must release the GIL for most of its work (numpy and
+    scipy.ndimage do) and must not write outside its slab.
+    """
+    step = slab_step(n_planes, max_step)
+    starts = list(range(0, int(n_planes), step))
+    return list(thread_map(lambda z0: func(z0, min(int(n_planes), z0 + step)), starts, min_items=2))

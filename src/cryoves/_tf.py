@@ -15,6 +15,12 @@ native libraries write straight to the stderr file descriptor while they load, b
 logging is configured (the absl "All log messages before absl::InitializeLog()" warning and
 the oneDNN notice, once per library, i.e. twice), are filtered out; any other output of the
 import still reaches stderr. Python-side absl logging is limited to errors.
+
+The import is also shorter: Keras imports ``matplotlib.pyplot`` (about 0.5 s of the ~3 s) only
+for its image-gallery plotting helpers, which cryoves never calls, and takes its absence
+quietly; :func:`import_tensorflow` and :func:`import_keras` keep matplotlib from being imported
+by their own thread while they import (:class:`_NoMatplotlib`; other threads, and a matplotlib
+already imported, are not affected).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import types
 
 __all__ = ["import_tensorflow", "import_keras", "compute_device"]
@@ -34,6 +41,34 @@ _FLAGS_MODULE = "tensorflow.python.pywrap_dlopen_global_flags"
 _CHATTER = re.compile(r"All log messages before absl::InitializeLog\(\)|oneDNN custom operations are on"
                       r"|cpu_feature_guard|rebuild TensorFlow with the appropriate compiler flags"
                       r"|^To enable the following instructions")
+
+
+class _NoMatplotlib:
+    """An import hook that makes ``import matplotlib...`` fail in one thread (not yet imported modules only).
+
+    Installed by :func:`_without_matplotlib` for the import of TensorFlow and Keras, whose only
+    use of it is an optional ``try: import matplotlib.pyplot ... except ImportError``.
+    """
+
+    def __init__(self, thread: int):
+        self.thread = thread
+
+    def find_spec(self, name, path=None, target=None):
+        if (name == "matplotlib" or name.startswith("matplotlib.")) and threading.get_ident() == self.thread:
+            raise ModuleNotFoundError(f"{name} is not imported while cryoves imports TensorFlow", name=name)
+        return None
+
+
+@contextlib.contextmanager
+def _without_matplotlib():
+    """Keep the calling thread from importing matplotlib (modules not yet imported) inside the block."""
+    hook = _NoMatplotlib(threading.get_ident())
+    sys.meta_path.insert(0, hook)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(hook)
 
 
 @contextlib.contextmanager
@@ -81,7 +116,7 @@ def import_tensorflow():
         sys.modules[_FLAGS_MODULE] = stub
         sys.setdlopenflags(os.RTLD_LAZY | os.RTLD_LOCAL | os.RTLD_DEEPBIND)
     try:
-        with _filtered_native_stderr():
+        with _filtered_native_stderr(), _without_matplotlib():
             import tensorflow as tf
     except ImportError as err:  # pragma: no cover - depends on the installation
         raise ImportError(
@@ -110,7 +145,8 @@ def import_keras():
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     if backend == "tensorflow":
         import_tensorflow()
-    import keras
+    with _without_matplotlib():
+        import keras
 
     return keras
 

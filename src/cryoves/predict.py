@@ -55,6 +55,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from cryoves._parallel import slab_map
 from cryoves._progress import ProgressCallback, report
 from cryoves.io import release_pages
 from cryoves.table import check_voxel_size
@@ -286,11 +287,68 @@ def resample(volume: np.ndarray, shape: Sequence[int], order: int = 1,
     if anti_alias and any(f < 1 for f in factors):
         sigma = [max(0.0, (1.0 / f - 1.0) / 2.0) for f in factors]
         vol = _gaussian_filter(vol, sigma, mode="mirror")
-    out = ndimage.zoom(vol, factors, output=out, order=order, mode="nearest", grid_mode=True,
-                       prefilter=False)
-    if out.shape != shape:  # pragma: no cover - zoom rounds shape*factor, exact here
-        raise RuntimeError(f"resampling produced {out.shape}, expected {shape}")
-    return out.astype(np.float32, copy=False)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    _zoom_linear_grid(vol, out, order)
+    return out
+
+
+def _zoom_linear_grid(vol: np.ndarray, out: np.ndarray, order: int) -> None:
+    """``scipy.ndimage.zoom(vol, out.shape / vol.shape, output=out, order=order, mode="nearest",
+    grid_mode=True, prefilter=False)``, the same numbers, in slabs of ``out`` on the process's cores.
+
+    scipy's zoom computes each output voxel from its own coordinates along every axis
+    (``(k + 0.5) * n_in / n_out - 0.5`` in grid mode, with ``k`` the output index plus the
+    ``shift`` argument of its C routine); a slab starting at plane ``z0`` with the shift ``z0``
+    (an integer, so ``k + z0`` is exact) therefore gets exactly the whole call's values. That
+    routine (``scipy.ndimage._nd_image.zoom_shift``) is private: it is checked once per process
+    against :func:`scipy.ndimage.zoom` on a small volume, and the whole-volume call is used if it
+    is missing or differs.
+    """
+    shape = tuple(int(n) for n in out.shape)
+    if order > 1 or vol.ndim != 3 or not _slab_zoom_ok():
+        factors = tuple(o / i for o, i in zip(shape, vol.shape))
+        ndimage.zoom(vol, factors, output=out, order=order, mode="nearest", grid_mode=True, prefilter=False)
+        return
+    zoom = np.ascontiguousarray(np.divide(np.array(vol.shape), np.array(shape), dtype=np.float64))
+    mode = _NEAREST_CODE
+
+    def run(z0, z1):
+        shift = np.array([float(z0), 0.0, 0.0])
+        ndimage._nd_image.zoom_shift(vol, zoom, shift, out[z0:z1], order, mode, 0.0, 0, True)
+
+    slab_map(run, shape[0], shape[0])
+
+
+_NEAREST_CODE = 0  # scipy.ndimage's code of mode "nearest" (checked by _slab_zoom_ok)
+_SLAB_ZOOM = []  # [bool] once checked
+
+
+def _slab_zoom_ok() -> bool:
+    """Whether :func:`_zoom_linear_grid` may zoom slab by slab (scipy's private routine as expected)."""
+    if not _SLAB_ZOOM:
+        ok = False
+        try:
+            from scipy.ndimage import _ni_support
+
+            if _ni_support._extend_mode_to_code("nearest") == _NEAREST_CODE:
+                rng = np.random.default_rng(0)
+                for ish, osh in (((7, 9, 5), (10, 6, 8)), ((10, 6, 8), (7, 9, 5))):
+                    v = rng.normal(size=ish).astype(np.float32)
+                    ref = ndimage.zoom(v, tuple(o / i for o, i in zip(osh, ish)), order=1, mode="nearest",
+                                       grid_mode=True, prefilter=False)
+                    got = np.empty(osh, dtype=np.float32)
+                    zoom = np.ascontiguousarray(np.divide(np.array(ish), np.array(osh), dtype=np.float64))
+                    for z0 in range(0, osh[0], 3):
+                        ndimage._nd_image.zoom_shift(v, zoom, np.array([float(z0), 0.0, 0.0]), got[z0:z0 + 3],
+                                                     1, _NEAREST_CODE, 0.0, 0, True)
+                    ok = ref.shape == osh and np.array_equal(got, ref)
+                    if not ok:
+                        break
+        except Exception:  # noqa: BLE001 - a changed private routine: fall back to the public zoom
+            ok = False
+        _SLAB_ZOOM.append(ok)
+    return _SLAB_ZOOM[0]
 
 
 def _gaussian_filter(vol: np.ndarray, sigma: Sequence[float], mode: str) -> np.ndarray:
@@ -299,7 +357,7 @@ def _gaussian_filter(vol: np.ndarray, sigma: Sequence[float], mode: str) -> np.n
     As scipy does, one 1-D filter per axis, each on the previous one's output; the first reads
     ``vol`` block by block (blocks along an axis it does not filter) and releases a memory-mapped
     ``vol``'s pages after each (:func:`cryoves.io.release_pages`), so that the input is not held
-    in memory next to the result.
+    in memory next to the result. Every pass runs on the process's cores (:func:`_filter_1d`).
     """
     axes = [(ax, float(s)) for ax, s in enumerate(sigma) if s > 1e-15]  # scipy's own rule
     out = np.empty(vol.shape, dtype=np.float32)
@@ -309,15 +367,48 @@ def _gaussian_filter(vol: np.ndarray, sigma: Sequence[float], mode: str) -> np.n
     (ax0, s0), rest = axes[0], axes[1:]
     other = next(a for a in range(vol.ndim) if a != ax0)
     step = max(1, _SLAB_VOXELS // max(1, vol.size // max(1, vol.shape[other])))
-    for i in range(0, vol.shape[other], step):
+
+    def first(i0, i1):
         idx = [slice(None)] * vol.ndim
-        idx[other] = slice(i, i + step)
+        idx[other] = slice(i0, i1)
         idx = tuple(idx)
         ndimage.gaussian_filter1d(np.asarray(vol[idx], dtype=np.float32), s0, ax0, output=out[idx], mode=mode)
         release_pages(vol)
+
+    slab_map(first, vol.shape[other], step)
     for ax, s in rest:
-        ndimage.gaussian_filter1d(out, s, ax, output=out, mode=mode)
+        _filter_1d(out, s, ax, mode)
     return out
+
+
+def _filter_1d(vol: np.ndarray, sigma: float, axis: int, mode: str, truncate: float = 4.0) -> None:
+    """``scipy.ndimage.gaussian_filter1d(vol, sigma, axis, output=vol, mode=mode, truncate=truncate)`` in place.
+
+    In blocks along another axis, on the process's cores (:func:`cryoves._parallel.slab_map`):
+    the filter computes every line along ``axis`` on its own, from that line alone, so the
+    blocks give exactly the numbers of one call on the whole volume.
+    """
+    if vol.ndim < 2:
+        ndimage.gaussian_filter1d(vol, sigma, axis, output=vol, mode=mode, truncate=truncate)
+        return
+    other = 1 if axis == 0 else 0
+
+    def run(i0, i1):
+        idx = [slice(None)] * vol.ndim
+        idx[other] = slice(i0, i1)
+        block = vol[tuple(idx)]
+        ndimage.gaussian_filter1d(block, sigma, axis, output=block, mode=mode, truncate=truncate)
+
+    slab_map(run, vol.shape[other], vol.shape[other])
+
+
+def _smooth_inplace(vol: np.ndarray, sigma: float) -> None:
+    """``scipy.ndimage.gaussian_filter(vol, sigma, output=vol, mode="nearest", truncate=4.0)``, the same
+    numbers (one 1-D pass per axis, as scipy does), each pass on the process's cores."""
+    if sigma <= 1e-15:  # scipy's rule: no filtering along such an axis
+        return
+    for ax in range(vol.ndim):
+        _filter_1d(vol, sigma, ax, "nearest", 4.0)
 
 
 def _subsample(vol: np.ndarray, n_max: int = _STATS_VOXELS) -> np.ndarray:
@@ -407,7 +498,7 @@ def preprocess(volume: np.ndarray, preprocessing: dict, *, copy: bool = True) ->
         np.negative(vol, out=vol)
     sigma = float(preprocessing.get("smooth_sigma", 0.0) or 0.0)
     if sigma > 0:
-        ndimage.gaussian_filter(vol, sigma=sigma, output=vol, mode="nearest", truncate=4.0)
+        _smooth_inplace(vol, sigma)
     _normalize_inplace(vol, preprocessing["normalization"])
     return vol
 
@@ -784,7 +875,7 @@ class _StreamedTiles:
         if self.invert:
             np.negative(a, out=a)
         if self.sigma > 0:
-            ndimage.gaussian_filter(a, sigma=self.sigma, output=a, mode="nearest", truncate=4.0)
+            _smooth_inplace(a, self.sigma)
         return a
 
     def _statistics(self, normalization: dict):
@@ -863,13 +954,10 @@ def _predict_tiles(vol: Optional[np.ndarray], model, plan: TilePlan, batch_size,
         del x
         for i, ((z, y, xx), flip) in enumerate(batch_jobs):
             p = np.flip(y_pred[i], flip) if flip else y_pred[i]
-            w = (weights[0][index[0][z]][:, None, None]
-                 * weights[1][index[1][y]][None, :, None]
-                 * weights[2][index[2][xx]][None, None, :])
-            w *= inv_n
             kz, ky, kx = (min(t, n - o) for t, n, o in zip(tile, out_shape, (z, y, xx)))
             if kz > 0 and ky > 0 and kx > 0:  # a tile can lie wholly in the padded margin
-                out[z:z + kz, y:y + ky, xx:xx + kx] += p[:kz, :ky, :kx] * w[:kz, :ky, :kx]
+                _blend_tile(out, p, (z, y, xx), (kz, ky, kx),
+                            [weights[ax][index[ax][o]] for ax, o in enumerate((z, y, xx))], inv_n)
         del y_pred
         release_pages(out)  # a memory-mapped out: its pages stay in the file, not in this process
         report(progress, "predict", b + 1, n_batches)
@@ -883,11 +971,28 @@ def _predict_tiles(vol: Optional[np.ndarray], model, plan: TilePlan, batch_size,
         if np.any(acc <= 0):  # pragma: no cover - guaranteed by plan_tiles
             raise RuntimeError("tile plan leaves voxels uncovered")
         wsum.append((1.0 / acc).astype(np.float32)[: out_shape[ax]])
-    step = _slab_rows(out_shape)
-    for z0 in range(0, out_shape[0], step):  # slab by slab (the same products, voxel by voxel)
-        sl = out[z0:z0 + step]
-        sl *= wsum[0][z0:z0 + step, None, None]
+
+    def normalise(z0, z1):  # slab by slab, on the process's cores (the same products, voxel by voxel)
+        sl = out[z0:z1]
+        sl *= wsum[0][z0:z1, None, None]
         sl *= wsum[1][None, :, None]
         sl *= wsum[2][None, None, :]
         release_pages(out)
+
+    slab_map(normalise, out_shape[0], _slab_rows(out_shape))
     return out
+
+
+def _blend_tile(out, p, origin, extent, axis_weights, inv_n) -> None:
+    """``out[origin : origin + extent] += p * w`` with ``w`` the outer product of ``axis_weights``
+    times ``inv_n``, in slabs of the tile on the process's cores: voxel by voxel the products of
+    one whole-tile expression (``(wz * wy) * wx``, times ``inv_n``, times ``p``, added)."""
+    (z, y, x), (kz, ky, kx) = origin, extent
+    wz, wy, wx = (np.asarray(w[:k], dtype=np.float32) for w, k in zip(axis_weights, extent))
+
+    def add(a0, a1):
+        w = wz[a0:a1, None, None] * wy[None, :, None] * wx[None, None, :]
+        w *= inv_n
+        out[z + a0:z + a1, y:y + ky, x:x + kx] += p[a0:a1, :ky, :kx] * w
+
+    slab_map(add, kz, kz)

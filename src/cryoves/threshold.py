@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from cryoves._parallel import n_cores
+from cryoves._parallel import n_cores, slab_map
 from cryoves._progress import ProgressCallback, report
 from cryoves.io import release_pages
 from cryoves.table import check_voxel_size
@@ -169,11 +169,11 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
     p = np.asarray(probability, dtype=np.float32)
     # candidate shell voxels slab by slab (a slab's erosion sees one more plane on each side), in
     # the order of the whole volume: no volume-sized temporaries
-    pv, mv, iv = [], [], []
+    # (slabs on the process's cores, concatenated in order: the numbers of one loop)
     n_z = p.shape[0]
     step = max(1, _SLAB_VOXELS // max(1, p.shape[1] * p.shape[2]))
-    for z0 in range(0, n_z, step):
-        z1 = min(n_z, z0 + step)
+
+    def shell_candidates(z0, z1):
         a0, a1 = max(0, z0 - 1), min(n_z, z1 + 1)
         pmin = _ball1_min(p[a0:a1])[z0 - a0: z1 - a0]
         ps = p[z0:z1]
@@ -182,13 +182,15 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         if mask is not None:
             cand &= mask[z0:z1]
         idx = np.flatnonzero(cand)
-        pv.append(ps.ravel()[idx])
-        mv.append(pmin.ravel()[idx])
-        iv.append(np.asarray(tomogram[z0:z1]).ravel()[idx])
+        out = (ps.ravel()[idx], pmin.ravel()[idx], np.asarray(tomogram[z0:z1]).ravel()[idx])
         release_pages(p)  # a memory-mapped map: read again from the file cache when needed
-    pv = np.concatenate(pv).astype(np.float64)
-    mv = np.concatenate(mv).astype(np.float64)
-    iv = np.concatenate(iv).astype(np.float64)
+        return out
+
+    parts = slab_map(shell_candidates, n_z, step)
+    pv = np.concatenate([a[0] for a in parts]).astype(np.float64)
+    mv = np.concatenate([a[1] for a in parts]).astype(np.float64)
+    iv = np.concatenate([a[2] for a in parts]).astype(np.float64)
+    del parts
     release_pages(tomogram)
     # voxel is on the shell of thresholds ts[lo:hi]: ts > pmin and ts <= p
     lo = np.searchsorted(ts, mv, side="right")
@@ -214,9 +216,12 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
     else:
         best = float(ts[int(np.nanargmin(means_sorted))])
     above = np.empty(p.shape, dtype=bool)
-    for z0 in range(0, n_z, step):  # slab by slab: a memory-mapped map's pages are released as read
-        np.greater_equal(p[z0:z0 + step], best, out=above[z0:z0 + step])
+
+    def threshold_slab(z0, z1, above=above):  # slab by slab: a memory-mapped map's pages are released as read
+        np.greater_equal(p[z0:z1], best, out=above[z0:z1])
         release_pages(p)
+
+    slab_map(threshold_slab, n_z, step)
     labels, _ = ndi.label(above, structure=_structure(connectivity), output=np.int32)
     del above
     report(progress, "global threshold", 2, 2)
@@ -232,11 +237,21 @@ def _label_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
     """``np.bincount(labels.ravel(), minlength=minlength)`` slab by slab (bincount converts its input
     to int64: on a whole volume that is a temporary twice the size of int32 labels)."""
     step = max(1, _SLAB_VOXELS // max(1, int(np.prod(labels.shape[1:]))))
-    counts = np.zeros(max(int(minlength), int(labels.max()) + 1 if labels.size else 0), dtype=np.int64)
-    for z0 in range(0, labels.shape[0], step):
-        c = np.bincount(np.asarray(labels[z0:z0 + step]).ravel())
+    # slabs on the process's cores; integer counts, so the sum does not depend on the order
+    parts = slab_map(lambda z0, z1: np.bincount(np.asarray(labels[z0:z1]).ravel()), labels.shape[0], step)
+    n = max([int(minlength)] + [len(c) for c in parts])
+    counts = np.zeros(n, dtype=np.int64)
+    for c in parts:
         counts[:len(c)] += c
     return counts
+
+
+def _label_volumes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``segment_stats(labels)["label"]`` and ``["volume"]`` without the bounding boxes (the labels
+    present, ascending, and their voxel counts as float64)."""
+    counts = _label_counts(labels)[1:]
+    labs = np.flatnonzero(counts) + 1
+    return labs, counts[labs - 1].astype(np.float64)
 
 
 def segment_stats(labels) -> dict[str, np.ndarray]:
@@ -291,6 +306,101 @@ def _single_dome(image, seg) -> bool:
     return len(pts) == 0 or bool(np.all(pts.max(axis=0) - pts.min(axis=0) <= 1))
 
 
+def _h_maxima(image: np.ndarray, h: float) -> np.ndarray:
+    """:func:`skimage.morphology.h_maxima` of a float64 image for a float ``h``: the same uint8 result.
+
+    skimage's grey reconstruction sorts its (2 x padded) input twice, once for the pixel order
+    and once, inside ``rank_order``, for the value ranks, with the same ``argsort`` call on the
+    same array; here that sort is done once and used for both (a third of the adaptive stage's
+    splitting time went into these sorts). The rest is skimage's code path step by step,
+    ending in its compiled ``reconstruction_loop`` (private): it is checked once per process
+    against ``h_maxima`` on small images, and ``h_maxima`` itself is used if it is missing or
+    differs.
+    """
+    from skimage.morphology import h_maxima
+
+    if image.dtype != np.float64 or image.ndim != 3 or not _h_maxima_ok():
+        return h_maxima(image, h)
+    return _h_maxima_one_sort(image, float(h))
+
+
+def _h_maxima_one_sort(image: np.ndarray, h: float) -> np.ndarray:
+    from skimage.morphology._grayreconstruct import reconstruction_loop
+
+    if h > np.ptp(image):
+        return np.zeros(image.shape, dtype=np.uint8)
+    resolution = 2 * np.finfo(image.dtype).resolution * np.abs(image)
+    seed = image - h - resolution
+    mask = image
+    # skimage.morphology.reconstruction(seed, mask, method="dilation"), footprint ones((3, 3, 3))
+    footprint = np.ones([3] * seed.ndim, dtype=bool)
+    offset = np.array([1] * seed.ndim)
+    footprint[tuple(slice(d, d + 1) for d in offset)] = False
+    dims = np.zeros(seed.ndim + 1, dtype=int)
+    dims[1:] = np.array(seed.shape) + (np.array(footprint.shape) - 1)
+    dims[0] = 2
+    inside = tuple(slice(o, o + n) for o, n in zip(offset, seed.shape))
+    images = np.full(dims, np.min(seed), dtype=np.float64)
+    images[(0, *inside)] = seed
+    images[(1, *inside)] = mask
+    isize = images.size
+    signed = np.result_type(np.min_scalar_type(-isize), np.int32)
+    unsigned = np.dtype(signed.char.upper())
+    value_stride = np.array(images.strides[1:]) // images.dtype.itemsize
+    image_stride = images.strides[0] // images.dtype.itemsize
+    grid = np.mgrid[[slice(-o, d - o) for d, o in zip(footprint.shape, offset)]]
+    nb_offsets = grid[:, footprint].transpose()
+    nb_strides = np.array([np.sum(value_stride * o) for o in nb_offsets], signed)
+    images = images.reshape(-1)
+    order = np.argsort(images)  # the one sort (skimage: np.argsort(images) and rank_order's images.argsort())
+    index_sorted = order.astype(signed, copy=False)[::-1]
+    prev = np.full(isize, -1, signed)
+    nxt = np.full(isize, -1, signed)
+    prev[index_sorted[1:]] = index_sorted[:-1]
+    nxt[index_sorted[:-1]] = index_sorted[1:]
+    # skimage.filters._rank_order.rank_order(images)
+    rank_dtype = np.min_scalar_type(isize)
+    sort_order = order.astype(rank_dtype, copy=False)
+    flat = images[sort_order]
+    sort_rank = np.zeros_like(sort_order)
+    is_different = flat[:-1] != flat[1:]
+    np.cumsum(is_different, out=sort_rank[1:], dtype=sort_rank.dtype)
+    value_map = np.zeros((int(sort_rank[-1]) + 1,), images.dtype)
+    value_map[0] = flat[0]
+    value_map[1:] = flat[1:][is_different]
+    value_rank = np.zeros_like(sort_order)
+    value_rank[sort_order] = sort_rank
+    value_rank = value_rank.astype(unsigned, copy=False)
+    reconstruction_loop(value_rank, prev, nxt, nb_strides, index_sorted[0], image_stride)
+    rec = value_map[value_rank[:image_stride]]
+    rec.shape = np.array(seed.shape) + (np.array(footprint.shape) - 1)
+    rec = rec[inside]
+    return ((image - rec) >= h).astype(np.uint8)
+
+
+_H_MAXIMA = []  # [bool] once checked
+
+
+def _h_maxima_ok() -> bool:
+    """Whether :func:`_h_maxima_one_sort` reproduces ``skimage.morphology.h_maxima`` here (checked once)."""
+    if not _H_MAXIMA:
+        from skimage.morphology import h_maxima
+
+        ok = False
+        try:
+            rng = np.random.default_rng(0)
+            ok = True
+            for shape in ((9, 11, 10), (6, 5, 7)):
+                img = ndi.gaussian_filter(rng.random(shape) * 4.0, 1.0)
+                img[:, :2] = 0.0  # ties, as in a distance map's background
+                for h in (0.05, 0.5):
+                    ok = ok and np.array_equal(_h_maxima_one_sort(img, h), h_maxima(img, h))
+        except Exception:  # noqa: BLE001 - a changed private routine: fall back to h_maxima
+            ok = False
+        _H_MAXIMA.append(bool(ok))
+    return _H_MAXIMA[0]
+
+
 def _split_by_distance(seg, min_part, min_keep, structure):
     """Split touching spheres at the necks of the Euclidean distance transform.
 
@@ -298,14 +408,13 @@ def _split_by_distance(seg, min_part, min_keep, structure):
     (h-maxima), grown back over ``seg`` by a watershed on the negated distance. Returns the
     int32 partition or None when fewer than two parts of ``min_keep`` voxels result.
     """
-    from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
     dist = ndi.distance_transform_edt(seg)
     smooth = ndi.gaussian_filter(dist, 0.5)
     if _single_dome(smooth, seg):
         return None  # what h_maxima and the labelling below would conclude, without them
-    peaks = h_maxima(smooth, 0.5) & seg
+    peaks = _h_maxima(smooth, 0.5) & seg
     markers, n = ndi.label(peaks, structure=np.ones((3, 3, 3), bool))
     if n < 2:
         return None
@@ -742,10 +851,10 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     out = _int32_labels(labels, overwrite_labels)
     max_in = int(out.max()) if out.size else 0
     # 1. fragments are not trusted
-    stats = segment_stats(out) if max_in > 0 and r_frag > 0 else None
     frag = None  # (flat indices, original values) of the released fragments' voxels
-    if stats is not None:
-        frag_ids = stats["label"][stats["volume"] < 4.0 / 3.0 * np.pi * r_frag ** 3]
+    if max_in > 0 and r_frag > 0:
+        labs, vols = _label_volumes(out)
+        frag_ids = labs[vols < 4.0 / 3.0 * np.pi * r_frag ** 3]
         if len(frag_ids):
             flat = out.reshape(-1)  # a view: out is C-contiguous
             idx = np.flatnonzero(np.isin(out, frag_ids))
@@ -756,19 +865,21 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     p = np.asarray(probability, dtype=np.float32)
     low = np.float32(low_threshold)
     cand = np.empty(shape, dtype=bool)
-    n_belief = 0
     any_segment = out.max() > 0
     step = max(1, _SLAB_VOXELS // max(1, shape[1] * shape[2]))
-    for z0 in range(0, shape[0], step):
-        z1 = min(shape[0], z0 + step)
+
+    def candidate_slab(z0, z1, cand=cand):  # writes cand[z0:z1] only; slabs on the process's cores
         c = cand[z0:z1]
         np.greater_equal(p[z0:z1], low, out=c)
         release_pages(p)
-        n_belief += int(np.count_nonzero(c))
+        n = int(np.count_nonzero(c))
         if any_segment:
             a0, a1 = max(0, z0 - 2), min(shape[0], z1 + 2)
             near = ndi.binary_dilation(out[a0:a1] > 0, structure=_structure(1), iterations=2)
             c &= ~near[z0 - a0: z1 - a0]
+        return n
+
+    n_belief = sum(slab_map(candidate_slab, shape[0], step))
     if n_belief == 0 or np.count_nonzero(cand) < min_weak_fraction * n_belief:
         # a confident map: the half-beliefs left over are more often look-alikes (measured: true
         # vesicles are not lost by such maps, distractors with a clear membrane are rescued)
@@ -862,23 +973,26 @@ def _map_is_weak(probability, labels, low_threshold, min_weak_fraction, min_volu
     lab = np.asarray(labels)
     trusted = np.zeros(int(lab.max()) + 1 if lab.size else 1, dtype=bool)
     if lab.size and lab.max() > 0:
-        stats = segment_stats(lab)
-        trusted[stats["label"][stats["volume"] >= min_volume]] = True
+        labs, vols = _label_volumes(lab)
+        trusted[labs[vols >= min_volume]] = True
     low = np.float32(low_threshold)
     n_z = lab.shape[0]
     step = max(1, _SLAB_VOXELS // max(1, lab.shape[1] * lab.shape[2]))
-    n_belief = n_cand = 0
-    for z0 in range(0, n_z, step):
-        z1 = min(n_z, z0 + step)
+
+    def counts(z0, z1):  # (beliefs, candidates) of a slab; slabs on the process's cores
         a0, a1 = max(0, z0 - 2), min(n_z, z1 + 2)  # two dilation steps need two more planes
         near = trusted[lab[a0:a1]]
         if near.any():
             near = ndi.binary_dilation(near, structure=_structure(1), iterations=2)
         above = np.asarray(probability[z0:z1], dtype=np.float32) >= low
         release_pages(probability)
-        n_belief += int(np.count_nonzero(above))
+        n_b = int(np.count_nonzero(above))
         above &= ~near[z0 - a0: z1 - a0]
-        n_cand += int(np.count_nonzero(above))
+        return n_b, int(np.count_nonzero(above))
+
+    per_slab = slab_map(counts, n_z, step)
+    n_belief = sum(b for b, _ in per_slab)
+    n_cand = sum(c for _, c in per_slab)
     return n_belief > 0 and not n_cand < min_weak_fraction * n_belief
 
 
