@@ -40,7 +40,6 @@ and each step only reduces radii, so no overlapping accepted pair remains.
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 from scipy.spatial import cKDTree
 
 from cryoves._parallel import thread_map
@@ -54,6 +53,14 @@ __all__ = ["mahalanobis_pvalues", "filter_outliers", "resolve_overlaps", "DEFAUL
 SHRUNK_NOTE = "radius shrunk to resolve an overlap"
 
 DEFAULT_FEATURES = ("thickness", "density", "radius")
+
+
+def _chi2():
+    """``scipy.stats.chi2``, imported when first needed: ``scipy.stats`` takes ~0.7 s to import,
+    which at start-up competes with TensorFlow's import for the interpreter lock."""
+    from scipy.stats import chi2
+
+    return chi2
 
 
 def _features(table: VesicleTable, features) -> np.ndarray:
@@ -99,14 +106,15 @@ def _robust_mean_cov(pop: np.ndarray, mu: np.ndarray, S: np.ndarray):
     if dof == 0:
         return mu, S
     a = h / n
-    S_h = S_h * (a / stats.chi2.cdf(stats.chi2.ppf(a, dof), dof + 2))
+    chi2 = _chi2()
+    S_h = S_h * (a / chi2.cdf(chi2.ppf(a, dof), dof + 2))
     d2, _ = _d2(pop, mu_h, S_h)
-    q = stats.chi2.ppf(0.975, dof)
+    q = chi2.ppf(0.975, dof)
     core = pop[d2 <= q]
     if len(core) < k + 1:
         return mu_h, S_h
     mu_r, S_r = _mean_cov(core)
-    return mu_r, S_r * (0.975 / stats.chi2.cdf(q, dof + 2))
+    return mu_r, S_r * (0.975 / chi2.cdf(q, dof + 2))
 
 
 def _pvalues_from(X: np.ndarray, use: np.ndarray, robust: bool = False) -> np.ndarray:
@@ -124,7 +132,7 @@ def _pvalues_from(X: np.ndarray, use: np.ndarray, robust: bool = False) -> np.nd
     if dof == 0:
         p[finite] = 1.0
         return p
-    p[finite] = stats.chi2.sf(d2, dof)
+    p[finite] = _chi2().sf(d2, dof)
     return p
 
 
