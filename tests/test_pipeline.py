@@ -326,15 +326,18 @@ def test_stage_functions_one_by_one_are_segment(small_simulation, oracle_probabi
         np.testing.assert_array_equal(table[col], want.table[col], err_msg=col)
 
 
-#: Vesicles of 20-36 nm outer radius (textured lumens, as the suite's wide-radius case): at its own
-#: scale the default network leaves most of those above ~30 nm empty (the large-vesicle pass's case).
-LARGE_VESICLES = dict(radius_mean_nm=31.0, radius_sd_nm=4.0, radius_min_nm=20.0, radius_max_nm=36.0,
+#: Vesicles of 28-34 nm outer radius (textured lumens, as the suite's wide-radius case): at its own
+#: scale the default network (trained on radii up to 32 nm) leaves some of them empty (the
+#: large-vesicle pass's case). With the weights before the fine-tuning of 2026-12-01 a scene of
+#: 20-36 nm did; the fine-tuned network finds all of those at its own scale.
+LARGE_VESICLES = dict(radius_mean_nm=33.0, radius_sd_nm=3.0, radius_min_nm=28.0, radius_max_nm=34.0,
                       lumen_texture=0.12, lumen_contrast=0.3, membrane_thickness_nm=4.2,
                       membrane_thickness_sd_nm=0.4)
 
 
 def large_vesicle_simulation():
-    """80x128x128 at 2.0 nm, seed 3: 6 vesicles of 21-32 nm, two of them found only by the large pass."""
+    """80x128x128 at 2.0 nm, seed 3: 5 vesicles of 30-34 nm, two of them found only by the large
+    pass (default weights, float32: 5 of 5 with it, 3 without)."""
     from cryoves.simulate import SimulationParams, simulate_tomogram
 
     return simulate_tomogram((80, 128, 128), 2.0, seed=3, params=SimulationParams(**LARGE_VESICLES))
