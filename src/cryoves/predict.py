@@ -47,6 +47,7 @@ shrunk view also sees look-alikes. (The reference CryoVesNet has a related optio
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from itertools import product
@@ -321,34 +322,33 @@ def _zoom_linear_grid(vol: np.ndarray, out: np.ndarray, order: int) -> None:
 
 
 _NEAREST_CODE = 0  # scipy.ndimage's code of mode "nearest" (checked by _slab_zoom_ok)
-_SLAB_ZOOM = []  # [bool] once checked
 
 
+@functools.lru_cache(maxsize=None)
 def _slab_zoom_ok() -> bool:
-    """Whether :func:`_zoom_linear_grid` may zoom slab by slab (scipy's private routine as expected)."""
-    if not _SLAB_ZOOM:
-        ok = False
-        try:
-            from scipy.ndimage import _ni_support
+    """Whether :func:`_zoom_linear_grid` may zoom slab by slab (scipy's private routine as expected;
+    checked once per process)."""
+    ok = False
+    try:
+        from scipy.ndimage import _ni_support
 
-            if _ni_support._extend_mode_to_code("nearest") == _NEAREST_CODE:
-                rng = np.random.default_rng(0)
-                for ish, osh in (((7, 9, 5), (10, 6, 8)), ((10, 6, 8), (7, 9, 5))):
-                    v = rng.normal(size=ish).astype(np.float32)
-                    ref = ndimage.zoom(v, tuple(o / i for o, i in zip(osh, ish)), order=1, mode="nearest",
-                                       grid_mode=True, prefilter=False)
-                    got = np.empty(osh, dtype=np.float32)
-                    zoom = np.ascontiguousarray(np.divide(np.array(ish), np.array(osh), dtype=np.float64))
-                    for z0 in range(0, osh[0], 3):
-                        ndimage._nd_image.zoom_shift(v, zoom, np.array([float(z0), 0.0, 0.0]), got[z0:z0 + 3],
-                                                     1, _NEAREST_CODE, 0.0, 0, True)
-                    ok = ref.shape == osh and np.array_equal(got, ref)
-                    if not ok:
-                        break
-        except Exception:  # noqa: BLE001 - a changed private routine: fall back to the public zoom
-            ok = False
-        _SLAB_ZOOM.append(ok)
-    return _SLAB_ZOOM[0]
+        if _ni_support._extend_mode_to_code("nearest") == _NEAREST_CODE:
+            rng = np.random.default_rng(0)
+            for ish, osh in (((7, 9, 5), (10, 6, 8)), ((10, 6, 8), (7, 9, 5))):
+                v = rng.normal(size=ish).astype(np.float32)
+                ref = ndimage.zoom(v, tuple(o / i for o, i in zip(osh, ish)), order=1, mode="nearest",
+                                   grid_mode=True, prefilter=False)
+                got = np.empty(osh, dtype=np.float32)
+                zoom = np.ascontiguousarray(np.divide(np.array(ish), np.array(osh), dtype=np.float64))
+                for z0 in range(0, osh[0], 3):
+                    ndimage._nd_image.zoom_shift(v, zoom, np.array([float(z0), 0.0, 0.0]), got[z0:z0 + 3],
+                                                 1, _NEAREST_CODE, 0.0, 0, True)
+                ok = ref.shape == osh and np.array_equal(got, ref)
+                if not ok:
+                    break
+    except Exception:  # noqa: BLE001 - a changed private routine: fall back to the public zoom
+        ok = False
+    return bool(ok)
 
 
 def _gaussian_filter(vol: np.ndarray, sigma: Sequence[float], mode: str) -> np.ndarray:

@@ -28,6 +28,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -378,27 +379,22 @@ def _h_maxima_one_sort(image: np.ndarray, h: float) -> np.ndarray:
     return ((image - rec) >= h).astype(np.uint8)
 
 
-_H_MAXIMA = []  # [bool] once checked
-
-
+@functools.lru_cache(maxsize=None)
 def _h_maxima_ok() -> bool:
     """Whether :func:`_h_maxima_one_sort` reproduces ``skimage.morphology.h_maxima`` here (checked once)."""
-    if not _H_MAXIMA:
-        from skimage.morphology import h_maxima
+    from skimage.morphology import h_maxima
 
+    try:
+        rng = np.random.default_rng(0)
+        ok = True
+        for shape in ((9, 11, 10), (6, 5, 7)):
+            img = ndi.gaussian_filter(rng.random(shape) * 4.0, 1.0)
+            img[:, :2] = 0.0  # ties, as in a distance map's background
+            for h in (0.05, 0.5):
+                ok = ok and np.array_equal(_h_maxima_one_sort(img, h), h_maxima(img, h))
+    except Exception:  # noqa: BLE001 - a changed private routine: fall back to h_maxima
         ok = False
-        try:
-            rng = np.random.default_rng(0)
-            ok = True
-            for shape in ((9, 11, 10), (6, 5, 7)):
-                img = ndi.gaussian_filter(rng.random(shape) * 4.0, 1.0)
-                img[:, :2] = 0.0  # ties, as in a distance map's background
-                for h in (0.05, 0.5):
-                    ok = ok and np.array_equal(_h_maxima_one_sort(img, h), h_maxima(img, h))
-        except Exception:  # noqa: BLE001 - a changed private routine: fall back to h_maxima
-            ok = False
-        _H_MAXIMA.append(bool(ok))
-    return _H_MAXIMA[0]
+    return bool(ok)
 
 
 def _split_by_distance(seg, min_part, min_keep, structure):
@@ -821,7 +817,7 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
         candidate (values above ``labels.max()``). When the map is not weak (step 0) nothing is
         added and the input ``labels`` is returned itself if it is int32 (else as an int32 copy).
     """
-    from cryoves.refine import detection_score, fit_sphere_at, intensity_normalization
+    from cryoves.refine import fit_sphere_at, intensity_normalization
 
     tomogram = _check_volume("tomogram", tomogram)
     probability = _check_volume("probability", probability)
