@@ -34,6 +34,20 @@ def test_pvalues_match_chi2_with_three_dof():
     assert np.all((p >= 0) & (p <= 1))
 
 
+def test_chi2_helpers_equal_scipy_stats_exactly():
+    """The outlier stage avoids importing scipy.stats (slow) but must compute the same numbers."""
+    from cryoves.outliers import _chi2_cdf, _chi2_ppf, _chi2_sf
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([[0.0, 1e-12, 0.5, 7.81, 50.0, 400.0], rng.exponential(4.0, 200)])
+    q = np.concatenate([[0.5, 0.975, 1e-6, 1 - 1e-9], rng.uniform(0, 1, 50)])
+    for dof in (1, 2, 3, 5):
+        assert np.array_equal(_chi2_sf(x, dof), stats.chi2.sf(x, dof))
+        assert np.array_equal(_chi2_cdf(x, dof), stats.chi2.cdf(x, dof))
+        assert np.array_equal(_chi2_ppf(q, dof), stats.chi2.ppf(q, dof))
+        assert _chi2_cdf(_chi2_ppf(0.6, dof), dof + 2) == stats.chi2.cdf(stats.chi2.ppf(0.6, dof), dof + 2)
+
+
 def test_pvalues_few_vesicles_are_nan_and_singular_covariance_is_handled():
     t = _feature_table(3)
     assert np.all(np.isnan(mahalanobis_pvalues(t)))
