@@ -94,7 +94,8 @@ def test_speed_report_table_is_well_formed():
            "stages": {"predict": 5.0, "global": 1.0, "adaptive": 1.0, "refine": 1.0, "outliers": 1.0, "write": 0.5},
            "post": 4.5, "post_frac": 0.45, "rss": 1.0, "tomo_gb": 0.1, "net_vps": 2e6, "ref": 100.0,
            "ref_tiles": 10, "ref_timed": 4, "ref_extrapolated": True, "ref_per_tile": 0.1, "ratio_predict": 20.0,
-           "ratio_e2e": 10.0, "load_seg": (0.5, 1.0), "load_ref": (1.0, 1.0), "n": 3, "cpu": 12.0}
+           "ratio_e2e": 10.0, "load_seg": (0.5, 1.0), "load_ref": (1.0, 1.0), "n": 3, "cpu": 12.0,
+           "main": 4.0, "load_main": (1.0, 1.2), "ratio_main": 25.0}
     block = speed.report_block([row], {"date": "d", "command": "c", "runtime": 1.0, "machine": "m", "seeds": "1",
                                        "weights": "w"})
     tables = [ln for ln in block.splitlines() if ln.startswith("|")]
@@ -108,6 +109,7 @@ def test_speed_report_table_is_well_formed():
             cur = []
     assert len(groups) == 2 and all(len(set(g)) == 1 for g in groups), tables
     assert "extrapolated from 4 tiles" in block
+    assert "| 4.0 s | **25.0×** | **20.0×** |" in block  # the main pass and its ratio beside the stage's
 
 
 if __name__ == "__main__":  # pragma: no cover
