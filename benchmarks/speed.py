@@ -217,7 +217,7 @@ def report_block(rows, meta) -> str:
               "preprocessing, tiling, network calls, blending), i.e. the same job as the reference scheme "
               "(one probability map), which is timed on network calls only. \"Prediction\" is the "
               "`predict` stage of `cryoves segment`: the main pass plus the large-vesicle pass (the "
-              "network again on the tomogram shrunk to 0.75), which the reference does not run."]
+              "network again on the tomogram shrunk to 0.6), which the reference does not run."]
     loads = [x for r in rows for x in (*r["load_seg"], *r["load_ref"])]
     if loads and max(loads) > os.cpu_count():
         lines += ["", f"**Other work shared the {os.cpu_count()} cores during these runs** (load up to "

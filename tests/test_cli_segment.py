@@ -55,7 +55,7 @@ def test_end_to_end_single(tmp_path, tomo, random_weights, capsys):
     assert "vesicles found" in captured.out and "time:" in captured.out
     # no temporary files left
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
-    assert info["params"]["large_scale"] == 0.75  # the large-vesicle pass runs by default
+    assert info["params"]["large_scale"] == 0.6  # the large-vesicle pass runs by default
 
 
 def test_refuses_to_overwrite_results(tmp_path, tomo, random_weights, capsys, monkeypatch):

@@ -36,7 +36,7 @@ Test-time augmentation (``tta=True``) averages the 8 flips of every tile.
 
 **Scale and large regions.** A network learns the sizes it was shown: the default model,
 trained on outer radii up to ~30 nm, leaves larger vesicles empty or hollow in its map.
-``scale=0.75`` runs it on the tomogram shrunk (a 32 nm vesicle looks like a 24 nm one);
+``scale=0.6`` runs it on the tomogram shrunk (a 32 nm vesicle looks like a 19 nm one);
 ``min_region_radius_nm`` then keeps only the regions of ``p > 0.5`` at least that large (with
 a 4 nm margin), zero elsewhere. :func:`cryoves.pipeline.segment` uses such a map to propose
 large vesicles, each verified by its membrane
