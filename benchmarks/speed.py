@@ -160,7 +160,7 @@ def main_pass(tomo: Path, model) -> dict:
     return {"seconds": time.perf_counter() - t0, "load": (load0, _load())}
 
 
-def fmt_row(shape, seg, ref, net_vox, main=None) -> dict:
+def fmt_row(shape, seg, ref, net_vox, main) -> dict:
     t = seg["timings_s"]
     post = sum(t.get(k, 0.0) for k in POST)
     return {
@@ -172,13 +172,15 @@ def fmt_row(shape, seg, ref, net_vox, main=None) -> dict:
         "ref": ref["seconds"], "ref_tiles": ref["n_tiles"], "ref_timed": ref["timed_tiles"],
         "ref_extrapolated": ref["extrapolated"], "ref_per_tile": ref["per_tile_s"],
         "ratio_predict": ref["seconds"] / t["predict"], "ratio_e2e": ref["seconds"] / seg["wall_s"],
-        "main": main["seconds"] if main else float("nan"), "load_main": main["load"] if main else (float("nan"),) * 2,
-        "ratio_main": ref["seconds"] / main["seconds"] if main else float("nan"),
+        "main": main["seconds"], "load_main": main["load"], "ratio_main": ref["seconds"] / main["seconds"],
         "load_seg": seg["load"], "load_ref": ref["load"], "n": seg["n_accepted"], "cpu": seg["cpu_s"],
     }
 
 
 def report_block(rows, meta) -> str:
+    from cryoves.pipeline import SegmentParams
+
+    large_scale = SegmentParams().large_scale
     lines = [BEGIN, "",
              "## End to end (`benchmarks/speed.py`)", "",
              f"Measured {meta['date']} with `{meta['command']}` ({meta['runtime']:.0f} s): {meta['machine']}. "
@@ -212,13 +214,14 @@ def report_block(rows, meta) -> str:
                      f"**{r['ratio_main']:.1f}×** | **{r['ratio_predict']:.1f}×** | **{r['ratio_e2e']:.1f}×** | "
                      f"{r['load_ref'][0]:.1f} → {r['load_ref'][1]:.1f} (main pass {r['load_main'][0]:.1f} → "
                      f"{r['load_main'][1]:.1f}) |")
+    stage = (f"the main pass plus the large-vesicle pass (the network again on the tomogram shrunk to "
+             f"{large_scale:g}), which the reference does not run" if large_scale else "the main pass")
     lines += ["", "\"Cryoves main pass\" is timed in the benchmark's own process after the reference scheme: "
               "`predict_probability` at the model's voxel size with the pipeline's settings (the card's "
               "preprocessing, tiling, network calls, blending), i.e. the same job as the reference scheme "
               "(one probability map), which is timed on network calls only. \"Prediction\" is the "
-              "`predict` stage of `cryoves segment`: the main pass plus the large-vesicle pass (the "
-              "network again on the tomogram shrunk to 0.6), which the reference does not run."]
-    loads = [x for r in rows for x in (*r["load_seg"], *r["load_ref"])]
+              f"`predict` stage of `cryoves segment`: {stage}."]
+    loads = [x for r in rows for x in (*r["load_seg"], *r["load_ref"], *r["load_main"])]
     if loads and max(loads) > os.cpu_count():
         lines += ["", f"**Other work shared the {os.cpu_count()} cores during these runs** (load up to "
                       f"{max(loads):.1f}): the times are longer than on an idle machine, and the ratios compare "

@@ -110,6 +110,9 @@ def test_speed_report_table_is_well_formed():
     assert len(groups) == 2 and all(len(set(g)) == 1 for g in groups), tables
     assert "extrapolated from 4 tiles" in block
     assert "| 4.0 s | **25.0×** | **20.0×** |" in block  # the main pass and its ratio beside the stage's
+    from cryoves.pipeline import SegmentParams
+
+    assert f"shrunk to {SegmentParams().large_scale:g})" in block  # the pipeline's scale, not a copy
 
 
 if __name__ == "__main__":  # pragma: no cover
