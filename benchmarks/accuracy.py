@@ -83,7 +83,7 @@ simulated independently of this repository, running them without it lost 40-70 %
 vesicles (issue 12). Which of the two our simulator represents better for real data, these numbers
 cannot say.
 
-**Where `weights.h5` with its smoothing still loses to itself without it** (three cases of the
+**Where `weights.h5` with its smoothing still loses to itself without it** (two cases of the
 default suite, below). Its extra false vesicles there (11, measured 2026-11-30 with the
 simulator's object list) are capsule-shaped ends and bends of tubular compartments (5), ends of
 elongated ellipsoidal compartments (4) and intraluminal vesicles of endosomes (2), several of

@@ -95,10 +95,10 @@ def test_second_derivative_radius_is_biased_outwards(scene):
 
 
 def _simulated_radius_error(voxel_size, seed=3, field_nm=(100.0, 260.0, 260.0), bilayer_nm=4.5,
-                            radius_method="membrane_centre", **overrides):
+                            radius_method="membrane_centre", min_converged=0.9, **overrides):
     """δd and mean signed relative radius error of refine_spheres on one small simulated tomogram,
     started from the true spheres moved by 1.5 voxels with radii 0.85-1.15x, over the vesicles whose
-    centre converged (within 2 voxels: at least 90 % of them)."""
+    centre converged (within 2 voxels: at least ``min_converged`` of them)."""
     from cryoves.simulate import SimulationParams
     shape = tuple(int(round(n / voxel_size)) for n in field_nm)
     sim = simulate_tomogram(shape, params=SimulationParams(voxel_size=voxel_size, seed=seed, **overrides))
@@ -110,7 +110,7 @@ def _simulated_radius_error(voxel_size, seed=3, field_nm=(100.0, 260.0, 260.0), 
                                      voxel_size=voxel_size)
     out = refine_spheres(sim.tomogram, start, voxel_size, radius_method=radius_method, bilayer_nm=bilayer_nm)
     ok = (out["status"] == "accepted") & (np.linalg.norm(out.centers - truth.centers, axis=1) < 2.0)
-    assert ok.sum() >= 0.9 * len(truth) >= 9
+    assert ok.sum() >= min_converged * len(truth) >= 9
     rf, rt = out.radii[ok], truth.radii[ok]
     return float(np.mean(1 - np.minimum(rf, rt) / np.maximum(rf, rt))), float(np.mean(rf / rt - 1))
 
@@ -126,6 +126,16 @@ def test_default_radius_rule_holds_across_membrane_profiles(voxel_size, override
     """Issue 12, item 4: δd <= 0.02 when the bilayer's leaflets, blur, the defocus and the voxel size
     vary (benchmarks/radius_rule.py measures more profiles)."""
     dd, bias = _simulated_radius_error(voxel_size, **overrides)
+    assert dd <= 0.02 and abs(bias) <= 0.015, (dd, bias)
+
+
+def test_radius_rule_takes_two_resolved_dark_lines_as_one_membrane():
+    """The sharpest leaflets furthest apart at 1.6 nm: the tomogram shows two dark lines about 5 nm
+    apart with a light one between them. The minimum of the smoothed profile took either line
+    (this tomogram: δd 0.038, bias +2.4 %; seeds 1-5: 0.034-0.047); the centroid of the dark mass
+    takes their middle (0.013, -0.1 %; seeds 1-5: 0.008-0.015). Two of its 13 vesicles do not
+    centre within 2 voxels, with either rule."""
+    dd, bias = _simulated_radius_error(1.6, min_converged=0.8, leaflet_width=0.06, headgroup_separation=0.75)
     assert dd <= 0.02 and abs(bias) <= 0.015, (dd, bias)
 
 

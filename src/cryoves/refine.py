@@ -13,13 +13,15 @@ For each vesicle, starting from a centre ``C`` and radius ``r``:
      membrane makes the radial mean ``(1/d) (k * (s f))(d)`` (``f`` the membrane's own density
      profile, ``k`` the blur's 1-D profile), so ``d`` times the profile is a 1-D convolution of
      ``s f(s)``: its minimum, after a smoothing of at least half the bilayer (which merges two
-     leaflets resolved at fine voxel sizes into one band), lies outside the centre by only
+     leaflets resolved at fine voxel sizes into one band), refined to the centroid of the dark
+     mass within about a bilayer of it (which also takes two dark lines 4-6 nm apart, too far
+     apart to merge, as one membrane), lies outside the centre by only
      ``CENTRE_SHIFT * bilayer^2 / d``, whatever the blur, which is subtracted. The rule thus does
      not depend on how sharp the membrane looks, nor on the defocus; only a bilayer thinner or
      thicker than ``bilayer_nm`` (default 4.5 nm) moves it, by half the difference, and an
      asymmetric bilayer (one leaflet denser) moves it towards the denser leaflet. Measured on
      simulations that vary the leaflet width and separation, the bilayer blur, the defocus, CTF
-     correction, the voxel size (1.2-2.8 nm) and the reconstruction: δd 0.004-0.019
+     correction, the voxel size (1.2-2.8 nm) and the reconstruction: δd 0.004-0.009
      (``benchmarks/radius_rule.py``, docs/accuracy.md), against 0.008-0.07 for ``"max_slope"``;
    - ``"max_slope"``: ``r = d_m + t_m / 2`` with ``t_m / 2`` the distance from ``d_m`` to the
      steepest rise of the Gaussian-smoothed (sigma 1 voxel) profile between ``d_m`` and the
@@ -91,6 +93,14 @@ RADIUS_METHODS = ("second_derivative", "max_slope", "membrane_centre")
 #: of 4.5-5 nm). 0.17 is the middle; over that range the radius moves by less than +-1 % of a
 #: 20 nm vesicle (``benchmarks/radius_rule.py`` measures the rule on simulations).
 CENTRE_SHIFT = 0.17
+
+#: Half-width of the window of the membrane's dark-mass centroid (``_dark_centroid``), in half
+#: bilayers (2.25 = 5.1 nm for the default 4.5 nm bilayer). Chosen on ``benchmarks/radius_rule.py``:
+#: 2.0-2.5 gave the same worst δd over the realistic profiles (0.0088-0.0091), 1.75 and 3.0 more
+#: (0.018, 0.017).
+CENTROID_HALF_WIDTH = 2.25
+#: The centroid moves at most this many half bilayers from the band's minimum.
+CENTROID_MAX_MOVE = 1.5
 
 _RADIUS_METHODS = RADIUS_METHODS
 
@@ -268,6 +278,36 @@ def _parabolic(y, i):
     return float(np.clip(0.5 * (a - c) / den, -0.5, 0.5))
 
 
+def _dark_centroid(dist, weighted, bw: float, start: float, half_membrane: float) -> float:
+    """Centre of the dark mass of ``d * (profile - base)`` around the membrane (voxels).
+
+    The centroid of the negative part of the weighted profile (smoothed by half a voxel) within
+    ``CENTROID_HALF_WIDTH * half_membrane`` of the current estimate, iterated from ``start`` until
+    it settles, and kept within ``CENTROID_MAX_MOVE * half_membrane`` of ``start``. Where the
+    membrane is one dark band it is the band's centre, like the minimum. Where the tomogram shows
+    the bilayer as two dark lines with a light line between them (sharp leaflets, or the
+    contrast transfer function inverting the leaflet spacing: lines 4-6 nm apart, too far apart
+    for the band smoothing to merge), the minimum lands on either line, about 2.5 nm (over 10 %
+    of a small vesicle's radius) inside or outside the membrane centre; the centroid takes both.
+    """
+    q = gaussian_filter1d(weighted, 0.5 / bw, mode="nearest")
+    w_half = CENTROID_HALF_WIDTH * half_membrane
+    lim = CENTROID_MAX_MOVE * half_membrane
+    dc = start
+    for _ in range(10):
+        sel = np.abs(dist - dc) <= w_half
+        neg = np.maximum(-q[sel], 0.0)
+        tot = float(neg.sum())
+        if not tot > 0.0:
+            break
+        new = float(np.clip(np.dot(dist[sel], neg) / tot, start - lim, start + lim))
+        if abs(new - dc) < 1e-3:
+            dc = new
+            break
+        dc = new
+    return dc
+
+
 @dataclass
 class _Features:
     d_m: float
@@ -329,6 +369,7 @@ def _profile_features(dist, prof, bw, window, halo_span, sigma_vox, radius_metho
         a, b = max(i_m - k, wlo), min(i_m + k, whi)
         i_c = a + int(np.argmin(pc[a:b + 1]))
         d_u = float(np.interp(i_c + _parabolic(pc, i_c), np.arange(n), dist))
+        d_u = _dark_centroid(dist, (prof - base) * dist, bw, d_u, half_membrane)
         d_c = d_u - CENTRE_SHIFT * (2.0 * half_membrane) ** 2 / max(d_u, 1.0)
         radius = d_c + half_membrane
     sel = (dist >= d_m - half_t) & (dist <= d_m + half_t)
