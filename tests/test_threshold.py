@@ -94,6 +94,24 @@ def test_global_threshold_one_is_inclusive_and_mask():
     assert np.isnan(res2.shell_means[0])
 
 
+def test_global_threshold_ignores_a_sliver_of_saturated_voxels(known_best):
+    """A map that reaches exactly 1.0 in two voxels, on a dark spot: the paper's rule takes 1.0
+    (a 2-voxel "shell" is the darkest) and loses every vesicle; a candidate whose shell is under
+    a tenth of the largest does not compete."""
+    tomo, prob, n = known_best
+    tomo, prob = tomo.copy(), np.minimum(prob, 0.99)
+    far = np.unravel_index(np.argmin(prob), prob.shape)
+    z, y, x = far
+    prob[z, y, x:x + 2] = 1.0
+    tomo[z, y, x:x + 2] = tomo.min() - 10.0
+    paper = global_threshold(tomo, prob, min_shell_fraction=0.0)
+    assert paper.threshold == 1.0 and paper.n_segments == 1
+    res = global_threshold(tomo, prob)
+    assert 0.88 <= res.threshold <= 0.92 and res.n_segments == n + 1
+    with pytest.raises(ValueError, match="min_shell_fraction"):
+        global_threshold(tomo, prob, min_shell_fraction=1.5)
+
+
 def test_global_threshold_rejects_bad_input():
     with pytest.raises(ValueError, match="shape"):
         global_threshold(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)))

@@ -114,6 +114,10 @@ class SegmentParams:
         global: candidate thresholds (default 0.80, 0.81, ..., 1.00).
     connectivity : int
         global and adaptive: segment connectivity (1 = 6-connected, 3 = 26-connected).
+    min_shell_fraction : float
+        global: a candidate threshold competes only when its shell holds at least this
+        fraction of the largest candidate shell (0: the paper's rule; see
+        :func:`cryoves.threshold.global_threshold`).
     threshold_mode : str
         global: ``"robust"`` (default) adds the vesicles a less confident network marks below
         the global threshold, each verified by its membrane
@@ -212,6 +216,7 @@ class SegmentParams:
     # global threshold
     thresholds: Optional[tuple] = _default(_threshold.global_threshold, "thresholds")
     connectivity: int = _default(_threshold.global_threshold, "connectivity")
+    min_shell_fraction: float = _default(_threshold.global_threshold, "min_shell_fraction")
     threshold_mode: str = "robust"
     low_threshold: float = _default(_threshold.add_weak_segments, "low_threshold")
     weak_min_score: float = _default(_threshold.add_weak_segments, "min_score")
@@ -288,6 +293,9 @@ class SegmentParams:
             pos(name, allow_zero=True)
         if not 0.0 <= self.p_threshold <= 1.0:
             raise ValueError(f"SegmentParams.p_threshold must be in [0, 1], got {self.p_threshold}")
+        if not (isinstance(self.min_shell_fraction, (int, float)) and not isinstance(self.min_shell_fraction, bool)
+                and 0.0 <= self.min_shell_fraction <= 1.0):
+            raise ValueError(f"SegmentParams.min_shell_fraction must be in [0, 1], got {self.min_shell_fraction!r}")
         if self.refine_min_radius_nm >= self.refine_max_radius_nm:
             raise ValueError("SegmentParams.refine_min_radius_nm must be below refine_max_radius_nm")
         lo, hi = self.extent_range
@@ -365,7 +373,8 @@ class SegmentParams:
             return dict(self.stage_kwargs("weak", vs), low_threshold=0.5, min_radius_nm=self.large_min_radius_nm,
                         max_radius_nm=self.large_max_radius_nm, min_weak_fraction=0.0, fragment_radius_nm=0.0)
         if stage == "global":
-            return dict(thresholds=self.thresholds, connectivity=self.connectivity)
+            return dict(thresholds=self.thresholds, connectivity=self.connectivity,
+                        min_shell_fraction=self.min_shell_fraction)
         if stage == "weak":
             return dict(low_threshold=self.low_threshold, min_radius_nm=self.segment_min_radius_nm,
                         max_radius_nm=self.weak_max_radius_nm, min_score=self.weak_min_score,

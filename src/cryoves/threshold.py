@@ -118,6 +118,7 @@ def _ball1_min(p: np.ndarray) -> np.ndarray:
 
 
 def global_threshold(tomogram, probability, thresholds=None, mask=None, *, connectivity: int = 1,
+                     min_shell_fraction: float = 0.1,
                      progress: ProgressCallback = None) -> GlobalThresholdResult:
     """Pick the probability threshold whose segment shells are darkest, and label the segments.
 
@@ -135,6 +136,16 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         are not masked.
     connectivity : {1, 2, 3}
         Connectivity of the labelled segments (1 = 6-connected, default; 3 = 26-connected).
+    min_shell_fraction : float
+        A candidate competes only when its shell holds at least this fraction of the largest
+        candidate shell's voxels (not in the paper; 0 gives the paper's rule). A threshold that
+        keeps almost nothing of the map has a shell of a few voxels whose mean is noise: a map
+        that reaches exactly 1.0 (a saturated sigmoid, bfloat16) in only a handful of voxels made
+        1.0 the "darkest" candidate with a shell of 2 voxels (mean -1.09 against -1.05 for 0.95
+        with 37,572), and the segments of 20 of 47 vesicles were lost (a simulated tomogram with
+        the held-out binned Shepp-Logan rendering at another seed than the stress suite's). The
+        shells of the candidates a map supports hold similar numbers of voxels (about 37,000 to
+        39,000 there).
     progress : callable, optional
         ``progress(stage, done, total)``.
 
@@ -159,6 +170,8 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
     thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     if thresholds.size == 0 or not np.all(np.isfinite(thresholds)):
         raise ValueError("thresholds must be a non-empty array of finite numbers")
+    if not (np.isfinite(min_shell_fraction) and 0.0 <= min_shell_fraction <= 1.0):
+        raise ValueError(f"min_shell_fraction must be in [0, 1], got {min_shell_fraction}")
     order = np.argsort(thresholds, kind="stable")
     ts = thresholds[order]
     if mask is not None:
@@ -215,7 +228,9 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         # no candidate has any foreground: fall back to the lowest threshold (empty labels)
         best = float(ts[0])
     else:
-        best = float(ts[int(np.nanargmin(means_sorted))])
+        # candidates whose shell is a sliver of the largest one are not compared (noise)
+        eligible = counts >= max(min_shell_fraction * float(counts.max()), 1.0)
+        best = float(ts[int(np.nanargmin(np.where(eligible, means_sorted, np.nan)))])
     above = np.empty(p.shape, dtype=bool)
 
     def threshold_slab(z0, z1, above=above):  # slab by slab: a memory-mapped map's pages are released as read
