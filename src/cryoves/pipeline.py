@@ -198,6 +198,13 @@ class SegmentParams:
         outliers: a sphere whose lumen is darker than the median of the tomogram's vesicles by
         more than this (or 5 robust standard deviations), a dense core, is removed unless a re-fit
         brings it back; ``None``: no such check.
+    faint_score_relative : float or None
+        outliers: a sphere whose membrane scores below this fraction of the tomogram's median
+        score *and* whose lumen is lighter than the median lumen by more than ``light_lumen``
+        (the end of a tube or of an elongated compartment, seen from inside) is removed unless a
+        re-fit brings it back; ``None``: no such check.
+    light_lumen : float
+        outliers: see ``faint_score_relative`` (in units of the membrane's depth).
     features : tuple of str
         outliers: feature columns for the Mahalanobis distance.
     """
@@ -254,6 +261,8 @@ class SegmentParams:
     max_rounds: int = _default(_outliers.filter_outliers, "max_rounds")
     min_coverage: Optional[float] = _default(_outliers.filter_outliers, "min_coverage")
     lumen_deviation: Optional[float] = _default(_outliers.filter_outliers, "lumen_deviation")
+    faint_score_relative: Optional[float] = _default(_outliers.filter_outliers, "faint_score_relative")
+    light_lumen: float = _default(_outliers.filter_outliers, "light_lumen")
     features: tuple = _default(_outliers.filter_outliers, "features")
 
     def __post_init__(self) -> None:
@@ -321,6 +330,14 @@ class SegmentParams:
                                                      and self.lumen_deviation > 0):
             raise ValueError(f"SegmentParams.lumen_deviation must be None or a positive number, "
                              f"got {self.lumen_deviation!r}")
+        if self.faint_score_relative is not None and not (
+                isinstance(self.faint_score_relative, (int, float)) and not isinstance(self.faint_score_relative, bool)
+                and 0.0 < self.faint_score_relative <= 1.0):
+            raise ValueError(f"SegmentParams.faint_score_relative must be None or in (0, 1], "
+                             f"got {self.faint_score_relative!r}")
+        if not (isinstance(self.light_lumen, (int, float)) and not isinstance(self.light_lumen, bool)
+                and np.isfinite(self.light_lumen) and self.light_lumen >= 0):
+            raise ValueError(f"SegmentParams.light_lumen must be a non-negative number, got {self.light_lumen!r}")
         if self.keep_score is not None and not np.isfinite(self.keep_score):
             raise ValueError(f"SegmentParams.keep_score must be a finite number or None, got {self.keep_score}")
         if self.radius_method not in _refine.RADIUS_METHODS:
@@ -396,7 +413,8 @@ class SegmentParams:
                         max_radius_nm=self.max_radius_nm,
                         features=self.features, robust=self.robust, max_rounds=self.max_rounds,
                         radius_method=self.radius_method, bilayer_nm=self.bilayer_nm, keep_score=self.keep_score,
-                        min_coverage=self.min_coverage, lumen_deviation=self.lumen_deviation)
+                        min_coverage=self.min_coverage, lumen_deviation=self.lumen_deviation,
+                        faint_score_relative=self.faint_score_relative, light_lumen=self.light_lumen)
         raise ValueError(f"unknown stage {stage!r}; choose one of "
                          f"{STAGES[:1] + ('large',) + STAGES[1:2] + ('weak', 'large_weak') + STAGES[2:]}")
 
