@@ -383,7 +383,7 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
         vesicles 35 -> 26. Either condition alone would remove true vesicles (over both sets
         and both weights: a score below half the median 6 true and 21 false ones, mostly at
         2.8 nm voxels and cut by the volume's faces; a lumen 0.25 lighter 78 true and 38 false
-        ones, 37 of the true in the SIRT cases). ``None`` disables it.
+        ones, 37 of the true in the SIRT cases). ``None`` or 0 disables it.
     light_lumen : float
         See ``faint_score_relative`` (units of the membrane's depth, as ``lumen_deviation``).
     max_rounds : int
@@ -453,7 +453,7 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
 
     coverage = np.full(n, np.nan)
     lumen = np.full(n, np.nan)
-    check_shape = min_coverage is not None or lumen_deviation is not None or faint_score_relative is not None
+    check_shape = min_coverage is not None or lumen_deviation is not None or bool(faint_score_relative)
     # lowest coverage, highest lumen; a score below "faint" with a lumen below "light"
     shape_limits = {"coverage": min_coverage, "lumen": np.inf, "faint": -np.inf, "light": -np.inf}
 
@@ -521,7 +521,7 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
         measured = score[np.isfinite(score) & ~bad_shape()]
         if min_score_relative is not None and len(measured) >= 5:
             min_score = float(np.clip(min_score_relative * np.median(measured), min(3.0, min_score), min_score))
-        if faint_score_relative is not None and check_shape and len(measured) >= 5:
+        if faint_score_relative and len(measured) >= 5:
             lv = lumen[(status == "accepted") & np.isfinite(lumen)]
             if len(lv) >= 5:
                 shape_limits["faint"] = faint_score_relative * float(np.median(measured))

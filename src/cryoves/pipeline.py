@@ -202,7 +202,7 @@ class SegmentParams:
         outliers: a sphere whose membrane scores below this fraction of the tomogram's median
         score *and* whose lumen is lighter than the median lumen by more than ``light_lumen``
         (the end of a tube or of an elongated compartment, seen from inside) is removed unless a
-        re-fit brings it back; ``None``: no such check.
+        re-fit brings it back; ``None`` (or 0): no such check.
     light_lumen : float
         outliers: see ``faint_score_relative`` (in units of the membrane's depth).
     features : tuple of str
@@ -332,8 +332,8 @@ class SegmentParams:
                              f"got {self.lumen_deviation!r}")
         if self.faint_score_relative is not None and not (
                 isinstance(self.faint_score_relative, (int, float)) and not isinstance(self.faint_score_relative, bool)
-                and 0.0 < self.faint_score_relative <= 1.0):
-            raise ValueError(f"SegmentParams.faint_score_relative must be None or in (0, 1], "
+                and 0.0 <= self.faint_score_relative <= 1.0):
+            raise ValueError(f"SegmentParams.faint_score_relative must be None or in [0, 1] (0: no check), "
                              f"got {self.faint_score_relative!r}")
         if not (isinstance(self.light_lumen, (int, float)) and not isinstance(self.light_lumen, bool)
                 and np.isfinite(self.light_lumen) and self.light_lumen >= 0):

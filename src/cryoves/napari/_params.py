@@ -89,6 +89,10 @@ SPECS: dict[str, tuple[str, str, str, dict]] = {
     "min_coverage": ("Closed membrane", "Remove spheres whose membrane is seen in fewer than this fraction of "
                      "the directions (tubes, folds, ellipsoids) unless a re-fit closes it; 0 = no check.",
                      "float", {"min": 0.0, "max": 1.0, "step": 0.05}),
+    "faint_score_relative": ("Faint membrane", "Remove spheres whose membrane scores below this fraction of the "
+                             "tomogram's median and whose lumen is lighter than the other vesicles' (ends of tubes "
+                             "and compartments seen from inside) unless a re-fit fixes them; 0 = no check.",
+                             "float", {"min": 0.0, "max": 1.0, "step": 0.05}),
 }
 
 #: Which fields each stage widget shows (main, advanced); the pipeline shows all of them.
@@ -100,7 +104,7 @@ STAGE_FIELDS = {
     "refine": ((), ("refine_min_radius_nm", "refine_max_radius_nm", "refine_max_iter", "sigma_vox",
                     "radius_method", "capture")),
     "outliers": ((), ("min_radius_nm", "outlier_max_iter", "grow_vox", "remove_overlaps", "robust",
-                      "max_rounds", "min_coverage")),
+                      "max_rounds", "min_coverage", "faint_score_relative")),
 }
 
 
