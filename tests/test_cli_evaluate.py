@@ -37,6 +37,13 @@ def test_unknown_case_is_refused_before_any_work(capsys):
     assert "no-such-case" in err and "quick-2.2nm" in err
 
 
+def test_seed_offset_names_the_development_copy(capsys):
+    """--seed-offset evaluates a development copy: its cases carry the offset in their names."""
+    assert main(["evaluate", "--suite", "quick", "--seed-offset", "7", "--case", "quick-1.6nm"]) == 2
+    err = capsys.readouterr().err
+    assert "quick-1.6nm-dev7" in err and "quick-2.2nm-dev7" in err
+
+
 def test_truth_without_tomogram_is_refused(capsys):
     assert main(["evaluate", "--truth", "x.csv"]) == 2
     assert "--tomogram" in capsys.readouterr().err

@@ -151,3 +151,19 @@ def test_stress_suite_cases():
         assert all(s % 4 == 0 for s in c.shape) and 64 <= min(c.shape) and max(c.shape) <= 320, c
     with pytest.raises(ValueError, match="stress"):
         evaluation_suite("hard")
+
+
+def test_development_copy_of_a_suite():
+    """seed_offset: the same cases at other seeds, named apart, sharing no seed with any suite."""
+    from cryoves.evaluate import evaluation_suite
+
+    held_out = {c.seed for kind in ("default", "stress", "quick") for c in evaluation_suite(kind)}
+    for kind in ("default", "stress"):
+        base, dev = evaluation_suite(kind), evaluation_suite(kind, seed_offset=33000)
+        assert [(c.shape_nm, c.voxel_size, c.params) for c in dev] == [(c.shape_nm, c.voxel_size, c.params) for c in base]
+        assert [c.seed - b.seed for c, b in zip(dev, base)] == [33000] * len(base)
+        assert all(c.name == b.name + "-dev33000" for c, b in zip(dev, base))
+        assert not {c.seed for c in dev} & held_out
+    assert evaluation_suite("stress", seed_offset=0) == evaluation_suite("stress")
+    with pytest.raises(ValueError, match="seed_offset"):
+        evaluation_suite("stress", seed_offset=1.5)

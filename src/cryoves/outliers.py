@@ -375,8 +375,8 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
         (score ...) around a light lumen (...)"``). The end of a tube or of an elongated
         compartment, seen from inside, looks so: a sphere fits its cap, the membrane is weaker
         than a vesicle's and the compartment's dense content lies outside it. Chosen on
-        dev-seed copies of both simulated suites (the suites' settings at seeds +33000, default
-        and reference weights; 2026-12-01): the largest fraction and the smallest lumen margin
+        development copies of both simulated suites (``cryoves evaluate --seed-offset 33000``:
+        the suites' settings at other seeds; default and reference weights; 2026-12-01): the largest fraction and the smallest lumen margin
         on a grid (0.5-0.7 by 0.15-0.3) that flagged no true vesicle there, where it flagged 3
         of the 37 false ones (12-14 nm spheres at tube and ellipsoid ends). Checked once on the
         suites with both weights: no true vesicle removed, the reference weights' false

@@ -74,6 +74,9 @@ def add_parser(sub):
                         "with cryoves; default: only those)")
     p.add_argument("--suite", default="default", choices=["default", "stress", "quick"],
                    help="held-out simulated suite (default: default; ignored with --tomogram)")
+    p.add_argument("--seed-offset", type=int, default=0, metavar="N",
+                   help="a development copy of the suite: the same cases simulated with every seed + N, for "
+                        "choosing parameters without touching the held-out suite (default: 0, the suite itself)")
     p.add_argument("--case", action="append", default=None, metavar="NAME",
                    help="evaluate only this case of the suite; repeat for several (default: every case)")
     p.add_argument("--tomogram", metavar="TOMO.mrc",
@@ -180,7 +183,7 @@ def _load_cases(args):
 def _suite_cases(args):
     from cryoves.evaluate import evaluation_suite
 
-    cases = evaluation_suite(args.suite)
+    cases = evaluation_suite(args.suite, seed_offset=args.seed_offset)
     if args.case:
         known = [c.name for c in cases]
         missing = [n for n in args.case if n not in known]
