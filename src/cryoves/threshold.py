@@ -146,7 +146,8 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         the held-out binned Shepp-Logan rendering: the stress suite's case at seed + 33000,
         ``cryoves evaluate --suite stress --seed-offset 33000``). The
         shells of the candidates a map supports hold similar numbers of voxels (about 37,000 to
-        39,000 there).
+        39,000 there); the candidates chosen on both simulated suites and their development
+        copies, with the default and the reference weights, held 50-100 % of the largest shell.
     progress : callable, optional
         ``progress(stage, done, total)``.
 
