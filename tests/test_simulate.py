@@ -428,7 +428,21 @@ def test_sample_data_reproducible(tmp_path):
         # bit-identical on the machine that made it; allow float rounding of another CPU
         diff = np.abs(a.data.astype(np.int16) - b.data.astype(np.int16))
         assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
-    assert (SAMPLE / "vesicles_truth.csv").read_text() == (tmp_path / "vesicles_truth.csv").read_text()
+    # the same rows and text; numbers equal to the last bits another CPU may round differently
+    # (seen: one unit in the 17th digit of 2 of 55 centres on an AMD EPYC)
+    old, new = ((SAMPLE / "vesicles_truth.csv").read_text().splitlines(),
+                (tmp_path / "vesicles_truth.csv").read_text().splitlines())
+    assert len(old) == len(new) and old[0] == new[0]
+    for a, b in zip(old[1:], new[1:]):
+        fa, fb = a.split(","), b.split(",")
+        assert len(fa) == len(fb), (a, b)
+        for x, y in zip(fa, fb):
+            try:
+                nx, ny = float(x), float(y)
+            except ValueError:
+                assert x == y, (a, b)
+                continue
+            assert (np.isnan(nx) and np.isnan(ny)) or nx == pytest.approx(ny, rel=1e-12, abs=1e-12), (a, b)
 
 
 # -- physics options (all off by default) -----------------------------------------------
