@@ -376,14 +376,15 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
         compartment, seen from inside, looks so: a sphere fits its cap, the membrane is weaker
         than a vesicle's and the compartment's dense content lies outside it. Chosen on
         development copies of both simulated suites (``cryoves evaluate --seed-offset 33000``:
-        the suites' settings at other seeds; default and reference weights; 2026-12-01): the largest fraction and the smallest lumen margin
-        on a grid (0.5-0.7 by 0.15-0.3) that flagged no true vesicle there, where it flagged 3
-        of the 37 false ones (12.6-18.6 nm spheres proposed by the reference weights). Checked once on the
-        suites with both weights: no true vesicle removed, the reference weights' false
-        vesicles 35 -> 26. Either condition alone would remove true vesicles (over both sets
-        and both weights: a score below half the median 6 true and 21 false ones, the true ones
-        at 2.8 nm voxels, cut by the volume's faces or in the binned Shepp-Logan case; a lumen
-        0.25 lighter 78 true and 38 false ones, 37 of the true in the SIRT cases). ``None`` or 0 disables it.
+        the suites' settings at other seeds; default and reference weights; 2026-12-01): the
+        largest fraction and the smallest lumen margin on a grid (0.5-0.7 by 0.15-0.3) that
+        flagged no true vesicle there, where it flagged 3 of the 37 false ones (12.6-18.6 nm
+        spheres proposed by the reference weights). Checked once on the suites with both
+        weights: no true vesicle removed, the reference weights' false vesicles 35 -> 26.
+        Either condition alone would remove true vesicles (over both sets and both weights: a
+        score below half the median 6 true and 21 false ones, the true ones at 2.8 nm voxels,
+        cut by the volume's faces or in the binned Shepp-Logan case; a lumen 0.25 lighter 78
+        true and 38 false ones, 37 of the true in the SIRT cases). ``None`` or 0 disables it.
     light_lumen : float
         See ``faint_score_relative`` (units of the membrane's depth, as ``lumen_deviation``).
     max_rounds : int

@@ -295,6 +295,14 @@ class SegmentParams:
                     or not np.isfinite(v) or (v < 0 if allow_zero else v <= 0):
                 raise ValueError(f"SegmentParams.{name} must be a {'non-negative' if allow_zero else 'positive'} "
                                  f"number, got {v!r}")
+        def frac(name, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool) \
+                    or not 0.0 <= v <= 1.0:
+                raise ValueError(f"SegmentParams.{name} must be {'None or ' if allow_none else ''}in [0, 1], "
+                                 f"got {v!r}")
         for name in ("min_radius_nm", "segment_min_radius_nm", "weak_max_radius_nm", "refine_min_radius_nm", "refine_max_radius_nm", "bin_width_vox",
                      "sigma_vox", "bilayer_nm", "split_step", "split_fine_step", "max_tile_voxels", "refine_max_iter"):
             pos(name)
@@ -302,9 +310,7 @@ class SegmentParams:
             pos(name, allow_zero=True)
         if not 0.0 <= self.p_threshold <= 1.0:
             raise ValueError(f"SegmentParams.p_threshold must be in [0, 1], got {self.p_threshold}")
-        if not (isinstance(self.min_shell_fraction, (int, float)) and not isinstance(self.min_shell_fraction, bool)
-                and 0.0 <= self.min_shell_fraction <= 1.0):
-            raise ValueError(f"SegmentParams.min_shell_fraction must be in [0, 1], got {self.min_shell_fraction!r}")
+        frac("min_shell_fraction")
         if self.refine_min_radius_nm >= self.refine_max_radius_nm:
             raise ValueError("SegmentParams.refine_min_radius_nm must be below refine_max_radius_nm")
         lo, hi = self.extent_range
@@ -322,22 +328,14 @@ class SegmentParams:
             pos("max_radius_nm")
             if self.max_radius_nm <= self.min_radius_nm:
                 raise ValueError("SegmentParams.max_radius_nm must be above min_radius_nm")
-        if self.min_coverage is not None and not (isinstance(self.min_coverage, (int, float))
-                                                  and 0.0 <= self.min_coverage <= 1.0):
-            raise ValueError(f"SegmentParams.min_coverage must be None or in [0, 1], got {self.min_coverage!r}")
+        frac("min_coverage", allow_none=True)
         if self.lumen_deviation is not None and not (isinstance(self.lumen_deviation, (int, float))
                                                      and np.isfinite(self.lumen_deviation)
                                                      and self.lumen_deviation > 0):
             raise ValueError(f"SegmentParams.lumen_deviation must be None or a positive number, "
                              f"got {self.lumen_deviation!r}")
-        if self.faint_score_relative is not None and not (
-                isinstance(self.faint_score_relative, (int, float)) and not isinstance(self.faint_score_relative, bool)
-                and 0.0 <= self.faint_score_relative <= 1.0):
-            raise ValueError(f"SegmentParams.faint_score_relative must be None or in [0, 1] (0: no check), "
-                             f"got {self.faint_score_relative!r}")
-        if not (isinstance(self.light_lumen, (int, float)) and not isinstance(self.light_lumen, bool)
-                and np.isfinite(self.light_lumen) and self.light_lumen >= 0):
-            raise ValueError(f"SegmentParams.light_lumen must be a non-negative number, got {self.light_lumen!r}")
+        frac("faint_score_relative", allow_none=True)
+        pos("light_lumen", allow_zero=True)
         if self.keep_score is not None and not np.isfinite(self.keep_score):
             raise ValueError(f"SegmentParams.keep_score must be a finite number or None, got {self.keep_score}")
         if self.radius_method not in _refine.RADIUS_METHODS:

@@ -144,10 +144,10 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         1.0 the "darkest" candidate with a shell of 2 voxels (mean -1.09 against -1.05 for 0.95
         with 37,572), and the segments of 20 of 47 vesicles were lost (a simulated tomogram with
         the held-out binned Shepp-Logan rendering: the stress suite's case at seed + 33000,
-        ``cryoves evaluate --suite stress --seed-offset 33000``). The
-        shells of the candidates a map supports hold similar numbers of voxels (about 37,000 to
-        39,000 there); the candidates chosen on both simulated suites and their development
-        copies, with the default and the reference weights, held 50-100 % of the largest shell.
+        ``cryoves evaluate --suite stress --seed-offset 33000``). The shells of the candidates a
+        map supports hold similar numbers of voxels (about 37,000 to 39,000 there); the
+        candidates chosen on both simulated suites and their development copies, with the
+        default and the reference weights, held 50-100 % of the largest shell.
     progress : callable, optional
         ``progress(stage, done, total)``.
 
