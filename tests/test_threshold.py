@@ -249,6 +249,40 @@ def test_adaptive_threshold_splits_saturated_cluster_of_touching_vesicles():
     assert len(found) == len(centres), f"{len(centres)} touching vesicles came out as {len(found)} segments"
 
 
+def test_adaptive_threshold_keeps_a_small_part_split_off_a_clump():
+    """A split cuts a clump above the global threshold: a smaller vesicle's part (0.83 of the
+    minimal volume) cannot grow (its neighbours touch it) and is kept from split_part_min on;
+    the paper's rule (1) drops it."""
+    shape = (40, 60, 80)
+    zz, yy, xx = np.indices(shape)
+    spheres = [((20, 30, 18), 8.0), ((20, 30, 34), 8.0), ((20, 30, 47.5), 5.6)]
+    prob = np.zeros(shape, np.float32)
+    for c, r in spheres:
+        prob[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r ** 2] = 1.0
+    labels, n = ndi.label(prob >= 0.9)
+    assert n == 1
+    k = 4.0 / 3.0 * np.pi * 6.0 ** 3
+    small = (20, 30, 48)
+    paper = adaptive_threshold(prob, labels, 0.9, 1.0, min_radius_nm=6.0, split_part_min=1.0)
+    assert paper.max() == 2 and paper[small] == 0
+    out = adaptive_threshold(prob, labels, 0.9, 1.0, min_radius_nm=6.0)  # default 0.5
+    assert out.max() == 3 and out[small] != 0
+    assert 0.5 * k <= (out == out[small]).sum() < k
+    assert len({int(out[c]) for c in [(20, 30, 18), (20, 30, 34), small]}) == 3
+    with pytest.raises(ValueError, match="split_part_min"):
+        adaptive_threshold(prob, labels, 0.9, 1.0, split_part_min=1.5)
+    from cryoves.pipeline import SegmentParams
+
+    assert SegmentParams().stage_kwargs("adaptive", 2.0)["split_part_min"] == 0.5
+    with pytest.raises(ValueError, match="split_part_min"):
+        SegmentParams(split_part_min=-0.1)
+    # a segment of the same size that no split made is still dropped
+    alone = np.zeros(shape, np.float32)
+    alone[(zz - 20) ** 2 + (yy - 30) ** 2 + (xx - 40) ** 2 <= 5.6 ** 2] = 1.0
+    lab1, _ = ndi.label(alone >= 0.9)
+    assert adaptive_threshold(alone, lab1, 0.9, 1.0, min_radius_nm=6.0).max() == 0
+
+
 def test_add_weak_segments_validation_and_inputs_untouched():
     from cryoves.threshold import add_weak_segments
 

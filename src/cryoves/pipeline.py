@@ -149,6 +149,9 @@ class SegmentParams:
         adaptive: segments with extent outside are dropped (paper 0.25-0.75).
     grow_min : float
         adaptive: lowest threshold a small segment may be grown to (paper 0.8).
+    split_part_min : float
+        adaptive: a part split off a merged segment is kept from this fraction (0.5) of the volume
+        of a ``segment_min_radius_nm`` sphere on (other segments need all of it; 1 = the paper).
     split_step, split_fine_step : float
         adaptive: coarse and final threshold steps for splitting (paper 0.01, 1e-4).
     max_split_depth : int
@@ -235,6 +238,7 @@ class SegmentParams:
     extent_split: float = _default(_threshold.adaptive_threshold, "extent_split")
     extent_range: tuple = _default(_threshold.adaptive_threshold, "extent_range")
     grow_min: float = _default(_threshold.adaptive_threshold, "grow_min")
+    split_part_min: float = _default(_threshold.adaptive_threshold, "split_part_min")
     split_step: float = _default(_threshold.adaptive_threshold, "step")
     split_fine_step: float = _default(_threshold.adaptive_threshold, "fine_step")
     max_split_depth: int = _default(_threshold.adaptive_threshold, "max_split_depth")
@@ -311,6 +315,7 @@ class SegmentParams:
         if not 0.0 <= self.p_threshold <= 1.0:
             raise ValueError(f"SegmentParams.p_threshold must be in [0, 1], got {self.p_threshold}")
         frac("min_shell_fraction")
+        frac("split_part_min")
         if self.refine_min_radius_nm >= self.refine_max_radius_nm:
             raise ValueError("SegmentParams.refine_min_radius_nm must be below refine_max_radius_nm")
         lo, hi = self.extent_range
@@ -397,8 +402,8 @@ class SegmentParams:
         if stage == "adaptive":
             return dict(min_radius_nm=self.segment_min_radius_nm, z_split=self.z_split,
                         extent_split=self.extent_split, extent_range=self.extent_range, grow_min=self.grow_min,
-                        step=self.split_step, fine_step=self.split_fine_step, connectivity=self.connectivity,
-                        max_split_depth=self.max_split_depth)
+                        split_part_min=self.split_part_min, step=self.split_step, fine_step=self.split_fine_step,
+                        connectivity=self.connectivity, max_split_depth=self.max_split_depth)
         if stage == "refine":
             return dict(max_iter=self.refine_max_iter,
                         box_margin_vox=None if self.box_margin_nm is None else self.box_margin_nm / vs,

@@ -56,6 +56,9 @@ SPECS: dict[str, tuple[str, str, str, dict]] = {
                   "has 1).", "float", {"min": 0.0, "max": 1.0, "step": 0.05}),
     "grow_min": ("Lowest grow threshold", "Small segments may be grown down to this probability "
                  "(paper 0.8).", "float", {"min": 0.0, "max": 1.0, "step": 0.01}),
+    "split_part_min": ("Min. split part", "A part split off a merged clump is kept from this fraction of the "
+                       "min. segment volume on (its neighbours keep it from growing); 1 = the paper's rule.",
+                       "float", {"min": 0.0, "max": 1.0, "step": 0.05}),
     # refine
     "refine_min_radius_nm": ("Min. fit radius (nm)", "Fits with a smaller outer radius (nm) are "
                              "rejected.", "float", {"min": 0.5, "max": 500.0, "step": 0.5, "decimals": 1}),
@@ -100,7 +103,7 @@ STAGE_FIELDS = {
     "predict": ((), ("tile", "tta")),
     "adaptive": (("threshold_mode", "segment_min_radius_nm"),
                  ("low_threshold", "connectivity", "z_split", "extent_split", "extent_lo", "extent_hi",
-                  "grow_min")),
+                  "grow_min", "split_part_min")),
     "refine": ((), ("refine_min_radius_nm", "refine_max_radius_nm", "refine_max_iter", "sigma_vox",
                     "radius_method", "capture")),
     "outliers": ((), ("min_radius_nm", "outlier_max_iter", "grow_vox", "remove_overlaps", "robust",

@@ -18,7 +18,7 @@ __all__ = ["PipelineWidget"]
 #: The parameter groups under *Advanced parameters*, in stage order.
 GROUPS = (("1. Prediction", ("tile", "tta")),
           ("2. Threshold", ("connectivity", "adaptive", "min_radius_nm", "z_split", "extent_split",
-                            "extent_lo", "extent_hi", "grow_min")),
+                            "extent_lo", "extent_hi", "grow_min", "split_part_min")),
           ("3. Sphere fitting", ("refine_min_radius_nm", "refine_max_radius_nm", "refine_max_iter",
                                  "sigma_vox", "radius_method", "capture")),
           ("4. Outliers", ("outliers", "p_threshold", "outlier_max_iter", "grow_vox",
