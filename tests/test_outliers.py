@@ -135,10 +135,33 @@ def test_atypical_vesicle_with_a_clear_membrane_is_kept_but_not_a_too_large_one(
     assert np.all(out["status"][2:] == "accepted")
 
 
+def test_keep_threshold_follows_the_tomograms_median_score(scene):
+    """keep_score is lowered to keep_score_relative x the median membrane score: with a keep
+    threshold above the atypical vesicle's score (10.8) it is removed, unless the relative
+    threshold is below its score."""
+    from cryoves.refine import detection_score, intensity_normalization
+
+    tomo, centers, radii, refined = scene
+    norm = intensity_normalization(tomo)
+    scores = [detection_score(tomo, refined.centers[i], refined.radii[i], refined["thickness"][i],
+                              normalization=norm) for i in range(2, len(refined))]
+    med = float(np.median(scores))
+    assert med > 9.0  # so that 9 / med is a fraction
+    strict = filter_outliers(tomo, refined, VOXEL, min_radius_nm=10.0, keep_score=25.0, keep_score_relative=None)
+    assert strict["status"][1] == "removed"
+    rel = filter_outliers(tomo, refined, VOXEL, min_radius_nm=10.0, keep_score=25.0,
+                          keep_score_relative=9.0 / med)
+    assert rel["status"][1] == "accepted" and "kept: clear membrane" in rel["note"][1]
+    assert rel["status"][0] == "removed"
+    with pytest.raises(ValueError, match="keep_score_relative"):
+        filter_outliers(tomo, refined, VOXEL, keep_score_relative=2.0)
+
+
 def test_paper_threshold_removes_many_real_vesicles(scene):
     """Documented reason for the 0.01 default: p < 0.3 flags ~30 % of a normal population."""
     tomo, centers, radii, refined = scene
-    out = filter_outliers(tomo, refined, VOXEL, p_threshold=0.3, min_radius_nm=10.0, max_iter=2)
+    out = filter_outliers(tomo, refined, VOXEL, p_threshold=0.3, min_radius_nm=10.0, max_iter=2,
+                          keep_score=None)  # the p-value rule alone
     n_normal_removed = int(np.sum(out["status"][2:] == "removed"))
     assert n_normal_removed >= 2
 

@@ -191,6 +191,9 @@ class SegmentParams:
     keep_score : float or None
         outliers: an atypical vesicle whose membrane scores at least this is kept, not removed
         (see :func:`cryoves.outliers.filter_outliers`); ``None``: the paper's rule.
+    keep_score_relative : float or None
+        outliers: ``keep_score`` is lowered to this fraction (0.55) of the tomogram's median
+        membrane score where that is lower (noisy tomograms); ``None``: ``keep_score`` as given.
     max_rounds : int
         outliers: rounds of p-value recomputation.
     min_coverage : float or None
@@ -262,6 +265,7 @@ class SegmentParams:
     remove_overlaps: bool = _default(_outliers.filter_outliers, "remove_overlaps")
     robust: bool = _default(_outliers.filter_outliers, "robust")
     keep_score: Optional[float] = _default(_outliers.filter_outliers, "keep_score")
+    keep_score_relative: Optional[float] = _default(_outliers.filter_outliers, "keep_score_relative")
     max_rounds: int = _default(_outliers.filter_outliers, "max_rounds")
     min_coverage: Optional[float] = _default(_outliers.filter_outliers, "min_coverage")
     lumen_deviation: Optional[float] = _default(_outliers.filter_outliers, "lumen_deviation")
@@ -340,6 +344,7 @@ class SegmentParams:
             raise ValueError(f"SegmentParams.lumen_deviation must be None or a positive number, "
                              f"got {self.lumen_deviation!r}")
         frac("faint_score_relative", allow_none=True)
+        frac("keep_score_relative", allow_none=True)
         pos("light_lumen", allow_zero=True)
         if self.keep_score is not None and not np.isfinite(self.keep_score):
             raise ValueError(f"SegmentParams.keep_score must be a finite number or None, got {self.keep_score}")
@@ -416,6 +421,7 @@ class SegmentParams:
                         max_radius_nm=self.max_radius_nm,
                         features=self.features, robust=self.robust, max_rounds=self.max_rounds,
                         radius_method=self.radius_method, bilayer_nm=self.bilayer_nm, keep_score=self.keep_score,
+                        keep_score_relative=self.keep_score_relative,
                         min_coverage=self.min_coverage, lumen_deviation=self.lumen_deviation,
                         faint_score_relative=self.faint_score_relative, light_lumen=self.light_lumen)
         raise ValueError(f"unknown stage {stage!r}; choose one of "
