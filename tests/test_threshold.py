@@ -405,6 +405,43 @@ def test_slab_by_slab_stages_equal_whole_volume(monkeypatch):
     assert len(set(weak.values())) == 2  # both answers were exercised
 
 
+def test_verified_sphere_takes_its_voxels_back_from_a_merged_blob(small_simulation, oracle_probability):
+    """A segment of at least merged_ratio x the ball's volume (a blob that merged the vesicle with
+    its surroundings) gives the verified sphere its voxels; a smaller one keeps them."""
+    from cryoves.threshold import add_weak_segments
+
+    sim = small_simulation
+    T = sim.table
+    prob = oracle_probability.copy()
+    room = np.min(np.minimum(T.centers, np.array(prob.shape) - 1 - T.centers), axis=1) - T.radii
+    i = int(np.argmax(room))
+    c, r = T.centers[i], T.radii[i]
+    zz, yy, xx = np.indices(prob.shape, dtype=np.float32)
+    d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+    prob[d <= r + 2] *= 0.75  # a half-believed vesicle: a candidate, not a segment
+    g = global_threshold(sim.tomogram, prob)
+    ball = d <= r
+    side = ball & (xx > c[2] + 0.4 * r)  # the blob holds one side of the vesicle, not its centre
+    ci = tuple(np.rint(c).astype(int))
+    blob = g.labels.max() + 1
+    away = np.flatnonzero(((g.labels == 0) & (d > r + 4)).ravel())
+    for extra, expect_taken in ((int(9 * ball.sum()), True), (int(2 * ball.sum()), False)):
+        labels = g.labels.copy()
+        labels.ravel()[away[:extra]] = blob  # blob voxels away from the vesicle
+        labels[side] = blob
+        assert labels[ci] == 0
+        out = add_weak_segments(sim.tomogram, prob, labels, sim.voxel_size, min_weak_fraction=0.0)
+        new = out[ci]
+        assert new > blob, "the vesicle was not verified"
+        taken = np.count_nonzero(out[side] == new) / np.count_nonzero(side)
+        assert taken > 0.9 if expect_taken else taken == 0.0
+        off = add_weak_segments(sim.tomogram, prob, labels, sim.voxel_size, min_weak_fraction=0.0,
+                                merged_ratio=None)
+        assert off[ci] > blob and np.count_nonzero(off[side] == off[ci]) == 0
+    with pytest.raises(ValueError, match="merged_ratio"):
+        add_weak_segments(sim.tomogram, prob, labels, sim.voxel_size, merged_ratio=0.5)
+
+
 def test_add_weak_segments_adds_no_label_volume_on_a_confident_map():
     from cryoves.threshold import add_weak_segments
 

@@ -129,6 +129,10 @@ class SegmentParams:
         global, robust mode: smallest membrane detection score of a rescued vesicle.
     weak_max_radius_nm : float
         global, robust mode: largest outer radius of a rescued vesicle.
+    merged_ratio : float or None
+        global, rescued and large vesicles: a verified sphere also takes the voxels of a segment
+        at least this many times (8) its volume, a blob that merged it with its surroundings
+        (see :func:`cryoves.threshold.add_weak_segments`); ``None``: free voxels only.
     adaptive : bool
         Run the adaptive local threshold (else the global segments go straight to refinement).
     segment_min_radius_nm : float
@@ -234,6 +238,7 @@ class SegmentParams:
     low_threshold: float = _default(_threshold.add_weak_segments, "low_threshold")
     weak_min_score: float = _default(_threshold.add_weak_segments, "min_score")
     weak_max_radius_nm: float = _default(_threshold.add_weak_segments, "max_radius_nm")
+    merged_ratio: Optional[float] = _default(_threshold.add_weak_segments, "merged_ratio")
     # adaptive threshold
     adaptive: bool = True
     segment_min_radius_nm: float = _default(_threshold.adaptive_threshold, "min_radius_nm")
@@ -320,6 +325,10 @@ class SegmentParams:
             raise ValueError(f"SegmentParams.p_threshold must be in [0, 1], got {self.p_threshold}")
         frac("min_shell_fraction")
         frac("split_part_min")
+        if self.merged_ratio is not None and not (isinstance(self.merged_ratio, (int, float, np.integer, np.floating))
+                                                  and not isinstance(self.merged_ratio, bool)
+                                                  and np.isfinite(self.merged_ratio) and self.merged_ratio >= 1):
+            raise ValueError(f"SegmentParams.merged_ratio must be None or a number >= 1, got {self.merged_ratio!r}")
         if self.refine_min_radius_nm >= self.refine_max_radius_nm:
             raise ValueError("SegmentParams.refine_min_radius_nm must be below refine_max_radius_nm")
         lo, hi = self.extent_range
@@ -403,7 +412,7 @@ class SegmentParams:
         if stage == "weak":
             return dict(low_threshold=self.low_threshold, min_radius_nm=self.segment_min_radius_nm,
                         max_radius_nm=self.weak_max_radius_nm, min_score=self.weak_min_score,
-                        connectivity=self.connectivity)
+                        merged_ratio=self.merged_ratio, connectivity=self.connectivity)
         if stage == "adaptive":
             return dict(min_radius_nm=self.segment_min_radius_nm, z_split=self.z_split,
                         extent_split=self.extent_split, extent_range=self.extent_range, grow_min=self.grow_min,
