@@ -87,3 +87,38 @@ def test_refine_and_outliers_on_threads_equal_a_loop(monkeypatch, small_simulati
         for col in ("z", "y", "x", "radius", "thickness", "density", "pvalue"):
             np.testing.assert_array_equal(a[col], b[col], err_msg=col)
         assert list(a["status"]) == list(b["status"]) and list(a["note"]) == list(b["note"])
+
+
+def test_outlier_refits_on_threads_equal_a_loop(monkeypatch, small_simulation):
+    """The pending outliers of a round are re-fitted on the cores: the same table as one core."""
+    import cryoves.outliers as outliers_mod
+
+    sim = small_simulation
+    refined = refine_spheres(sim.tomogram, sim.table, sim.voxel_size)
+    bad = refined.copy()
+    r, th, z = bad["radius"].copy(), bad["thickness"].copy(), bad["z"].copy()
+    for i in (0, 1, 2):  # wrong fits: atypical features, re-fitted by the outlier stage
+        r[i] *= 1.3
+        th[i] *= 3.0
+        z[i] += 2.0
+    bad["radius"], bad["thickness"], bad["z"] = r, th, z
+    threads = set()
+
+    def spy(*args, **kw):
+        threads.add(threading.get_ident())
+        return fit(*args, **kw)
+
+    fit = outliers_mod.fit_sphere
+    monkeypatch.setattr(outliers_mod, "fit_sphere", spy)
+    out = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(_parallel, "n_cores", lambda c=cores: c)
+        threads.clear()
+        out[cores] = filter_outliers(sim.tomogram, bad, sim.voxel_size, min_radius_nm=10.0, keep_score=None)
+        main = {threading.get_ident()}
+        assert threads, "nothing was re-fitted"
+        assert (threads == main) if cores == 1 else bool(threads - main)
+    a, b = out[1], out[2]
+    for col in ("z", "y", "x", "radius", "thickness", "density", "pvalue"):
+        np.testing.assert_array_equal(a[col], b[col], err_msg=col)
+    assert list(a["status"]) == list(b["status"]) and list(a["note"]) == list(b["note"])

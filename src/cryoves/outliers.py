@@ -564,13 +564,14 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
         for it in range(1, max_iter + 1):
             if not pending:
                 break
-            for i in pending:
+            def refit(i, it=it):
+                # writes row i only: the pending rows are re-fitted on the CPU cores (cryoves._parallel)
                 c, r = start[i]
                 margin = max(6.0, 0.4 * r) + 2.0 + 0.5 * grow_vox * it
                 fit = fit_sphere(tomogram, c, r, voxel_size=voxel_size, normalization=normalization,
                                  box_margin_vox=margin, radius_method=radius_method, bilayer_nm=bilayer_nm)
                 if not fit.ok:
-                    continue
+                    return
                 vals = {"thickness": fit.thickness, "density": fit.density, "radius": fit.radius,
                         "z": fit.center[0], "y": fit.center[1], "x": fit.center[2]}
                 for j, f in enumerate(features):
@@ -585,6 +586,9 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
                     compute_score(i)
                 if check_shape:
                     compute_shape(i)
+
+            for _ in thread_map(refit, pending, min_items=2):  # a re-fit takes milliseconds: threads pay
+                pass
             p = pvals()
             low = low_score()
             still = []
