@@ -946,8 +946,9 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
     if normalization is None:
         normalization = intensity_normalization(tomogram)
     slices = ndi.find_objects(comp)
-    # segments that may be painted over (merged_ratio): their volumes before any painting
-    in_volumes = _label_counts(out) if merged_ratio is not None else None
+    # segments that may be painted over (merged_ratio): their volumes before any painting,
+    # counted when the first sphere is painted (often none is: then no whole-volume pass)
+    in_volumes = None
     next_label = max_in + 1  # fragment ids stay reserved
     found_c, found_r = [], []
     def try_fit(pts, start):
@@ -1007,7 +1008,9 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
             ball = (gz - c[0]) ** 2 + (gy - c[1]) ** 2 + (gx - c[2]) ** 2 <= rb * rb
             sub = out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
             free = sub == 0
-            if in_volumes is not None:
+            if merged_ratio is not None:
+                if in_volumes is None:
+                    in_volumes = _label_counts(out)
                 blobs = np.flatnonzero(in_volumes >= merged_ratio * float(np.count_nonzero(ball)))
                 blobs = blobs[(blobs > 0) & (blobs <= max_in)]  # segments of ``labels``, not spheres painted here
                 if len(blobs):
