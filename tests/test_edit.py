@@ -293,13 +293,14 @@ def test_review_queue_order_and_progress(scene):
     ed.remove(1)        # a user removal is not a candidate to review
     ed.add_sphere((55, 60, 60), 5)  # id 9: no p-value
     # low p (2), edge-touching (5: z - r < 0), overlapping pair (3, 4: 16 apart, radii 6 + 12),
-    # the rest by p-value (none last: 6, 9 by id), pipeline-removed most plausible first (8, 7)
-    assert ed.review_queue() == [2, 5, 3, 4, 6, 9, 8, 7]
+    # pipeline-removed most plausible first (8, 7), then the rest by p-value (none last: 6, 9 by id)
+    assert ed.review_queue() == [2, 5, 3, 4, 8, 7, 6, 9]
     assert ed.review_progress == "0 / 8 reviewed"
     ed.set_reviewed(3, "rejected")
     ed.set_reviewed(7, "accepted")
     assert ed.n_reviewed == 2 and ed.review_progress == "2 / 8 reviewed"
-    assert ed.review_queue(unreviewed_only=True) == [2, 5, 4, 6, 9, 8]
+    # 3 rejected: 4 overlaps nothing any more and joins the accepted bulk, after the removed 8
+    assert ed.review_queue(unreviewed_only=True) == [2, 5, 8, 4, 6, 9]
 
 
 def test_review_queue_follows_every_edit_undo_and_redo(scene):

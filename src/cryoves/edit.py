@@ -47,7 +47,8 @@ Nothing is lost
 Review queue
     :meth:`~VesicleEditor.review_queue` lists the vesicles worst first: accepted vesicles with a
     low outlier p-value, touching the volume edge, overlapping another accepted sphere (near
-    duplicates), the other accepted vesicles, then the candidates the pipeline removed.
+    duplicates), the candidates the pipeline removed (a true vesicle the rules removed is found
+    here: they are few, typically 0-5 per tomogram), then the other accepted vesicles.
     :meth:`~VesicleEditor.set_reviewed` records the verdict in the ``reviewed`` column (exported
     with the table); :attr:`~VesicleEditor.review_progress` reads ``"37 / 212 reviewed"``.
 
@@ -650,10 +651,12 @@ class VesicleEditor:
 
         Order: accepted vesicles with an outlier p-value below ``p_threshold`` (lowest first);
         accepted vesicles touching the volume edge; accepted vesicles whose sphere overlaps another
-        accepted sphere (near duplicates); the other accepted vesicles (lowest p-value first, no
-        p-value last); then the candidates the pipeline removed (status "removed", stage not
-        "editor"; highest p-value, i.e. most plausible, first). Vesicles the user removed in the
-        editor are not listed. Ties keep id order.
+        accepted sphere (near duplicates); the candidates the pipeline removed (status "removed",
+        stage not "editor"; highest p-value, i.e. most plausible, first); then the other accepted
+        vesicles (lowest p-value first, no p-value last). Both kinds of doubt, a sphere accepted
+        that may be false and a candidate removed that may be a vesicle, come before the
+        confident bulk. Vesicles the user removed in the editor are not listed. Ties keep id
+        order.
         """
         with self._lock:
             key = (self._version, float(p_threshold), bool(unreviewed_only))
@@ -677,13 +680,13 @@ class VesicleEditor:
             low_p = p < p_threshold
         dup = self._overlapping(acc)
         tier = np.full(n, 5)
-        tier[acc] = 3
+        tier[acc] = 4
         tier[acc & dup] = 2
         tier[acc & edge] = 1
         tier[acc & low_p] = 0
-        tier[pipe_removed] = 4
+        tier[pipe_removed] = 3
         pkey = np.where(np.isnan(p), np.inf, p)
-        pkey = np.where(tier == 4, -np.where(np.isnan(p), -np.inf, p), pkey)
+        pkey = np.where(tier == 3, -np.where(np.isnan(p), -np.inf, p), pkey)
         order = np.lexsort((ids, pkey, tier))
         order = order[tier[order] < 5]
         if unreviewed_only:
