@@ -83,6 +83,11 @@ def key(qtbot, viewer, k, modifier=Qt.NoModifier):
 @pytest.fixture
 def edit_setup(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """Viewer with the sample, a vesicles layer missing MISSED true vesicles, and the editor docked."""
+    return _edit_setup(make_napari_viewer, qtbot, tmp_path, monkeypatch)
+
+
+def _edit_setup(make_napari_viewer, qtbot, tmp_path, monkeypatch, removed=()):
+    """``removed``: positions in the start table marked removed by the pipeline (outlier stage)."""
     from cryoves.napari._editor import EditorWidget
 
     monkeypatch.setenv("CRYOVES_CACHE_DIR", str(tmp_path / "cache"))
@@ -104,6 +109,10 @@ def edit_setup(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     keep = np.setdiff1d(np.arange(len(truth)), missed)
     start = truth.select(keep)
     start["stage"] = "refine"
+    for i in removed:
+        start["status"][i] = "removed"
+        start["stage"][i] = "outliers"
+        start["note"][i] = "membrane not closed (coverage 0.70 < 0.80)"
     data, kw, _ = points_layer_data(start, NAME, tomo.data.shape)
     viewer.add_points(data, **kw)
     w = EditorWidget(viewer)
@@ -302,6 +311,30 @@ def test_review_queue_keys_counter_and_export(edit_setup, qtbot, tmp_path):
     out = write_vesicles_csv(tmp_path / "edited.csv", table_from_points(w.points))
     back = read_vesicles_csv(out)
     assert back.row(first)["reviewed"] == "accepted" and back.row(second)["reviewed"] == "rejected"
+
+
+def test_review_reaches_a_removed_candidate_with_its_sphere_shown(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    viewer, w, tomo, truth, missed, start = _edit_setup(make_napari_viewer, qtbot, tmp_path, monkeypatch, removed=(4,))
+    ed = w.editor
+    cand = int(start.ids[4])
+    assert not w.show_rejected.value
+    n_shown = len(w.points.data[w.points.shown])
+    qtbot.mouseClick(w.review_button.native, Qt.LeftButton)
+    queue = list(w._queue)
+    # the removed candidate comes after the accepted doubts (spheres at the edge, overlapping) and
+    # before the confident accepted bulk
+    assert cand in queue and queue.index(cand) < len(queue) - 1
+    bulk = queue[queue.index(cand) + 1:]
+    assert all(ed.row(v)["status"] == "accepted" for v in bulk)
+    while w.current_review_id != cand:
+        key(qtbot, viewer, Qt.Key_N)
+    assert w.show_rejected.value  # its sphere is drawn (red) for the verdict
+    assert len(w.points.data[w.points.shown]) == n_shown + 1
+    assert "removed by the pipeline" in w.status.value and "membrane not closed" in w.status.value
+    i = int(np.flatnonzero(table_from_points(w.points).ids == cand)[0])
+    assert w.points.selected_data == {i}
+    key(qtbot, viewer, Qt.Key_A)  # a person keeps it: accepted again, verdict recorded
+    assert ed.row(cand)["status"] == "accepted" and ed.row(cand)["reviewed"] == "accepted"
 
 
 def test_edits_survive_and_are_offered_back(edit_setup, qtbot):

@@ -1069,12 +1069,19 @@ class EditorWidget(QWidget):
                 w.enabled = False
             self.status.value = "End of the review queue."
             return
-        self.go_to(vid)
         row = self._row(vid)
+        shown = ""
+        if row.get("status") == "removed" and not self.show_rejected.value:
+            # a candidate the pipeline removed is judged with its sphere drawn: show the rejected ones
+            self.show_rejected.value = True
+            shown = " (rejected spheres now shown in red)"
+        self.go_to(vid)
         p = row.get("pvalue", np.nan)
         self.status.value = (f"Vesicle {vid} ({self._queue_pos + 1} of {len(self._queue)} in the queue): radius "
                              f"{row['radius'] * self._vs:.1f} nm" + (f", p = {p:.3g}" if np.isfinite(p) else "")
-                             + (f", {row['note']}" if row.get("note") else "") + ".  A accept, R reject, N next")
+                             + (f", {row['note']}" if row.get("note") else "")
+                             + (", removed by the pipeline" if row.get("status") == "removed" else "") + shown
+                             + ".  A accept, R reject, N next")
 
     def go_to(self, vid: int) -> None:
         """Centre and zoom the 2D view on vesicle ``vid`` (its central slice)."""
