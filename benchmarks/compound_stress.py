@@ -83,13 +83,19 @@ def run(reference: Path | None):
                 warnings.simplefilter("ignore")
                 res = segment(sim.tomogram, vs, models[label], params=params, keep_intermediates=False)
             m = match_vesicles(res.table, sim.table)
-            row[label] = dict(tp=m.tp, fp=m.fp, fn=m.fn, f1=m.f1, delta_d=m.delta_d, seconds=time.perf_counter() - t0)
+            # missed vesicles no bigger than the size the outlier stage removes (the paper's 12 nm):
+            # not looked for, by design; a user with such vesicles lowers min_radius_nm
+            found = set(m.pairs[:, 1].tolist()) if len(m.pairs) else set()
+            small = sim.table.radii * vs <= params.min_radius_nm + 1e-6
+            fn_small = sum(1 for j in range(len(sim.table)) if small[j] and j not in found)
+            row[label] = dict(tp=m.tp, fp=m.fp, fn=m.fn, f1=m.f1, delta_d=m.delta_d, seconds=time.perf_counter() - t0,
+                              fn_small=fn_small, n_small=int(small.sum()))
             print(f"{name[:60]:60s} {label:34s} TP {m.tp:3d} FP {m.fp:2d} FN {m.fn:2d} F1 {m.f1:.3f}", flush=True)
         rows.append(row)
     return rows, [r[0] for r in runs]
 
 
-def markdown(rows, labels, elapsed: float, argv: str) -> str:
+def markdown(rows, labels, elapsed: float, argv: str, min_radius: float = 12.0) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     lines = [BEGIN, "", "## Compound stress (`benchmarks/compound_stress.py`)", "",
              f"Measured {when} with `python benchmarks/compound_stress.py {argv}` ({elapsed:.0f} s, "
@@ -105,12 +111,18 @@ def markdown(rows, labels, elapsed: float, argv: str) -> str:
     lines += [head, "|" + "---|" * (3 + len(labels))]
     for r in rows:
         cells = [f"{r[lab]['f1']:.3f} ({r[lab]['tp']} / {r[lab]['fp']} / {r[lab]['fn']})" for lab in labels]
-        lines.append(f"| {r['name']} | {r['voxel_size']:g} | {r['n']} | " + " | ".join(cells) + " |")
+        ns = r[labels[0]]["n_small"]
+        n = f"{r['n']} ({ns} ≤ {min_radius:g} nm)" if ns else f"{r['n']}"
+        lines.append(f"| {r['name']} | {r['voxel_size']:g} | {n} | " + " | ".join(cells) + " |")
     lines.append("")
     for lab in labels:
         f1 = [r[lab]["f1"] for r in rows]
+        small = [f"{r[lab]['fn_small']} of the {r[lab]['fn']} in the {r['name'].split(' (')[0].split(',')[0]} case"
+                 for r in rows if r[lab]["fn_small"]]
         lines.append(f"- {lab}: mean F1 {sum(f1) / len(f1):.3f}, lowest {min(f1):.3f}; "
-                     f"δd {sum(r[lab]['delta_d'] for r in rows) / len(rows):.3f} (mean over cases).")
+                     f"δd {sum(r[lab]['delta_d'] for r in rows) / len(rows):.3f} (mean over cases)."
+                     + (f" Missed vesicles with a true outer radius of at most {min_radius:g} nm, the size the "
+                        f"outlier stage removes by the paper's rule: {'; '.join(small)}." if small else ""))
     lines += ["", END]
     return "\n".join(lines) + "\n"
 
@@ -123,7 +135,10 @@ def main(argv=None) -> int:
     reference = None if a.no_reference or not REFERENCE.exists() else REFERENCE
     t0 = time.perf_counter()
     rows, labels = run(reference)
-    block = markdown(rows, labels, time.perf_counter() - t0, " ".join(sys.argv[1:] if argv is None else argv))
+    from cryoves.pipeline import SegmentParams
+
+    block = markdown(rows, labels, time.perf_counter() - t0, " ".join(sys.argv[1:] if argv is None else argv),
+                     min_radius=SegmentParams().min_radius_nm)
     emit(block, a.report, "compound_stress.py")
     return 0
 

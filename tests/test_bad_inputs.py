@@ -229,7 +229,8 @@ def test_write_failure_during_overwrite_keeps_the_previous_results(tmp_path, tom
     assert len(err) == 1 and "File too large" in err[0] and str(out / "tomo_") in err[0], r.stderr
     assert "previous results are unchanged" in err[0]
     assert _tree(out) == before and not _hidden(out)  # nothing mixed: the old set, whole
-    assert json.loads((out / "tomo_segment.json").read_text())["params"]["min_radius_nm"] == 14
+    rec = json.loads((out / "tomo_segment.json").read_text())["params"]
+    assert rec["min_radius_nm"] == 14 and rec["segment_min_radius_nm"] == 12  # the size rules move together
     assert _sha(tomo) == tomo_before
 
 

@@ -372,3 +372,18 @@ def test_large_probability_is_checked(small_simulation, oracle_probability):
     with pytest.raises(ValueError, match=r"large_probability must lie in \[0, 1\]"):
         segment(sim.tomogram, sim.voxel_size, probability=oracle_probability,
                 large_probability=oracle_probability * 2)
+
+
+def test_for_min_radius_moves_both_size_rules():
+    """The smallest vesicle size is the outlier stage's radius and the adaptive stage's segment size."""
+    base = SegmentParams()
+    p = base.for_min_radius(9.0)
+    assert p.min_radius_nm == 9.0
+    assert p.segment_min_radius_nm == base.segment_min_radius_nm - (base.min_radius_nm - 9.0)
+    assert p.replace(min_radius_nm=base.min_radius_nm, segment_min_radius_nm=base.segment_min_radius_nm) == base
+    assert base.for_min_radius(base.min_radius_nm) == base
+    paper = base.replace(segment_min_radius_nm=12.0)  # a preset with its own relation keeps it
+    assert paper.for_min_radius(15.0).segment_min_radius_nm == 15.0
+    for bad in (0.0, -3.0, float("nan"), 1.5):  # 1.5 nm: the segment rule would be below 0
+        with pytest.raises(ValueError, match="min_radius_nm"):
+            base.for_min_radius(bad)

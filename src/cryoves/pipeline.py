@@ -36,6 +36,7 @@ Importing this module does not import TensorFlow (prediction imports it when it 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -435,6 +436,25 @@ class SegmentParams:
                         faint_score_relative=self.faint_score_relative, light_lumen=self.light_lumen)
         raise ValueError(f"unknown stage {stage!r}; choose one of "
                          f"{STAGES[:1] + ('large',) + STAGES[1:2] + ('weak', 'large_weak') + STAGES[2:]}")
+
+    def for_min_radius(self, min_radius_nm: float) -> "SegmentParams":
+        """A copy that looks for vesicles from outer radius ``min_radius_nm`` (nm) on.
+
+        The smallest vesicle size is two rules: the outlier stage removes fitted outer radii up
+        to ``min_radius_nm``, and the adaptive stage drops segments smaller than a sphere of
+        ``segment_min_radius_nm`` (a segment ends at the membrane centre, so 2 nm less by
+        default: 12 and 10 nm). Both move together here, by the same amount, so that smaller
+        vesicles are not dropped as segments before their radius is fitted (the paper's 12 nm
+        rule is ``min_radius_nm=12``). Raises ValueError for a size the rules cannot take.
+        """
+        r = float(min_radius_nm)
+        if not (math.isfinite(r) and r > 0):
+            raise ValueError(f"SegmentParams.min_radius_nm must be a positive, finite number of nm, got {min_radius_nm}")
+        seg = self.segment_min_radius_nm + (r - self.min_radius_nm)
+        if not seg > 0:
+            raise ValueError(f"SegmentParams.min_radius_nm {r:g} nm is too small: the segment size rule would be "
+                             f"{seg:g} nm (min_radius_nm - {self.min_radius_nm - self.segment_min_radius_nm:g})")
+        return self.replace(min_radius_nm=r, segment_min_radius_nm=seg)
 
     def replace(self, **changes) -> "SegmentParams":
         """A copy with some fields changed (validated)."""

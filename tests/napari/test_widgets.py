@@ -238,6 +238,19 @@ def test_full_pipeline_reusing_probability(sample_viewer, qtbot, sample):
     assert np.all(masked["x"] < mask.shape[2] / 2 + 1)
 
 
+def test_pipeline_min_radius_moves_the_segment_size_rule(make_napari_viewer):
+    from cryoves.napari._pipeline import PipelineWidget
+    from cryoves.pipeline import SegmentParams
+
+    viewer = make_napari_viewer()
+    pw = dock(viewer, PipelineWidget)
+    base = SegmentParams()
+    assert pw.params() == base
+    pw.fields["min_radius_nm"].value = 9.0  # smaller vesicles: their segments are not dropped before the fit
+    assert pw.params() == base.for_min_radius(9.0)
+    assert pw.params().segment_min_radius_nm == base.segment_min_radius_nm - 3.0
+
+
 @pytest.mark.slow
 def test_predict_widget_with_real_weights(make_napari_viewer, qtbot, crop, weights_path):
     from cryoves.napari._predict import PredictWidget

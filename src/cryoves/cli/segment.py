@@ -98,7 +98,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="outlier p-value threshold: vesicles with a lower Mahalanobis p-value are re-fitted "
                         f"or removed (default: {HELP_DEFAULTS['p_threshold']:g}; the paper used 0.3)")
     p.add_argument("--min-radius-nm", type=float, default=None, metavar="NM",
-                   help=f"smallest vesicle radius in nm (default: {HELP_DEFAULTS['min_radius_nm']:g}, the paper's)")
+                   help=f"smallest vesicle (outer) radius in nm (default: {HELP_DEFAULTS['min_radius_nm']:g}, the paper's); "
+                        "the segment size rule of the adaptive threshold moves with it")
     p.add_argument("--formats", default=",".join(FORMATS), metavar="LIST",
                    help=f"comma-separated outputs among {','.join(FORMATS)} (default: all, {','.join(FORMATS)})")
     p.add_argument("--save-intermediates", action="store_true",
@@ -471,9 +472,10 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
                     changes["large_scale"] = None
                 if args.p_threshold is not None:
                     changes["p_threshold"] = args.p_threshold
+                params = SegmentParams().replace(**changes)
                 if args.min_radius_nm is not None:
-                    changes["min_radius_nm"] = args.min_radius_nm
-                params_box.append(SegmentParams().replace(**changes))
+                    params = params.for_min_radius(args.min_radius_nm)
+                params_box.append(params)
             except ValueError as err:
                 raise CliError(str(err).replace("SegmentParams.p_threshold", "--p-threshold")
                                .replace("SegmentParams.min_radius_nm", "--min-radius-nm")) from None

@@ -41,8 +41,9 @@ SPECS: dict[str, tuple[str, str, str, dict]] = {
                               "(nm) are grown or dropped (a segment ends at the membrane centre, so this "
                               "is below the vesicle radius).", "float",
                               {"min": 0.5, "max": 200.0, "step": 0.5, "decimals": 1}),
-    "min_radius_nm": ("Min. radius (nm)", "Smallest fitted vesicle radius, nm: smaller vesicles are "
-                      "removed by the outlier stage.", "float",
+    "min_radius_nm": ("Min. radius (nm)", "Smallest vesicle (outer) radius, nm: smaller fitted vesicles are "
+                      "removed by the outlier stage. In the full pipeline the threshold stage's min. segment "
+                      "radius moves with it (2 nm less by default).", "float",
                       {"min": 0.5, "max": 200.0, "step": 0.5, "decimals": 1}),
     "z_split": ("Split if size z-score >", "A segment is split when its volume z-score exceeds this "
                 "and its extent is below 'Split if extent <' (paper: 1).", "float",
@@ -161,4 +162,5 @@ def params_from(fields: dict) -> "SegmentParams":  # noqa: F821
         lo, hi = SegmentParams().extent_range
         changes["extent_range"] = (float(values.get("extent_lo", lo)), float(values.get("extent_hi", hi)))
     return SegmentParams().replace(**changes)
+
 

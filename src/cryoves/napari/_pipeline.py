@@ -61,6 +61,14 @@ class PipelineWidget(StageWidget):
                 self.fields[name] = make_field(name)
                 self.advanced.append(self.fields[name])
 
+    def params(self):
+        """:class:`cryoves.pipeline.SegmentParams` of the fields; "Min. radius" is the smallest vesicle:
+        both size rules move with it (:meth:`~cryoves.pipeline.SegmentParams.for_min_radius`)."""
+        from cryoves.napari._params import params_from
+
+        fields = {k: w for k, w in self.fields.items() if k != "min_radius_nm"}
+        return params_from(fields).for_min_radius(float(self.fields["min_radius_nm"].value))
+
     def reset_choices(self, *_):
         super().reset_choices()
         if hasattr(self, "panel") and not self.closed:
