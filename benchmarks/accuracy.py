@@ -122,7 +122,8 @@ a sector counted as seen when its depth is within one standard error of 0.4 × t
 (the error from the sector's own voxels) keeps the 3 true vesicles but removes 28 false ones
 (10 more accepted); half a standard error removes 37 and still loses 2; the error from the
 normalised unit noise instead removes 24; pooling each sector with its neighbours within 35°
-removes 26 and still loses one (coverage 0.67); searching ±1 voxel in centre and radius for the
+removes 26 and still loses one (coverage 0.67); judging each direction against the tomogram's typical
+vesicle in that direction (its reconstruction's anisotropy) loses one more; searching ±1 voxel in centre and radius for the
 best coverage (default weights) lifts the true ones to 0.86-1.00 and the false ones to 0.75-0.91.
 The network's own view does not separate them either: with the default weights the three true
 vesicles' membrane band has a mean probability of at least 0.78 in every sector, which no false
