@@ -944,9 +944,11 @@ def _predict_tiles(vol: Optional[np.ndarray], model, plan: TilePlan, batch_size,
             return vol[z:z + tile[0], y:y + tile[1], xx:xx + tile[2]]
     report(progress, "predict", 0, n_batches)
     inv_n = np.float32(1.0 / len(flips))
+    # one input buffer for every batch: no fresh memory (page faults) per network call
+    x_buf = np.empty((min(batch_size, len(jobs)),) + tile + (1,), dtype=np.float32)
     for b in range(n_batches):
         batch_jobs = jobs[b * batch_size:(b + 1) * batch_size]
-        x = np.empty((len(batch_jobs),) + tile + (1,), dtype=np.float32)
+        x = x_buf[:len(batch_jobs)]
         for i, ((z, y, xx), flip) in enumerate(batch_jobs):
             t = fetch(z, y, xx)
             x[i, ..., 0] = np.flip(t, flip) if flip else t
@@ -972,27 +974,83 @@ def _predict_tiles(vol: Optional[np.ndarray], model, plan: TilePlan, batch_size,
             raise RuntimeError("tile plan leaves voxels uncovered")
         wsum.append((1.0 / acc).astype(np.float32)[: out_shape[ax]])
 
+    # only where a factor differs from 1 (a product with 1.0 is exact: the same numbers, voxel by
+    # voxel, as multiplying everywhere; most of the volume lies where one tile alone counts)
+    runs = [_runs(f != 1.0) for f in wsum]
+
     def normalise(z0, z1):  # slab by slab, on the process's cores (the same products, voxel by voxel)
         sl = out[z0:z1]
-        sl *= wsum[0][z0:z1, None, None]
-        sl *= wsum[1][None, :, None]
-        sl *= wsum[2][None, None, :]
+        for a, b in _clip_runs(runs[0], z0, z1):
+            sl[a - z0:b - z0] *= wsum[0][a:b, None, None]
+        for a, b in runs[1]:
+            sl[:, a:b] *= wsum[1][None, a:b, None]
+        for a, b in runs[2]:
+            sl[:, :, a:b] *= wsum[2][None, None, a:b]
         release_pages(out)
 
     slab_map(normalise, out_shape[0], _slab_rows(out_shape))
     return out
 
 
+def _runs(mask: np.ndarray):
+    """``[(start, stop), ...]``: the runs of True in a 1-D boolean array, in order."""
+    m = np.concatenate(([False], np.asarray(mask, dtype=bool), [False]))
+    edges = np.flatnonzero(m[1:] != m[:-1])
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _clip_runs(runs, lo: int, hi: int):
+    """``runs`` cut to ``[lo, hi)`` (empty runs dropped)."""
+    return [(max(a, lo), min(b, hi)) for a, b in runs if min(b, hi) > max(a, lo)]
+
+
 def _blend_tile(out, p, origin, extent, axis_weights, inv_n) -> None:
     """``out[origin : origin + extent] += p * w`` with ``w`` the outer product of ``axis_weights``
     times ``inv_n``, in slabs of the tile on the process's cores: voxel by voxel the products of
-    one whole-tile expression (``(wz * wy) * wx``, times ``inv_n``, times ``p``, added)."""
+    one whole-tile expression (``(wz * wy) * wx``, times ``inv_n``, times ``p``, added).
+
+    Where a voxel's weight is exactly 0 (an axis weight 0: the halo) nothing is added (``p * 0``
+    adds 0); where it is exactly 1 (every axis weight 1 and ``inv_n`` 1) ``p`` is added as it is
+    (``p * 1.0`` is ``p``): the same numbers, with one pass over most of the tile instead of four
+    (the weights, their product with ``p``, the sum), and none over its halo.
+    """
     (z, y, x), (kz, ky, kx) = origin, extent
     wz, wy, wx = (np.asarray(w[:k], dtype=np.float32) for w, k in zip(axis_weights, extent))
+    # per axis: the kept range (weight > 0) and, inside it, the range of weight 1
+    kept, ones = [], []
+    for w in (wz, wy, wx):
+        nz = _runs(w != 0.0)
+        k = (nz[0][0], nz[-1][1]) if nz else (0, 0)
+        one = _runs(w == 1.0) if inv_n == 1.0 else []
+        o = one[0] if len(one) == 1 and k[0] <= one[0][0] and one[0][1] <= k[1] else (k[0], k[0])
+        kept.append(k)
+        ones.append(o)
+    (kz0, kz1), (ky0, ky1), (kx0, kx1) = kept
+    (oz0, oz1), (oy0, oy1), (ox0, ox1) = ones
+
+    def weighted(zs, ys, xs):
+        if zs[1] <= zs[0] or ys[1] <= ys[0] or xs[1] <= xs[0]:
+            return
+        a, b, c = (slice(*r) for r in (zs, ys, xs))
+        w = wz[a, None, None] * wy[None, b, None] * wx[None, None, c]
+        w *= inv_n
+        out[z + a.start:z + a.stop, y + b.start:y + b.stop, x + c.start:x + c.stop] += p[a, b, c] * w
 
     def add(a0, a1):
-        w = wz[a0:a1, None, None] * wy[None, :, None] * wx[None, None, :]
-        w *= inv_n
-        out[z + a0:z + a1, y:y + ky, x:x + kx] += p[a0:a1, :ky, :kx] * w
+        za, zb = max(a0, kz0), min(a1, kz1)
+        if zb <= za:
+            return
+        oa, ob = max(za, oz0), min(zb, oz1)  # planes of weight 1 in z within this slab
+        if ob <= oa:
+            weighted((za, zb), (ky0, ky1), (kx0, kx1))
+            return
+        weighted((za, oa), (ky0, ky1), (kx0, kx1))
+        weighted((ob, zb), (ky0, ky1), (kx0, kx1))
+        weighted((oa, ob), (ky0, oy0), (kx0, kx1))
+        weighted((oa, ob), (oy1, ky1), (kx0, kx1))
+        weighted((oa, ob), (oy0, oy1), (kx0, ox0))
+        weighted((oa, ob), (oy0, oy1), (ox1, kx1))
+        if oy1 > oy0 and ox1 > ox0:
+            out[z + oa:z + ob, y + oy0:y + oy1, x + ox0:x + ox1] += p[oa:ob, oy0:oy1, ox0:ox1]
 
     slab_map(add, kz, kz)
