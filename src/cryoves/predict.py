@@ -400,14 +400,84 @@ def _filter_1d(vol: np.ndarray, sigma: float, axis: int, mode: str, truncate: fl
         ndimage.gaussian_filter1d(vol, sigma, axis, output=vol, mode=mode, truncate=truncate)
         return
     other = 1 if axis == 0 else 0
+    # lines along a strided axis: scipy's own arithmetic on whole planes (contiguous), when it is
+    # checked to give scipy's numbers (:func:`_planewise_ok`); ~4x faster than scipy's strided lines
+    fast = (mode == "nearest" and vol.ndim == 3 and axis < 2 and vol.dtype == np.float32
+            and _planewise_ok())
+    weights = _gauss_weights(sigma, truncate) if fast else None
+    rows = 4 if axis == 0 else 1  # blocks that stay in the cache
 
     def run(i0, i1):
         idx = [slice(None)] * vol.ndim
+        if fast:
+            for j0 in range(i0, i1, rows):
+                idx[other] = slice(j0, min(i1, j0 + rows))
+                block = vol[tuple(idx)]
+                _correlate_nearest_planewise(block, weights, axis, block)
+            return
         idx[other] = slice(i0, i1)
         block = vol[tuple(idx)]
         ndimage.gaussian_filter1d(block, sigma, axis, output=block, mode=mode, truncate=truncate)
 
     slab_map(run, vol.shape[other], vol.shape[other])
+
+
+def _gauss_weights(sigma: float, truncate: float) -> np.ndarray:
+    """The (float64) weights that ``scipy.ndimage.gaussian_filter1d`` correlates with (order 0)."""
+    from scipy.ndimage._filters import _gaussian_kernel1d
+
+    lw = int(float(truncate) * float(sigma) + 0.5)
+    return np.asarray(_gaussian_kernel1d(float(sigma), 0, lw)[::-1], dtype=np.float64)
+
+
+def _correlate_nearest_planewise(block: np.ndarray, weights: np.ndarray, axis: int, out: np.ndarray) -> None:
+    """``scipy.ndimage.correlate1d(block, weights, axis, output=out, mode="nearest")`` for symmetric
+    ``weights`` of odd length, computed on whole planes with scipy's own float64 arithmetic: per voxel
+    ``x[0] * w[0]``, then ``+ (x[-j] + x[+j]) * w[-j]`` for ``j`` from the radius down to 1, rounded to
+    float32 once. ``out`` may be ``block`` (the input is copied first)."""
+    lw = len(weights) // 2
+    n = block.shape[axis]
+
+    def sl(a, b):
+        idx = [slice(None)] * block.ndim
+        idx[axis] = slice(a, b)
+        return tuple(idx)
+
+    shape = list(block.shape)
+    shape[axis] = n + 2 * lw
+    xp = np.empty(shape, dtype=np.float64)
+    xp[sl(lw, lw + n)] = block
+    xp[sl(0, lw)] = block[sl(0, 1)]  # "nearest": the edge value repeated
+    xp[sl(lw + n, lw + n + lw)] = block[sl(n - 1, n)]
+    acc = xp[sl(lw, lw + n)] * weights[lw]
+    tmp = np.empty_like(acc)
+    for j in range(lw, 0, -1):
+        np.add(xp[sl(lw - j, lw - j + n)], xp[sl(lw + j, lw + j + n)], out=tmp)
+        tmp *= weights[lw - j]
+        acc += tmp
+    out[...] = acc
+
+
+@functools.lru_cache(maxsize=None)
+def _planewise_ok() -> bool:
+    """Whether :func:`_correlate_nearest_planewise` gives ``scipy.ndimage.gaussian_filter1d``'s numbers
+    here (checked once per process on small volumes, lines shorter and longer than the kernel)."""
+    try:
+        rng = np.random.default_rng(0)
+        for shape, sigma, axis in (((12, 5, 7), 1.0, 0), ((6, 11, 4), 1.0, 1), ((3, 4, 5), 1.0, 0),
+                                   ((9, 3, 4), 2.3, 0), ((4, 17, 3), 0.7, 1)):
+            v = (rng.normal(size=shape) * 50).astype(np.float32)
+            ref = ndimage.gaussian_filter1d(v, sigma, axis, mode="nearest", truncate=4.0)
+            w = _gauss_weights(sigma, 4.0)
+            if not (len(w) % 2 == 1 and np.array_equal(w, w[::-1])):
+                return False
+            got = np.empty_like(v)
+            _correlate_nearest_planewise(v, w, axis, got)
+            if not np.array_equal(got, ref):
+                return False
+    except Exception:  # noqa: BLE001 - a changed private routine: scipy's own filter
+        return False
+    return True
 
 
 def _smooth_inplace(vol: np.ndarray, sigma: float) -> None:
