@@ -50,7 +50,7 @@ def _model(args):
 
 
 def main(argv=None) -> int:
-    from cryoves.predict import DEFAULT_MAX_TILE_VOXELS, plan_tiles, predict_probability
+    from cryoves.predict import DEFAULT_MAX_TILE_VOXELS, plan_tiles, predict_probability, tile_budget
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="200,512,512", help="Z,Y,X (default 200,512,512)")
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     model_shape = shape if abs(factor - 1) <= 0.01 else tuple(
         max(1, int(round(s * factor))) for s in shape)
     plan = plan_tiles(model_shape, divisor=model.divisor, halo=model.receptive_field[1],
-                      tile_shape=tile_shape, max_tile_voxels=args.max_tile_voxels)
+                      tile_shape=tile_shape, max_tile_voxels=tile_budget(model_shape, args.max_tile_voxels, model))
     n_flip = 8 if args.tta else 1
     pushed = plan.voxels_computed * n_flip
 

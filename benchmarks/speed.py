@@ -114,18 +114,19 @@ def run_segment(tomo: Path, out: Path, weights) -> dict:
 
 def network_voxels(shape, model) -> tuple[int, object]:
     """Voxels cryoves pushes through the U-Net for a tomogram of ``shape`` at the model's voxel size."""
-    from cryoves.predict import DEFAULT_MAX_TILE_VOXELS, plan_tiles
+    from cryoves.predict import DEFAULT_MAX_TILE_VOXELS, plan_tiles, tile_budget
 
     f = VOXEL_NM / model.voxel_size_nm
     mshape = shape if abs(f - 1) <= 0.01 else tuple(max(1, int(round(s * f))) for s in shape)
     plan = plan_tiles(mshape, divisor=model.divisor, halo=model.receptive_field[1],
-                      max_tile_voxels=DEFAULT_MAX_TILE_VOXELS)
+                      max_tile_voxels=tile_budget(mshape, DEFAULT_MAX_TILE_VOXELS, model))
     return plan.voxels_computed, plan
 
 
 def reference_scheme(shape, model, n_time: int) -> dict:
-    """Seconds of the reference scheme (64^3 tiles, central 24^3 kept, batch 1) on this network."""
-    net = model.inference_model()
+    """Seconds of the reference scheme (64^3 tiles, central 24^3 kept, batch 1) on this network
+    (the one cryoves predicts with, :meth:`cryoves.model.UNetModel.predictor`)."""
+    net = model.predictor()
     n_tiles = math.prod(math.ceil(s / REF_KEEP) for s in shape)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, REF_TILE, REF_TILE, REF_TILE, 1)).astype(np.float32)

@@ -502,6 +502,7 @@ class UNetModel:
         self.card = card
         self.path = None if path is None else Path(path)
         self._inference = None
+        self._predictor = None
 
     def __repr__(self) -> str:
         return (f"UNetModel(name={self.card.name!r}, voxel_size_nm={self.card.voxel_size_nm}, "
@@ -549,9 +550,31 @@ class UNetModel:
             self._inference = (key, _fold_batchnorm(self.keras_model, self.card.architecture, precision))
         return self._inference[1]
 
+    def predictor(self, precision: Optional[str] = None):
+        """What :func:`cryoves.predict.predict_probability` runs tiles through: ``predict_on_batch(x)``.
+
+        In float32, or for an architecture it does not cover, :meth:`inference_model` itself. In
+        bfloat16 (TensorFlow, a CPU that computes it natively) a :class:`_Bf16Forward` of the same
+        folded weights: the same layers, except that each convolution after a skip connection is
+        computed as two (``conv(concat(u, s), k) == conv(u, k_u) + conv(s, k_s)``, the second added
+        in the first one's fused epilogue) instead of on a concatenated tensor, and the final 1x1x1
+        convolution and sigmoid run in float32 on a few slabs at a time. It needs about half the
+        memory per voxel (measured 107 instead of 208 bytes on a 160x220x220 tile) and computes the
+        same map up to bfloat16 rounding (the skip half of the sum is rounded to bfloat16 once).
+        Cached with :meth:`inference_model`.
+        """
+        precision = inference_precision() if precision is None else _check_precision(precision)
+        net = self.inference_model(precision)
+        if precision != "bfloat16" or not _Bf16Forward.supports(self.card.architecture):
+            return net
+        if getattr(self, "_predictor", None) is None or self._predictor[0] is not net:
+            self._predictor = (net, _Bf16Forward(net, self.card.architecture))
+        return self._predictor[1]
+
     def invalidate_inference_model(self) -> None:
         """Forget the cached :meth:`inference_model` (it is also rebuilt automatically)."""
         self._inference = None
+        self._predictor = None
 
     def _weights_fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
@@ -660,6 +683,99 @@ def inference_precision() -> str:
 
 def _layers_of(model, class_name: str):
     return [layer for layer in model.layers if type(layer).__name__ == class_name]
+
+
+class _Bf16Forward:
+    """The folded U-Net (:func:`_fold_batchnorm`, bfloat16) as one ``tf.function`` with a fixed input
+    signature (any tile shape, one trace), in less memory than the Keras graph.
+
+    Two changes to the Keras graph, both for memory: (1) the first convolution after each skip
+    connection is ``relu(conv(u, k_u) + b + conv(s, k_s))`` on the upsampled tensor ``u`` and the
+    skip ``s`` instead of ``relu(conv(concat(u, s), k) + b)`` (no concatenated tensor; the sum is the
+    same up to the bfloat16 rounding of ``conv(s, k_s)``); (2) the final float32 1x1x1 convolution and
+    its activation run on :attr:`N_FINAL_SLABS` slabs along Z one after the other (the float32 copy of
+    the last hidden layer is a quarter of the tile at a time; the same numbers as on the whole tile).
+    Every other operation is the Keras graph's (bfloat16 convolutions with bias and ReLU, max
+    pooling, nearest upsampling), weights cast to bfloat16 once instead of at every call.
+    """
+
+    N_FINAL_SLABS = 4
+
+    @staticmethod
+    def supports(architecture: dict) -> bool:
+        a = architecture
+        return (a.get("last_activation") in ("sigmoid", "linear") and int(a.get("n_depth", 0)) >= 1
+                and int(a.get("n_conv_per_depth", 0)) >= 1)
+
+    def __init__(self, folded, architecture: dict):
+        from cryoves._tf import import_tensorflow
+
+        tf = import_tensorflow()
+        nd, nc = int(architecture["n_depth"]), int(architecture["n_conv_per_depth"])
+        last_activation = architecture["last_activation"]
+        convs = _layers_of(folded, "Conv3D")
+        if len(convs) != 2 * nd * nc + nc + 1:  # pragma: no cover - guaranteed by build_unet
+            raise RuntimeError("unexpected U-Net structure")
+        params = [[np.asarray(w, dtype=np.float32) for w in c.get_weights()] for c in convs]
+        bf = tf.bfloat16
+        hidden = [(tf.constant(k, dtype=bf), tf.constant(b, dtype=bf)) for k, b in params[:-1]]
+        k_last, b_last = (tf.constant(a) for a in params[-1])
+        n_slabs = self.N_FINAL_SLABS
+        ones = [1, 1, 1, 1, 1]
+
+        def conv(x, i):
+            k, b = hidden[i]
+            return tf.nn.relu(tf.nn.bias_add(tf.nn.conv3d(x, k, ones, "SAME"), b))
+
+        def up2(x):  # nearest upsampling by 2 along Z, Y, X (as keras' UpSampling3D: copies)
+            s = tf.shape(x)
+            c = x.shape[-1]
+            bz = s[0] * s[1]
+            y = tf.broadcast_to(tf.reshape(x, [bz, s[2], 1, s[3], 1, c]), [bz, s[2], 2, s[3], 2, c])
+            y = tf.broadcast_to(tf.reshape(y, [bz, 1, 4 * s[2] * s[3] * c]), [bz, 2, 4 * s[2] * s[3] * c])
+            return tf.reshape(y, [s[0], 2 * s[1], 2 * s[2], 2 * s[3], c])
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, None, 1], tf.float32)])
+        def forward(x):
+            x = tf.cast(x, bf)
+            i, skips = 0, []
+            for _ in range(nd):
+                for _ in range(nc):
+                    x, i = conv(x, i), i + 1
+                skips.append(x)
+                x = tf.nn.max_pool3d(x, 2, 2, "VALID")
+            for _ in range(nc):
+                x, i = conv(x, i), i + 1
+            for n in reversed(range(nd)):
+                k, b = hidden[i]
+                cu = x.shape[-1]
+                t = tf.nn.conv3d(skips[n], k[:, :, :, cu:, :], ones, "SAME")
+                x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv3d(up2(x), k[:, :, :, :cu, :], ones, "SAME"), b) + t)
+                i += 1
+                for _ in range(nc - 1):
+                    x, i = conv(x, i), i + 1
+            def final(part):
+                y = tf.nn.bias_add(tf.nn.conv3d(tf.cast(part, tf.float32), k_last, ones, "SAME"), b_last)
+                return tf.sigmoid(y) if last_activation == "sigmoid" else y
+
+            def in_slabs():
+                z = tf.shape(x)[1]
+                q = z // n_slabs
+                parts = tf.split(x, [q] * (n_slabs - 1) + [z - (n_slabs - 1) * q], num=n_slabs, axis=1)
+                outs = []
+                for part in parts:  # one slab after the other: a part of the float32 copy at a time
+                    with tf.control_dependencies(outs[-1:]):
+                        part = tf.identity(part)
+                    outs.append(final(part))
+                return tf.concat(outs, axis=1)
+
+            return tf.cond(tf.shape(x)[1] >= n_slabs, in_slabs, lambda: final(x))
+
+        self._forward = forward
+
+    def predict_on_batch(self, x) -> np.ndarray:
+        """The network's output for a batch ``(n, Z, Y, X, 1)`` (float32 numpy array)."""
+        return self._forward(np.asarray(x, dtype=np.float32)).numpy()
 
 
 def _fold_batchnorm(keras_model, architecture: dict, precision: str = "float32"):
