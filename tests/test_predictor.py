@@ -55,6 +55,8 @@ def test_tile_budget(monkeypatch):
     model = new_model(seed=0, n_filter_base=4)
     monkeypatch.setenv("CRYOVES_PRECISION", "bfloat16")
     assert P.tile_budget((160, 384, 384), 9_000_000, model) == int(9_000_000 * P.BF16_TILE_VOXELS_FACTOR)
+    # no model: the default weights' architecture, read from their card
+    assert P.tile_budget((160, 384, 384), 9_000_000) == int(9_000_000 * P.BF16_TILE_VOXELS_FACTOR)
     big = (P.STREAM_VOXELS // (512 * 512) + 1, 512, 512)  # a large volume keeps its own budget
     assert P.tile_budget(big, 9_000_000, model) == P.STREAM_MAX_TILE_VOXELS
     monkeypatch.setenv("CRYOVES_PRECISION", "float32")

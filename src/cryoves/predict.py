@@ -791,10 +791,11 @@ def tile_budget(model_shape: Sequence[int], max_tile_voxels: int = DEFAULT_MAX_T
     """
     if int(np.prod([int(n) for n in model_shape])) >= STREAM_VOXELS:
         return min(int(max_tile_voxels), STREAM_MAX_TILE_VOXELS)
-    from cryoves.model import _Bf16Forward, inference_precision
+    from cryoves.model import _Bf16Forward, describe_weights, inference_precision
 
+    # the default weights' architecture from their card (h5py only: no network built)
     arch = (_resolve_model(model).card.architecture if model is not None
-            else {"n_depth": 2, "n_conv_per_depth": 2, "last_activation": "sigmoid"})
+            else describe_weights(None)["architecture"])
     if inference_precision() == "bfloat16" and _Bf16Forward.supports(arch):
         return int(int(max_tile_voxels) * BF16_TILE_VOXELS_FACTOR)
     return int(max_tile_voxels)

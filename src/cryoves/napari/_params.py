@@ -162,5 +162,3 @@ def params_from(fields: dict) -> "SegmentParams":  # noqa: F821
         lo, hi = SegmentParams().extent_range
         changes["extent_range"] = (float(values.get("extent_lo", lo)), float(values.get("extent_hi", hi)))
     return SegmentParams().replace(**changes)
-
-
