@@ -357,6 +357,22 @@ def test_write_mrc_round_trip(tmp_path, dtype, expect):
     np.testing.assert_allclose(out, data.astype(expect).astype(np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.int32])
+@pytest.mark.parametrize("fill", [0.0, 0.1, 1.0])
+def test_write_mrc_header_statistics_of_integers(tmp_path, dtype, fill):
+    # integer volumes (labels, mostly 0) get their statistics from the non-zero voxels only
+    rng = np.random.default_rng(1)
+    lo = -100 if np.dtype(dtype).kind == "i" else 1
+    data = np.where(rng.random((20, 9, 7)) < fill, rng.integers(lo, 120, size=(20, 9, 7)), 0).astype(dtype)
+    data[data == 0] = 0 if fill < 1 else 5
+    p = cio.write_mrc(tmp_path / "s.mrc", data, 1.0)
+    d = data.astype(np.float64)
+    with mrcfile.open(p) as m:
+        assert (float(m.header.dmin), float(m.header.dmax)) == (d.min(), d.max())
+        assert float(m.header.dmean) == pytest.approx(d.mean(), rel=1e-6, abs=1e-9)
+        assert float(m.header.rms) == pytest.approx(d.std(), rel=1e-5, abs=1e-9)
+
+
 def test_write_mrc_gz(tmp_path):
     data = _volume()
     p = cio.write_mrc(tmp_path / "w.mrc.gz", data, 1.5)

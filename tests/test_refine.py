@@ -324,3 +324,32 @@ def test_large_vesicles_in_voxels_use_the_binned_path():
     assert len(res) == 1 and np.linalg.norm(res.centers[0] - centers[1]) < 1.0
     assert detection_score(tomo, centers[2], radii[2], 4.5, normalization=norm) > 5.0
     assert len(fit_sphere_at(tomo, (10, 56, 56), 1.0, normalization=norm)) == 0
+
+
+def test_capture_cache_reuses_one_search_per_starting_sphere(scene, monkeypatch):
+    """Re-fits of one start with growing boxes (the outlier stage) share one capture search."""
+    import cryoves.refine as R
+
+    tomo, centers, radii = scene
+    c0, r0 = _perturbed(centers[:3], radii[:3], seed=4)
+    norm = intensity_normalization(tomo)
+    calls = []
+    real = R._capture
+    monkeypatch.setattr(R, "_capture", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    cache = {}
+    for c, r in zip(c0, r0):
+        for margin in (8.0, 9.0, 10.0):
+            plain = R.fit_sphere(tomo, c, r, voxel_size=VOXEL, normalization=norm, box_margin_vox=margin)
+            cached = R.fit_sphere(tomo, c, r, voxel_size=VOXEL, normalization=norm, box_margin_vox=margin,
+                                  capture_cache=cache)
+            assert plain.ok and cached.ok
+            assert np.array_equal(plain.center, cached.center) and plain.radius == cached.radius
+            assert (plain.thickness, plain.n_iter, plain.note) == (cached.thickness, cached.n_iter, cached.note)
+    assert len(calls) == 9 + 3  # every plain fit searches; the cached ones once per start
+    assert len(cache) == 3
+    # a failed search is remembered too: the box outside the volume
+    far = np.array([500.0, 500.0, 500.0])
+    for _ in range(2):
+        fit = R.fit_sphere(tomo, far, 8.0, voxel_size=VOXEL, normalization=norm, capture_cache=cache)
+        assert not fit.ok and "outside" in fit.note
+    assert len(calls) == 13

@@ -125,7 +125,7 @@ def test_global_stage_slabs_on_threads_equal_one_core(small_simulation, oracle_p
     g1 = global_stage(sim.tomogram, prob, vs, params, large=large)
     monkeypatch.setattr(_parallel, "n_cores", lambda: 4)
     seen = _spy(monkeypatch, T, "_ball1_min")
-    dil = _spy(monkeypatch, T.ndi, "binary_dilation")
+    dil = _spy(monkeypatch, T, "_dilate6")
     g4 = global_stage(sim.tomogram, prob, vs, params, large=large)
     assert g1.threshold == g4.threshold
     assert np.array_equal(g1.shell_means, g4.shell_means, equal_nan=True)
@@ -185,6 +185,20 @@ def test_label_counts_on_threads_equal_bincount(four_cores, monkeypatch):
         assert np.array_equal(T._label_counts(lab, minlength=minlength), np.bincount(lab.ravel(), minlength=minlength))
     assert len(seen) >= 2
     assert np.array_equal(T._label_counts(np.zeros((6, 3, 3), np.int32)), [54])
+
+
+def test_dilate6_equals_binary_dilation():
+    rng = np.random.default_rng(9)
+    st = T._structure(1)
+    for shape in ((1, 1, 1), (1, 5, 4), (3, 1, 7), (9, 12, 10), (20, 17, 23)):
+        for fill in (0.0, 0.02, 0.3):
+            mask = rng.random(shape) < fill
+            before = mask.copy()
+            for it in (0, 1, 2, 3):
+                want = ndimage.binary_dilation(mask, structure=st, iterations=it) if it else mask
+                got = T._dilate6(mask, it)
+                assert got.dtype == bool and np.array_equal(got, want), (shape, fill, it)
+            assert np.array_equal(mask, before)  # the input is not modified
 
 
 def test_label_volumes_equal_segment_stats():

@@ -735,6 +735,16 @@ def write_mrc(path, data, voxel_size: float, *, overwrite: bool = False, label: 
                 for sl in _slabs(data.shape, 8):
                     slab = data[sl].astype(dtype, copy=False)
                     mrc.data[sl] = slab
+                    if dtype.kind in "iu":
+                        # integers (labels: mostly 0): the sums over the non-zero voxels, exact in int64
+                        nz = slab[slab != 0].astype(np.int64)
+                        lo_, hi_ = (int(nz.min()), int(nz.max())) if nz.size else (0, 0)
+                        if nz.size < slab.size:
+                            lo_, hi_ = min(lo_, 0), max(hi_, 0)
+                        dmin, dmax = min(dmin, float(lo_)), max(dmax, float(hi_))
+                        total += float(nz.sum())
+                        total_sq += float(np.dot(nz, nz))
+                        continue
                     s64 = slab.astype(np.float64)
                     dmin, dmax = min(dmin, float(s64.min())), max(dmax, float(s64.max()))
                     total += float(s64.sum())

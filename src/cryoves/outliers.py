@@ -561,6 +561,7 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
                  for i in pending}
         first = {i: ({k: cols[k][i] for k in cols}, float(score[i]), X[i].copy(), stg[i], coverage[i], lumen[i])
                  for i in pending}
+        captures = {}  # one capture search per starting sphere, shared by its re-fits (fit_sphere)
         for it in range(1, max_iter + 1):
             if not pending:
                 break
@@ -569,7 +570,8 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
                 c, r = start[i]
                 margin = max(6.0, 0.4 * r) + 2.0 + 0.5 * grow_vox * it
                 fit = fit_sphere(tomogram, c, r, voxel_size=voxel_size, normalization=normalization,
-                                 box_margin_vox=margin, radius_method=radius_method, bilayer_nm=bilayer_nm)
+                                 box_margin_vox=margin, radius_method=radius_method, bilayer_nm=bilayer_nm,
+                                 capture_cache=captures)
                 if not fit.ok:
                     return
                 vals = {"thickness": fit.thickness, "density": fit.density, "radius": fit.radius,

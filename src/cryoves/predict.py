@@ -895,7 +895,7 @@ def large_regions(probability: np.ndarray, voxel_size: float, min_radius_nm: flo
     -------
     ndarray of float32, same shape
     """
-    from cryoves.threshold import _label_counts, _label_small
+    from cryoves.threshold import _dilate6, _label_counts, _label_small
 
     vs = check_voxel_size(voxel_size)
     prob = np.asarray(probability, dtype=np.float32)
@@ -913,7 +913,7 @@ def large_regions(probability: np.ndarray, voxel_size: float, min_radius_nm: flo
     del labels
     it = int(round(float(margin_nm) / vs))
     if it > 0:
-        region = ndimage.binary_dilation(region, iterations=it)
+        region = _dilate6(region, it)
     out[region] = prob[region]
     return out
 

@@ -595,7 +595,7 @@ def fit_sphere(tomogram, center, radius, *, voxel_size=None, normalization, max_
                radius_method: str = "membrane_centre", halo_span_vox: float | None = None,
                tol: float = 0.05, capture: bool = True, capture_radii=None,
                capture_shift: float | None = None, membrane_nm: float = 4.0,
-               bilayer_nm: float = 4.5) -> SphereFit:
+               bilayer_nm: float = 4.5, capture_cache: dict | None = None) -> SphereFit:
     """Refine one sphere (the per-vesicle kernel of :func:`refine_spheres`).
 
     Parameters
@@ -643,6 +643,12 @@ def fit_sphere(tomogram, center, radius, *, voxel_size=None, normalization, max_
     bilayer_nm : float
         Bilayer thickness (nm): ``radius_method="membrane_centre"`` puts the outer radius
         ``bilayer_nm / 2`` beyond the membrane centre (needs ``voxel_size``).
+    capture_cache : dict, optional
+        Results of the capture step, keyed by its inputs (starting centre, radii, shell width,
+        shift): a search already made is reused instead of repeated. The capture step does not
+        depend on the box margin, so re-fits of one starting sphere with growing boxes
+        (:func:`cryoves.outliers.filter_outliers`) share one search. Give each tomogram its own
+        dictionary.
 
     Returns
     -------
@@ -673,10 +679,19 @@ def fit_sphere(tomogram, center, radius, *, voxel_size=None, normalization, max_
             capture_radii = capture_radii[capture_radii > 1.0]
         capture_radii = np.asarray(capture_radii, float)
         cap_shift = max(3.0, 0.5 * r) if capture_shift is None else float(capture_shift)
-        try:
-            c, rho = _capture(tomogram, c, capture_radii, sig_t, cap_shift, normalization)
-        except FitError as e:
-            return SphereFit(False, c0, r, np.nan, np.nan, 0.0, 0, f"refine failed: {e}")
+        key = (tuple(c.tolist()), tuple(capture_radii.tolist()), sig_t, cap_shift)
+        found = capture_cache.get(key) if capture_cache is not None else None
+        if found is None:
+            try:
+                found = _capture(tomogram, c, capture_radii, sig_t, cap_shift, normalization)
+            except FitError as e:
+                found = e
+            if capture_cache is not None:
+                capture_cache[key] = found
+        if isinstance(found, FitError):
+            return SphereFit(False, c0, r, np.nan, np.nan, 0.0, 0, f"refine failed: {found}")
+        c, rho = found
+        c = c.copy()
         r = rho + sig_t
     h0 = int(math.ceil(r + margin_for(r)))
     l0 = 2 * h0 + 1

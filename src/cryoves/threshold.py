@@ -96,6 +96,21 @@ def _structure(connectivity: int) -> np.ndarray:
     return ndi.generate_binary_structure(3, connectivity)
 
 
+def _dilate6(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """``ndi.binary_dilation(mask, _structure(1), iterations)`` (6-connected steps, nothing
+    beyond the borders) as ORs of shifted slices: the same voxels, about 15 times faster."""
+    out = np.asarray(mask, dtype=bool)
+    for _ in range(int(iterations)):
+        src, out = out, out.copy()
+        for ax in range(out.ndim):
+            a = [slice(None)] * out.ndim
+            b = [slice(None)] * out.ndim
+            a[ax], b[ax] = slice(1, None), slice(None, -1)
+            out[tuple(a)] |= src[tuple(b)]
+            out[tuple(b)] |= src[tuple(a)]
+    return out
+
+
 def _ball1_min(p: np.ndarray) -> np.ndarray:
     """Minimum of ``p`` over each voxel's ``ball(1)`` neighbourhood (itself + 6 face neighbours).
 
@@ -255,8 +270,16 @@ def _label_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
     """``np.bincount(labels.ravel(), minlength=minlength)`` slab by slab (bincount converts its input
     to int64: on a whole volume that is a temporary twice the size of int32 labels)."""
     step = max(1, _SLAB_VOXELS // max(1, int(np.prod(labels.shape[1:]))))
+    def count(z0, z1):
+        # the labelled voxels only (a tenth of the volume or less): the background is the rest
+        sl = np.asarray(labels[z0:z1])
+        fg = sl[sl != 0]
+        c = np.bincount(fg) if fg.size else np.zeros(1, dtype=np.intp)
+        c[0] = sl.size - fg.size
+        return c
+
     # slabs on the process's cores; integer counts, so the sum does not depend on the order
-    parts = slab_map(lambda z0, z1: np.bincount(np.asarray(labels[z0:z1]).ravel()), labels.shape[0], step)
+    parts = slab_map(count, labels.shape[0], step)
     n = max([int(minlength)] + [len(c) for c in parts])
     counts = np.zeros(n, dtype=np.int64)
     for c in parts:
@@ -924,7 +947,7 @@ def add_weak_segments(tomogram, probability, labels, voxel_size, *, low_threshol
         n = int(np.count_nonzero(c))
         if any_segment:
             a0, a1 = max(0, z0 - 2), min(shape[0], z1 + 2)
-            near = ndi.binary_dilation(out[a0:a1] > 0, structure=_structure(1), iterations=2)
+            near = _dilate6(out[a0:a1] > 0, 2)
             c &= ~near[z0 - a0: z1 - a0]
         return n
 
@@ -1043,7 +1066,7 @@ def _map_is_weak(probability, labels, low_threshold, min_weak_fraction, min_volu
         a0, a1 = max(0, z0 - 2), min(n_z, z1 + 2)  # two dilation steps need two more planes
         near = trusted[lab[a0:a1]]
         if near.any():
-            near = ndi.binary_dilation(near, structure=_structure(1), iterations=2)
+            near = _dilate6(near, 2)
         above = np.asarray(probability[z0:z1], dtype=np.float32) >= low
         release_pages(probability)
         n_b = int(np.count_nonzero(above))
