@@ -89,7 +89,15 @@ def main(argv=None) -> int:
                     help="trace allocations (tracemalloc, numpy included; slower): print each stage's peak "
                          "above what was held before it, in bytes and in volumes of float32")
     ap.add_argument("--repeat", type=int, default=1, help="runs of the write stage (the minimum is printed; the others consume their input)")
+    ap.add_argument("--no-helpers", action="store_true",
+                    help="no helper processes (cryoves._workers): the per-vesicle work on threads only")
     args = ap.parse_args(argv)
+    from cryoves import _workers
+
+    if args.no_helpers:
+        _workers.set_enabled(False)
+    else:
+        _workers.start()  # as `cryoves segment` does while TensorFlow loads: their imports are not timed
 
     from cryoves.io import read_tomogram, write_labels_mrc, write_pyto_labels, write_vesicles_csv
     from cryoves.pipeline import SegmentParams, adaptive_stage, global_stage, outliers_stage, refine_stage

@@ -300,9 +300,12 @@ def _cluster_task(tomo_path: str, mask_path: Optional[str], folder: str, options
     """One tomogram on a dask worker: :func:`run_one` with this worker's model (loaded once)."""
     from cryoves import io as cio
 
+    from cryoves import _workers
+
     cio.protect_path(tomo_path)  # inputs are never written to, in this process too
     if mask_path is not None:
         cio.protect_path(mask_path)
+    _workers.set_enabled(False)  # the cluster's workers are the processes: no helpers of their own
     _test_kill_hook(stem_of(tomo_path), options)
     try:
         return run_one(tomo_path, mask_path, folder, options, lambda: params,

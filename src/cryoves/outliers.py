@@ -43,7 +43,7 @@ import numpy as np
 from scipy import special
 from scipy.spatial import cKDTree
 
-from cryoves._parallel import thread_map
+from cryoves._workers import vesicle_map
 from cryoves._progress import ProgressCallback, report
 from cryoves.refine import FitError, detection_score, fit_sphere, intensity_normalization, membrane_shape
 from cryoves.table import VesicleTable, check_voxel_size
@@ -454,29 +454,11 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
 
     score = np.full(n, np.nan)
 
-    def compute_score(i):
-        c = np.array([cols["z"][i], cols["y"][i], cols["x"][i]])
-        sc = float("nan")
-        if np.all(np.isfinite(c)) and np.isfinite(cols["radius"][i]) and cols["radius"][i] > 0:
-            try:
-                sc = detection_score(tomogram, c, cols["radius"][i], cols["thickness"][i],
-                                     normalization=normalization)
-            except FitError:  # the box lies outside the volume
-                pass
-        score[i] = sc
-
     coverage = np.full(n, np.nan)
     lumen = np.full(n, np.nan)
     check_shape = min_coverage is not None or lumen_deviation is not None or bool(faint_score_relative)
     # lowest coverage, highest lumen; a score below "faint" with a lumen below "light"
     shape_limits = {"coverage": min_coverage, "lumen": np.inf, "faint": -np.inf, "light": -np.inf}
-
-    def compute_shape(i):
-        c = np.array([cols["z"][i], cols["y"][i], cols["x"][i]])
-        coverage[i] = lumen[i] = np.nan
-        if np.all(np.isfinite(c)) and np.isfinite(cols["radius"][i]) and cols["radius"][i] > 0:
-            sh = membrane_shape(tomogram, c, cols["radius"][i], cols["thickness"][i], normalization=normalization)
-            coverage[i], lumen[i] = sh.coverage, sh.lumen
 
     def set_shape_limits():
         # relative to this tomogram's vesicles (at least 5 measured)
@@ -524,14 +506,17 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
     if min_score is not None or max_iter > 0:
         if normalization is None:
             normalization = intensity_normalization(tomogram)
-    # each call writes its own row only: on the CPU cores, in any order (cryoves._parallel)
+    # the shape and score of every accepted row: on the CPU cores (helper processes or threads)
+    if check_shape or min_score is not None:
+        acc = np.flatnonzero(status == "accepted")
+        items = [(np.array([cols["z"][i], cols["y"][i], cols["x"][i]]), cols["radius"][i], cols["thickness"][i])
+                 for i in acc]
+        for i, (cov, lum, sc) in zip(acc, vesicle_map(_row_measures, tomogram, items,
+                                                      (normalization, check_shape, min_score is not None))):
+            coverage[i], lumen[i], score[i] = cov, lum, sc
     if check_shape:
-        for _ in thread_map(compute_shape, np.flatnonzero(status == "accepted")):
-            pass
         set_shape_limits()
     if min_score is not None:
-        for _ in thread_map(compute_score, np.flatnonzero(status == "accepted")):
-            pass
         measured = score[np.isfinite(score) & ~bad_shape()]
         if min_score_relative is not None and len(measured) >= 5:
             min_score = float(np.clip(min_score_relative * np.median(measured), min(3.0, min_score), min_score))
@@ -561,19 +546,21 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
                  for i in pending}
         first = {i: ({k: cols[k][i] for k in cols}, float(score[i]), X[i].copy(), stg[i], coverage[i], lumen[i])
                  for i in pending}
-        captures = {}  # one capture search per starting sphere, shared by its re-fits (fit_sphere)
+        # one capture search per starting sphere, shared by its re-fits (fit_sphere's capture_cache)
+        captures = {i: {} for i in pending}
+        fit_kw = dict(voxel_size=voxel_size, normalization=normalization, radius_method=radius_method,
+                      bilayer_nm=bilayer_nm)
         for it in range(1, max_iter + 1):
             if not pending:
                 break
-            def refit(i, it=it):
-                # writes row i only: the pending rows are re-fitted on the CPU cores (cryoves._parallel)
-                c, r = start[i]
-                margin = max(6.0, 0.4 * r) + 2.0 + 0.5 * grow_vox * it
-                fit = fit_sphere(tomogram, c, r, voxel_size=voxel_size, normalization=normalization,
-                                 box_margin_vox=margin, radius_method=radius_method, bilayer_nm=bilayer_nm,
-                                 capture_cache=captures)
+            items = [(start[i][0], start[i][1], max(6.0, 0.4 * start[i][1]) + 2.0 + 0.5 * grow_vox * it, captures[i])
+                     for i in pending]
+            # the pending rows are re-fitted on the CPU cores (helper processes or threads)
+            for i, (fit, cache, cov, lum, sc) in zip(pending, vesicle_map(
+                    _refit_item, tomogram, items, (fit_kw, check_shape, min_score is not None), min_items=2)):
+                captures[i] = cache
                 if not fit.ok:
-                    return
+                    continue
                 vals = {"thickness": fit.thickness, "density": fit.density, "radius": fit.radius,
                         "z": fit.center[0], "y": fit.center[1], "x": fit.center[2]}
                 for j, f in enumerate(features):
@@ -585,12 +572,9 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
                 cols["density"][i] = fit.density
                 stg[i] = "outliers"
                 if min_score is not None:
-                    compute_score(i)
+                    score[i] = sc
                 if check_shape:
-                    compute_shape(i)
-
-            for _ in thread_map(refit, pending, min_items=2):  # a re-fit takes milliseconds: threads pay
-                pass
+                    coverage[i], lumen[i] = cov, lum
             p = pvals()
             low = low_score()
             still = []
@@ -649,6 +633,36 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
                       min_score=min_score, min_coverage=shape_limits["coverage"] if min_coverage is not None else None)
     assert len(out) == n
     return out
+
+
+def _row_measures(tomogram, item, normalization, shape: bool, score: bool) -> tuple[float, float, float]:
+    """(coverage, lumen, detection score) of one ``(center, radius, thickness)`` as
+    :func:`filter_outliers` measures them (NaN where not measured or not measurable)."""
+    c, r, th = item
+    cov = lum = sc = float("nan")
+    if np.all(np.isfinite(c)) and np.isfinite(r) and r > 0:
+        if shape:
+            sh = membrane_shape(tomogram, c, r, th, normalization=normalization)
+            cov, lum = sh.coverage, sh.lumen
+        if score:
+            try:
+                sc = detection_score(tomogram, c, r, th, normalization=normalization)
+            except FitError:  # the box lies outside the volume
+                pass
+    return cov, lum, sc
+
+
+def _refit_item(tomogram, item, kw, shape: bool, score: bool):
+    """One re-fit of :func:`filter_outliers`: ``(fit, capture cache, coverage, lumen, score)`` of
+    ``fit_sphere`` from ``(center, radius)`` with the box margin of ``item`` (the measures NaN
+    when the fit failed)."""
+    c, r, margin, cache = item
+    fit = fit_sphere(tomogram, c, r, box_margin_vox=margin, capture_cache=cache, **kw)
+    if not fit.ok:
+        return fit, cache, float("nan"), float("nan"), float("nan")
+    cov, lum, sc = _row_measures(tomogram, (np.asarray(fit.center, float), fit.radius, fit.thickness),
+                                 kw["normalization"], shape, score)
+    return fit, cache, cov, lum, sc
 
 
 def _check_shrunk(tomogram, out: VesicleTable, before: np.ndarray, voxel_size: float, normalization,

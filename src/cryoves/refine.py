@@ -74,7 +74,7 @@ from scipy import fft as sfft
 from scipy.ndimage import gaussian_filter1d
 from scipy import ndimage as ndi
 
-from cryoves._parallel import thread_map
+from cryoves._workers import vesicle_map
 from cryoves._progress import ProgressCallback, report
 from cryoves.table import VesicleTable, check_voxel_size
 
@@ -853,14 +853,12 @@ def refine_spheres(tomogram, initial, voxel_size, *, max_iter: int = 10, box_mar
     report(progress, "refine", 0, total)
     centers = table.centers
 
-    def fit_one(i):
-        return fit_sphere(tomogram, centers[i], table.radii[i], voxel_size=voxel_size,
-                          normalization=normalization, max_iter=max_iter, box_margin_vox=box_margin_vox,
-                          min_radius_vox=r_lo, max_radius_vox=r_hi, bin_width=bin_width_vox,
-                          sigma_vox=sigma_vox, radius_method=radius_method, capture=capture, bilayer_nm=bilayer_nm)
-
-    # the fits are independent: on the CPU cores, results in order (cryoves._parallel)
-    for k, (i, fit) in enumerate(zip(todo, thread_map(fit_one, todo))):
+    kw = dict(voxel_size=voxel_size, normalization=normalization, max_iter=max_iter, box_margin_vox=box_margin_vox,
+              min_radius_vox=r_lo, max_radius_vox=r_hi, bin_width=bin_width_vox, sigma_vox=sigma_vox,
+              radius_method=radius_method, capture=capture, bilayer_nm=bilayer_nm)
+    items = [(centers[i], table.radii[i]) for i in todo]
+    # the fits are independent: on the CPU cores (helper processes or threads), results in order
+    for k, (i, fit) in enumerate(zip(todo, vesicle_map(_fit_item, tomogram, items, (kw,)))):
         cols["stage"][i] = "refine"
         cols["pvalue"][i] = np.nan
         if fit.ok:
@@ -881,6 +879,12 @@ def refine_spheres(tomogram, initial, voxel_size, *, max_iter: int = 10, box_mar
     out = VesicleTable({"id": table.ids.copy(), **cols}, voxel_size=voxel_size)
     assert len(out) == n
     return out
+
+
+def _fit_item(tomogram, item, kw) -> SphereFit:
+    """:func:`fit_sphere` of one ``(center, radius)`` (for :func:`cryoves._workers.vesicle_map`)."""
+    center, radius = item
+    return fit_sphere(tomogram, center, radius, **kw)
 
 
 def detection_score(tomogram, center, radius, thickness, *, normalization=None) -> float:
