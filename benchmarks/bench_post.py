@@ -96,8 +96,6 @@ def main(argv=None) -> int:
 
     if args.no_helpers:
         _workers.set_enabled(False)
-    else:
-        _workers.start()  # as `cryoves segment` does while TensorFlow loads: their imports are not timed
 
     from cryoves.io import read_tomogram, write_labels_mrc, write_pyto_labels, write_vesicles_csv
     from cryoves.pipeline import SegmentParams, adaptive_stage, global_stage, outliers_stage, refine_stage
@@ -113,6 +111,7 @@ def main(argv=None) -> int:
     state = {}
 
     def s_global():
+        _workers.start_for(tomogram)  # as segment() does: the helpers import during the thresholds
         state["norm"] = intensity_normalization(tomogram)
         g = global_stage(tomogram, prob, vs, params, large=large, normalization=state["norm"])
         state["threshold"], state["labels"] = g.threshold, g.labels

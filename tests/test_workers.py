@@ -170,12 +170,25 @@ def test_helpers_end_with_their_parent(tmp_path):
         pytest.fail(f"helper {pid} still runs after its parent ended")
 
 
-def test_cryoves_segment_starts_the_helpers_while_the_network_loads(tmp_path, tomo, random_weights, capsys,
-                                                                    monkeypatch):
+def test_segment_starts_the_helpers_for_a_file_backed_tomogram(tmp_path, tomo, random_weights, capsys,
+                                                             monkeypatch):
     from cryoves.cli import main
 
     calls = []
-    monkeypatch.setattr(_workers, "start", lambda: calls.append(1) or [])
+    real = _workers.start_for
+    monkeypatch.setattr(_workers, "start_for", lambda t: calls.append(_workers.volume_source(t)) or real(t))
+    monkeypatch.setattr(_workers, "start", lambda: [])  # no processes in this test
     rc = main(["segment", str(tomo), "--out", str(tmp_path / "out"), "--weights", str(random_weights), "--quiet"])
     assert rc == 0, capsys.readouterr().err
-    assert calls == [1]
+    assert len(calls) == 1 and calls[0][0] == str(tomo)  # the tomogram, read memory-mapped
+
+
+def test_start_for_only_file_backed_tomograms(volume, monkeypatch):
+    started = []
+    monkeypatch.setattr(_workers, "start", lambda: started.append(1) or ["h"])
+    monkeypatch.setattr(_workers, "n_cores", lambda: 2)
+    monkeypatch.delenv("CRYOVES_HELPERS", raising=False)
+    assert _workers.start_for(np.zeros((4, 4, 4), np.float32)) == [] and not started
+    assert _workers.start_for(volume[0]) == ["h"] and started == [1]
+    monkeypatch.setenv("CRYOVES_HELPERS", "0")
+    assert _workers.start_for(volume[0]) == [] and started == [1]

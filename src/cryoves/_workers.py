@@ -13,8 +13,8 @@ again). It reads the tomogram from its file (a memory-mapped array; any other ar
 threads here) and runs module-level functions ``func(tomogram, item, *common)`` sent by name,
 with picklable items; the results come back in the items' order, equal to those of a plain loop.
 A helper that dies is dropped and its chunk computed here; an error in a helper is raised here.
-Helpers start on first use (or early with :func:`start`, as ``cryoves segment`` does: their
-imports then overlap with TensorFlow's) and end with this process. ``CRYOVES_HELPERS=0`` (or
+Helpers start on first use, or early with :func:`start_for` (as :func:`cryoves.pipeline.segment`
+does when the global threshold begins), and end with this process. ``CRYOVES_HELPERS=0`` (or
 :func:`set_enabled`) turns them off.
 """
 
@@ -172,6 +172,16 @@ def start() -> list:
                     pass
                 atexit.register(shutdown)
         return list(_helpers)
+
+
+def start_for(tomogram) -> list:
+    """Start the helpers now if they will work on ``tomogram`` (file-backed, helpers enabled);
+    returns them (empty otherwise). :func:`cryoves.pipeline.segment` calls it as the global
+    threshold begins: the helpers' imports (~0.5 s of CPU each) then use the cores the
+    threshold stages leave idle, and they are ready for the refinement."""
+    if not enabled() or volume_source(tomogram) is None:
+        return []
+    return start()
 
 
 def shutdown() -> None:

@@ -44,6 +44,7 @@ from typing import Optional
 
 import numpy as np
 
+from cryoves import _workers
 from cryoves import outliers as _outliers
 from cryoves import predict as _predict
 from cryoves import refine as _refine
@@ -1244,6 +1245,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
 
     # 2. global threshold ---------------------------------------------------------------------
     t0 = time.perf_counter()
+    _workers.start_for(tomogram)  # the per-vesicle stages' helper processes import meanwhile
     normalization = intensity_normalization(tomogram)
     release_pages(tomogram)
     g = global_stage(tomogram, probability, vs, params, large=large, mask=mask, normalization=normalization,

@@ -464,11 +464,6 @@ def _run_checked(args, tomos, masks, stems, formats, out, single, failures, t_st
                 # U-Net built in the background while the pipeline is imported here
                 _info(args, "loading the U-Net")
                 loader.start()
-            if local[0]:
-                # the helper processes of the per-vesicle stages import meanwhile (cryoves._workers)
-                from cryoves import _workers
-
-                _workers.start()
             from cryoves.pipeline import SegmentParams
 
             try:
