@@ -457,8 +457,8 @@ def test_add_weak_segments_adds_no_label_volume_on_a_confident_map():
 
 
 def test_adaptive_threshold_same_labels_on_one_core_and_many(monkeypatch):
-    """The segments to split are computed ahead on worker threads: the labels (numbering
-    included) must be those of the plain loop on one core."""
+    """The segments to split (and their parts, depth first) are split ahead on worker threads:
+    the labels (numbering included) must be those of the plain loop on one core."""
     import cryoves.threshold as T
 
     shape = (40, 80, 100)
@@ -476,9 +476,16 @@ def test_adaptive_threshold_same_labels_on_one_core_and_many(monkeypatch):
     labels, n = ndi.label(prob >= 0.8, structure=ndi.generate_binary_structure(3, 1))
     labels = labels.astype(np.int32)
     assert n == 7  # six merged pairs and one clump: several segments to split, in turn
+    from cryoves import _parallel
+
     outs = []
     for cores in (1, 4):
-        monkeypatch.setattr(T, "n_cores", lambda c=cores: c)
+        monkeypatch.setattr(_parallel, "n_cores", lambda c=cores: c)
         outs.append(adaptive_threshold(prob, labels, 0.8, 1.0, min_radius_nm=5.0))
     assert len(np.unique(outs[0])) - 1 == 20  # every pair and the clump's eight were split
     np.testing.assert_array_equal(outs[0], outs[1])
+    # the labels of the stack of segments the stage used before its split trees (commit 71df4a6)
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(outs[0], dtype="<i4").tobytes()).hexdigest()
+    assert digest[:16] == "5db787344bba26d7"

@@ -29,13 +29,12 @@ Conventions
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from cryoves._parallel import n_cores, slab_map
+from cryoves._parallel import slab_map, thread_map
 from cryoves._progress import ProgressCallback, report
 from cryoves.io import release_pages
 from cryoves.table import check_voxel_size
@@ -465,6 +464,50 @@ def _split_by_distance(seg, min_part, min_keep, structure):
     return part
 
 
+def _needs_split(v, e, f, rule) -> bool:
+    """Whether a segment of volume ``v``, extent ``e`` and fill ``f`` is split (see
+    :func:`adaptive_threshold`); ``rule = (mean_v, sd_v, k, z_split, extent_split, fill_split)``."""
+    mean_v, sd_v, k, z_split, extent_split, fill_split = rule
+    z = (v - mean_v) / sd_v if sd_v > 0 else 0.0
+    not_sphere = e < extent_split or (fill_split is not None and f < fill_split)
+    # the paper's rule (large and non-compact) — plus: every segment larger than two minimal
+    # vesicles is tried, since a huge merged cluster inflates the volume statistics and a
+    # compact clump of 3-4 vesicles looks sphere-like by extent; a single vesicle survives
+    # the attempt intact (its distance map has one maximum, and tiny splits are rejected)
+    return (not_sphere and z > z_split) or (fill_split is not None and v > 2 * k)
+
+
+def _split_tree(job):
+    """Split one segment and, depth first, its parts that :func:`_needs_split` again.
+
+    ``job = (pc, seg, threshold, step, fine_step, min_part, min_keep, structure, depth, max_depth,
+    rule)``: the probability and the segment in a box one voxel larger than the segment. Returns
+    None (not split) or ``(part, children)``: the partition of the box (:func:`_split_segment`) and,
+    for the index ``j`` of every part (in ``np.unique`` order) to split again, its own tree, from
+    the part in the box one voxel larger than the part (the box
+    :func:`adaptive_threshold` reads it from after numbering the parts). Reads nothing else, so
+    the segments are split in any order, on any thread.
+    """
+    pc, seg, threshold, step, fine_step, min_part, min_keep, structure, depth, max_depth, rule = job
+    part = _split_segment(pc, seg, threshold, step, fine_step, min_part, min_keep, structure)
+    if part is None:
+        return None
+    children = {}
+    if depth + 1 < max_depth:
+        for j, pid in enumerate(np.unique(part[part > 0])):
+            pmask = part == pid
+            bb = ndi.find_objects(pmask.astype(np.int8))[0]
+            v = float(pmask.sum())
+            edges = [s.stop - s.start for s in bb]
+            e = v / float(np.prod(edges))
+            f = v / (np.pi / 6.0 * max(edges) ** 3)
+            if _needs_split(v, e, f, rule):
+                sl = _pad_slices(bb, pmask.shape, 1)
+                children[j] = _split_tree((pc[sl], pmask[sl], threshold, step, fine_step, min_part,
+                                           min_keep, structure, depth + 1, max_depth, rule))
+    return part, children
+
+
 def _split_segment(pc, seg, threshold, step, fine_step, min_part, min_keep, structure):
     """Split one segment: by raising its threshold (the paper), else at distance-map necks.
 
@@ -644,46 +687,53 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
     mean_v = stats["volume"].mean() if n_seg else 0.0
     sd_v = stats["volume"].std() if n_seg else 0.0
 
+    rule = (mean_v, sd_v, k, z_split, extent_split, fill_split)  # _needs_split's statistics
+
     def needs_split(v, e, f):
-        z = (v - mean_v) / sd_v if sd_v > 0 else 0.0
-        not_sphere = e < extent_split or (fill_split is not None and f < fill_split)
-        # the paper's rule (large and non-compact) — plus: every segment larger than two minimal
-        # vesicles is tried, since a huge merged cluster inflates the volume statistics and a
-        # compact clump of 3-4 vesicles looks sphere-like by extent; a single vesicle survives
-        # the attempt intact (its distance map has one maximum, and tiny splits are rejected)
-        return (not_sphere and z > z_split) or (fill_split is not None and v > 2 * k)
+        return _needs_split(v, e, f, rule)
 
     init_slices = ndi.find_objects(out)
-    queue = [(int(lab), 0, init_slices[lab - 1])
-             for lab, v, e, f in zip(stats["label"], stats["volume"], stats["extent"], stats["fill"])
-             if needs_split(v, e, f)]
+    initial = [(int(lab), init_slices[lab - 1])
+               for lab, v, e, f in zip(stats["label"], stats["volume"], stats["extent"], stats["fill"])
+               if needs_split(v, e, f)]
 
-    def split_job(lab, bbox):
-        # reads only the voxels of ``lab``, which no other item changes: the same result whenever
-        # it runs, so items are computed ahead on the other cores (cryoves._parallel)
+    def job(lab, bbox):
+        # only the voxels of ``lab``, which splitting another segment never changes: the same
+        # result whenever it runs, so the segments are split ahead on the cores
         sl = _pad_slices(bbox, shape, 1)
         seg = out[sl] == lab
         if not seg.any():
-            return sl, seg, None
-        return sl, seg, _split_segment(np.asarray(probability[sl], dtype=np.float32), seg, threshold, step,
-                                       fine_step, min_part, 0.5 * k, structure)
+            return None
+        return (np.asarray(probability[sl], dtype=np.float32), seg, threshold, step, fine_step, min_part,
+                0.5 * k, structure, 0, max_split_depth, rule)
 
-    workers = min(n_cores(), 8)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cryoves") if workers > 1 and queue else None
-    ahead = {}  # id(item) -> future, for the last items of the queue (popped next)
-    try:
-        while queue:
+    def trees():
+        # the split tree (_split_tree) of every segment to try, in the order of a stack of them
+        # (the last first); batches bound the memory of the boxes in flight
+        order = initial[::-1]
+        for b in range(0, len(order), 128):
+            batch = order[b:b + 128]
+            jobs = [job(lab, bbox) for lab, bbox in batch]
+            todo = [i for i, jb in enumerate(jobs) if jb is not None]
+            # on the cores (threads; helper processes were slower here: the boxes travel both
+            # ways), in order, while this thread numbers the parts of the ones done
+            done = dict(zip(todo, thread_map(_split_tree, [jobs[i] for i in todo], min_items=2)))
+            del jobs
+            for i, (lab, bbox) in enumerate(batch):
+                yield lab, bbox, done.pop(i, None)
+
+    for lab0, bbox0, tree in trees():
+        # the parts of one segment, split again depth first (the last part first), as a stack of
+        # segments would: the new labels are numbered in that order
+        stack = [(lab0, 0, bbox0, tree)]
+        while stack:
             report(progress, "adaptive threshold", 0, total)  # lets a caller cancel between segments
-            if pool is not None:
-                for item in queue[-2 * workers:]:
-                    if id(item) not in ahead:
-                        ahead[id(item)] = pool.submit(split_job, item[0], item[2])
-            item = queue.pop()
-            lab, depth, bbox = item
-            fut = ahead.pop(id(item), None)
-            sl, seg, part = fut.result() if fut is not None else split_job(lab, bbox)
-            if part is None:
+            lab, depth, bbox, node = stack.pop()
+            if node is None:
                 continue
+            part, children = node
+            sl = _pad_slices(bbox, shape, 1)
+            seg = out[sl] == lab
             sub = np.where(seg, 0, out[sl])  # voxels of the segment reached by no part are dropped
             for j, pid in enumerate(np.unique(part[part > 0])):
                 nl = lab if j == 0 else next_label
@@ -692,20 +742,12 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
                 pmask = part == pid
                 sub[pmask] = nl
                 split_parts.add(int(nl))
-                if depth + 1 < max_split_depth:
+                if j in children:  # too large or not round: split again (_split_tree decided it)
                     bb = ndi.find_objects(pmask.astype(np.int8))[0]
-                    v = float(pmask.sum())
-                    edges = [s.stop - s.start for s in bb]
-                    e = v / float(np.prod(edges))
-                    f = v / (np.pi / 6.0 * max(edges) ** 3)
-                    if needs_split(v, e, f):
-                        gbb = tuple(slice(o.start + b.start, o.start + b.stop) for o, b in zip(sl, bb))
-                        queue.append((nl, depth + 1, gbb))
+                    gbb = tuple(slice(o.start + b.start, o.start + b.stop) for o, b in zip(sl, bb))
+                    stack.append((nl, depth + 1, gbb, children[j]))
             box = out[sl]
-            box[seg] = sub[seg]  # only this segment's voxels: other items read the rest meanwhile
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            box[seg] = sub[seg]  # only this segment's voxels
 
     # ---- 2. grow small segments by lowering their threshold ----------------------------
     slices = ndi.find_objects(out)
