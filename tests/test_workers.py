@@ -48,7 +48,9 @@ def _items(volume):
 def test_volume_source_of_memmaps_and_arrays(volume, tmp_path):
     mm = volume[0]
     src = _workers.volume_source(mm)
-    assert src[1:] == ("<f4", 0, SHAPE)
+    assert src[1:4] == ("<f4", 0, SHAPE)
+    st = os.stat(src[0])
+    assert src[4] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     view = mm[4:]  # a view of the map: its own offset
     assert _workers.volume_source(view)[2] == 4 * SHAPE[1] * SHAPE[2] * 4
     assert _workers.volume_source(np.asarray(mm) + 0) is None  # in memory
@@ -82,6 +84,43 @@ def test_refine_and_outliers_with_helpers_equal_threads(volume, helpers, monkeyp
             x, y = np.asarray(da[k]), np.asarray(db[k])
             assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), k
     assert np.sum(out_h["status"] == "accepted") > 60
+
+
+def test_a_replaced_file_is_never_read_by_a_helper(volume, helpers, tmp_path):
+    """The helpers read what this process maps: a file replaced on disk is mapped again, or the
+    old mapping is worked on here."""
+    mm = volume[0]
+    items = _items(volume)
+    path = tmp_path / "t.raw"
+    np.asarray(mm).tofile(path)
+    a = np.memmap(path, dtype=np.float32, mode="r", shape=SHAPE)
+    got_a = list(_workers.vesicle_map(_row_measures, a, items, ((0.0, 1.0), False, True)))
+    assert helpers[0].source[0] == str(path)
+    # a new file under the same name (a new inode): other values
+    other = tmp_path / "t2.raw"
+    (np.asarray(mm)[:, ::-1, :] * 1.0).astype(np.float32).tofile(other)
+    os.replace(other, path)
+    assert _workers.volume_source(a) is None  # the old mapping is not the file at its path
+    again_a = list(_workers.vesicle_map(_row_measures, a, items, ((0.0, 1.0), False, True)))
+    np.testing.assert_array_equal(np.array(again_a), np.array(got_a))  # on threads, from a's data
+    b = np.memmap(path, dtype=np.float32, mode="r", shape=SHAPE)
+    want_b = [_row_measures(b, it, (0.0, 1.0), False, True) for it in items]
+    got_b = list(_workers.vesicle_map(_row_measures, b, items, ((0.0, 1.0), False, True)))
+    np.testing.assert_array_equal(np.array(got_b), np.array(want_b))
+    assert not np.array_equal(np.array(got_b), np.array(got_a))
+    assert helpers[0].source == _workers.volume_source(b)  # mapped again
+
+
+def test_a_helper_that_cannot_map_the_file_leaves_its_chunks_here(volume, helpers, monkeypatch):
+    mm = volume[0]
+    items = _items(volume)
+    real = _workers.volume_source
+    # a changed identity (as if the file changed between this process's check and the helper's)
+    monkeypatch.setattr(_workers, "volume_source", lambda t: real(t)[:4] + ((0, 0, 0, 0),))
+    want = [_row_measures(mm, it, (0.0, 1.0), True, False) for it in items]
+    got = list(_workers.vesicle_map(_row_measures, mm, items, ((0.0, 1.0), True, False)))
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert _workers.start() == helpers and helpers[0].source is None  # kept, and sent again next time
 
 
 def test_an_error_in_a_helper_is_raised_here(volume, helpers):

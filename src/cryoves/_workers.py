@@ -62,6 +62,10 @@ class HelperDied(RuntimeError):
     """A helper process ended before answering."""
 
 
+class StaleVolume(RuntimeError):
+    """A helper could not map the file this process maps (it changed on disk): the work is done here."""
+
+
 class _Helper:
     def __init__(self):
         from multiprocessing.connection import Connection
@@ -100,6 +104,9 @@ class _Helper:
             raise HelperDied(f"helper process {self.proc.pid} ended: {err!r}") from err
         if msg[0] == "ok":
             return msg[1]
+        if msg[0] == "stale":
+            self.source = None  # sent again next time
+            raise StaleVolume(f"helper process {self.proc.pid} could not map {source[0]} as this process does")
         _, err, text = msg
         if isinstance(err, BaseException):
             err.add_note(f"in helper process {self.proc.pid}:\n{text}")
@@ -140,10 +147,20 @@ def _serve(task_fd: int, result_fd: int, preload=()) -> None:
         except (EOFError, OSError):
             os._exit(0)
         if msg[0] == "volume":
-            path, dtype, offset, shape = msg[1]
-            volume = np.memmap(path, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))
+            path, dtype, offset, shape, identity = msg[1]
+            volume = None
+            try:
+                with open(path, "rb") as fh:  # the file the parent maps, or none
+                    st = os.fstat(fh.fileno())
+                    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == tuple(identity):
+                        volume = np.memmap(fh, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))
+            except OSError:
+                pass
             continue
         _, module, qualname, items, common = msg
+        if volume is None:
+            results.send(("stale",))  # computed by the parent instead
+            continue
         try:
             func = getattr(importlib.import_module(module), qualname)
             out = ("ok", [func(volume, it, *common) for it in items])
@@ -200,8 +217,31 @@ def _drop(helper) -> None:
     helper.close()
 
 
+def _mapped_file(address: int) -> Optional[tuple]:
+    """``(device, inode)`` of the file mapped at ``address`` in this process (``/proc/self/maps``;
+    None where there is no such table or no file there)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                fields = line.split(None, 5)
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= address < hi:
+                    major, minor = (int(x, 16) for x in fields[3].split(":"))
+                    return os.makedev(major, minor), int(fields[4])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def volume_source(tomogram) -> Optional[tuple]:
-    """``(file, dtype, offset, shape)`` a helper maps to read ``tomogram``, or None (not file-backed)."""
+    """``(file, dtype, offset, shape, identity)`` a helper maps to read ``tomogram``, or None.
+
+    None when ``tomogram`` is not a C-contiguous memory-mapped array, or when its file is no
+    longer the one at its path (replaced since it was mapped; or where this cannot be checked: no
+    ``/proc/self/maps``, or a file system that reports other numbers there, as overlay file
+    systems do): a helper would read other data. ``identity`` is the file's (device, inode, size,
+    modification time): a helper maps the file again when it changes, and checks it.
+    """
     if not isinstance(tomogram, np.memmap) or not tomogram.flags.c_contiguous or not tomogram.filename:
         return None
     base = tomogram
@@ -209,8 +249,16 @@ def volume_source(tomogram) -> Optional[tuple]:
         base = base.base
     if not isinstance(base, np.memmap) or getattr(base, "_mmap", None) is None:
         return None
+    path = str(tomogram.filename)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if _mapped_file(base.ctypes.data) != (st.st_dev, st.st_ino):
+        return None
     offset = int(base.offset) + (tomogram.ctypes.data - base.ctypes.data)
-    return (str(tomogram.filename), tomogram.dtype.str, offset, tuple(int(n) for n in tomogram.shape))
+    return (path, tomogram.dtype.str, offset, tuple(int(n) for n in tomogram.shape),
+            (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
 
 def vesicle_map(func: Callable, tomogram, items: Iterable, common: tuple = (), *,
@@ -259,6 +307,9 @@ def vesicle_map(func: Callable, tomogram, items: Iterable, common: tuple = (), *
                 except HelperDied:
                     _drop(helper)
                     helper = None  # this thread goes on computing here
+                    results[j] = local(chunks[j])
+                except StaleVolume:
+                    helper = None
                     results[j] = local(chunks[j])
             except BaseException as err:  # noqa: BLE001 - raised in the consumer's thread
                 errors[j] = err
