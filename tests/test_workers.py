@@ -140,9 +140,33 @@ def test_a_dead_helper_is_dropped_and_its_chunks_computed_here(volume, helpers):
     want = [_row_measures(mm, it, (0.0, 1.0), True, False) for it in items]
     helpers[0].proc.kill()
     helpers[0].proc.wait()
+    dead = helpers[0]
     got = list(_workers.vesicle_map(_row_measures, mm, items, ((0.0, 1.0), True, False)))
     np.testing.assert_array_equal(np.array(got), np.array(want))
-    assert _workers.start() == []  # dropped
+    now = _workers.start()  # the dead one dropped, another started
+    assert dead not in now and len(now) == 1 and now[0].proc.poll() is None
+    got = list(_workers.vesicle_map(_row_measures, mm, items, ((0.0, 1.0), True, False)))
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert now[0].source is not None
+
+
+def test_an_idle_helper_ends_and_another_starts(volume, monkeypatch):
+    monkeypatch.setattr(_workers, "n_cores", lambda: 2)
+    monkeypatch.delenv("CRYOVES_HELPERS", raising=False)
+    monkeypatch.setattr(_workers, "IDLE_SECONDS", 1.0)  # given to the helpers started now
+    _workers.shutdown()
+    try:
+        h = _workers.start()[0]
+        h.proc.wait(timeout=30)  # ends by itself once idle
+        mm = volume[0]
+        items = _items(volume)
+        got = list(_workers.vesicle_map(_row_measures, mm, items, ((0.0, 1.0), False, True)))
+        want = [_row_measures(mm, it, (0.0, 1.0), False, True) for it in items]
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+        now = _workers.start()
+        assert h not in now and len(now) == 1 and now[0].source is not None  # another did the work
+    finally:
+        _workers.shutdown()
 
 
 def test_stopping_early_awaits_the_running_chunks(volume, helpers):
@@ -169,6 +193,11 @@ def test_helpers_off_by_environment_one_core_or_in_memory(volume, monkeypatch):
     assert _workers.start() == []
     _workers.shutdown()
     monkeypatch.setattr(_workers, "n_cores", lambda: 2)
+    import sys
+
+    monkeypatch.setattr(sys, "frozen", True, raising=False)  # a frozen application: no Python to start
+    assert not _workers.enabled() and _workers.start() == []
+    monkeypatch.delattr(sys, "frozen")
     _workers.set_enabled(False)
     try:
         assert _workers.start() == []

@@ -12,10 +12,12 @@ Qt's threads, and no ``multiprocessing`` start method: those import the caller's
 again). It reads the tomogram from its file (a memory-mapped array; any other array is worked on
 threads here) and runs module-level functions ``func(tomogram, item, *common)`` sent by name,
 with picklable items; the results come back in the items' order, equal to those of a plain loop.
-A helper that dies is dropped and its chunk computed here; an error in a helper is raised here.
+A helper that dies is dropped (and replaced at the next use) and its chunk computed here; an
+error in a helper is raised here. A helper reads exactly the file this process maps (checked in
+``/proc/self/maps``: Linux; elsewhere the work stays on threads), or leaves its chunks here.
 Helpers start on first use, or early with :func:`start_for` (as :func:`cryoves.pipeline.segment`
-does when the global threshold begins), and end with this process. ``CRYOVES_HELPERS=0`` (or
-:func:`set_enabled`) turns them off.
+does when the global threshold begins), and end with this process or after
+:data:`IDLE_SECONDS` without work. ``CRYOVES_HELPERS=0`` (or :func:`set_enabled`) turns them off.
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ CHUNK = 8
 MAX_HELPERS = 7
 #: Modules a helper imports as it starts (those whose functions it runs), before its first task.
 PRELOAD = ("cryoves.outliers",)
+#: A helper idle this long (seconds) ends (its memory back to the system); the next use starts another.
+IDLE_SECONDS = 300.0
 
 _lock = threading.Lock()
 _helpers: Optional[list] = None
 _enabled = True
+_registered = False
 
 
 def set_enabled(flag: bool) -> None:
@@ -55,7 +60,10 @@ def set_enabled(flag: bool) -> None:
 
 
 def enabled() -> bool:
-    return _enabled and os.environ.get("CRYOVES_HELPERS", "1") != "0" and n_cores() >= 2
+    """Helpers allowed here: not turned off, two cores or more, and a Python to start them with
+    (not a frozen application, whose executable is the application itself)."""
+    return (_enabled and os.environ.get("CRYOVES_HELPERS", "1") != "0" and n_cores() >= 2
+            and not getattr(sys, "frozen", False) and bool(sys.executable))
 
 
 class HelperDied(RuntimeError):
@@ -78,8 +86,8 @@ class _Helper:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from cryoves._workers import _serve; "
-                 "_serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])", str(task_r), str(res_w),
-                 *PRELOAD],
+                 "_serve(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:])",
+                 str(task_r), str(res_w), repr(float(IDLE_SECONDS)), *PRELOAD],
                 pass_fds=(task_r, res_w), env=env, stdin=subprocess.DEVNULL)
         except BaseException:
             for fd in (task_w, res_r):
@@ -126,7 +134,7 @@ class _Helper:
             self.proc.wait()
 
 
-def _serve(task_fd: int, result_fd: int, preload=()) -> None:
+def _serve(task_fd: int, result_fd: int, idle_seconds: float = IDLE_SECONDS, preload=()) -> None:
     """A helper's loop: a volume to map, then chunks of items to compute, until the pipe closes."""
     import signal
     import traceback
@@ -143,6 +151,8 @@ def _serve(task_fd: int, result_fd: int, preload=()) -> None:
     volume = None
     while True:
         try:
+            if not tasks.poll(idle_seconds):
+                os._exit(0)  # idle: the parent starts another when it needs one
             msg = tasks.recv()
         except (EOFError, OSError):
             os._exit(0)
@@ -175,19 +185,24 @@ def _serve(task_fd: int, result_fd: int, preload=()) -> None:
 
 
 def start() -> list:
-    """Start the helper processes now (``n_cores() - 1``, at most :data:`MAX_HELPERS`); returns them
-    (empty when disabled or on one core). Idempotent."""
-    global _helpers
+    """The helper processes (``n_cores() - 1``, at most :data:`MAX_HELPERS`), started now where
+    missing (first use, or ended: idle, killed); empty when disabled or on one core."""
+    global _helpers, _registered
     with _lock:
         if _helpers is None:
             _helpers = []
-            if enabled():
-                try:
-                    for _ in range(min(n_cores() - 1, MAX_HELPERS)):
-                        _helpers.append(_Helper())
-                except (OSError, ValueError):  # no processes to be had here: threads do the work
-                    pass
+        for h in [h for h in _helpers if h.proc.poll() is not None]:  # ended
+            _helpers.remove(h)
+            h.close()
+        if enabled():
+            try:
+                while len(_helpers) < min(n_cores() - 1, MAX_HELPERS):
+                    _helpers.append(_Helper())
+            except (OSError, ValueError):  # no processes to be had here: threads do the work
+                pass
+            if not _registered:
                 atexit.register(shutdown)
+                _registered = True
         return list(_helpers)
 
 
