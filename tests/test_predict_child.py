@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from cryoves import io as cio
 from cryoves import Cancelled
 from cryoves import pipeline as pl
 from cryoves import predict as pr
@@ -125,11 +126,11 @@ def test_a_child_that_dies_is_a_clear_error(small_memmap, random_weights, tmp_pa
 def test_memmap_source_of_a_view(small_memmap):
     tomo, _ = small_memmap
     view = tomo[5:9]
-    path, dtype, offset, shape = pl._memmap_source(view)
+    path, dtype, offset, shape = cio.memmap_source(view)
     again = np.memmap(path, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
     assert np.array_equal(again, view) and shape == view.shape
-    assert pl._memmap_source(np.array(tomo)) is None  # in memory
-    assert pl._memmap_source(tomo[:, ::2]) is None  # not contiguous
+    assert cio.memmap_source(np.array(tomo)) is None  # in memory
+    assert cio.memmap_source(tomo[:, ::2]) is None  # not contiguous
 
 
 def test_auto_process_choice(random_model, monkeypatch):

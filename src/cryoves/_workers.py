@@ -257,23 +257,18 @@ def volume_source(tomogram) -> Optional[tuple]:
     systems do): a helper would read other data. ``identity`` is the file's (device, inode, size,
     modification time): a helper maps the file again when it changes, and checks it.
     """
-    if not isinstance(tomogram, np.memmap) or not tomogram.flags.c_contiguous or not tomogram.filename:
+    from cryoves.io import memmap_source
+
+    src = memmap_source(tomogram)
+    if src is None:
         return None
-    base = tomogram
-    while isinstance(base.base, np.ndarray):  # the array that owns the map (a view's offset is not its own)
-        base = base.base
-    if not isinstance(base, np.memmap) or getattr(base, "_mmap", None) is None:
-        return None
-    path = str(tomogram.filename)
     try:
-        st = os.stat(path)
+        st = os.stat(src[0])
     except OSError:
         return None
-    if _mapped_file(base.ctypes.data) != (st.st_dev, st.st_ino):
+    if _mapped_file(tomogram.ctypes.data) != (st.st_dev, st.st_ino):
         return None
-    offset = int(base.offset) + (tomogram.ctypes.data - base.ctypes.data)
-    return (path, tomogram.dtype.str, offset, tuple(int(n) for n in tomogram.shape),
-            (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return src + ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),)
 
 
 def vesicle_map(func: Callable, tomogram, items: Iterable, common: tuple = (), *,

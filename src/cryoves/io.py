@@ -48,7 +48,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -365,6 +365,20 @@ def _raw_data(info: MrcInfo) -> tuple[np.ndarray, bool]:
     if info.dtype == np.uint8 and raw.dtype == np.int8:
         raw = raw.view(np.uint8)
     return raw, False
+
+
+def memmap_source(array) -> Optional[tuple]:
+    """``(file, dtype, offset, shape)`` of a C-contiguous memory-mapped array (a view of one
+    too), to map it again in another process; None for any other array."""
+    if not isinstance(array, np.memmap) or not array.flags.c_contiguous or not array.filename:
+        return None
+    base = array
+    while isinstance(base.base, np.ndarray):  # the array that owns the map (a view's offset is not its own)
+        base = base.base
+    if not isinstance(base, np.memmap) or getattr(base, "_mmap", None) is None:
+        return None
+    offset = int(base.offset) + (array.ctypes.data - base.ctypes.data)
+    return (str(array.filename), array.dtype.str, offset, tuple(int(n) for n in array.shape))
 
 
 def release_pages(array) -> None:

@@ -50,7 +50,7 @@ from cryoves import predict as _predict
 from cryoves import refine as _refine
 from cryoves import threshold as _threshold
 from cryoves._progress import ProgressCallback, report
-from cryoves.io import release_pages
+from cryoves.io import memmap_source, release_pages
 from cryoves.table import VesicleTable, check_voxel_size, render_labels
 from cryoves.validate import check_inputs, check_result
 
@@ -751,19 +751,6 @@ def _weights_of(model) -> Optional[str]:
                     f"weights; got {type(model).__name__}")
 
 
-def _memmap_source(tomogram) -> Optional[tuple]:
-    """``(file, dtype, offset, shape)`` of a C-contiguous memory-mapped array (a view of one too), else None."""
-    if not isinstance(tomogram, np.memmap) or not tomogram.flags.c_contiguous or not tomogram.filename:
-        return None
-    base = tomogram
-    while isinstance(base.base, np.ndarray):  # the array that owns the map (a view's offset is not its own)
-        base = base.base
-    if not isinstance(base, np.memmap) or getattr(base, "_mmap", None) is None:
-        return None
-    offset = int(base.offset) + (tomogram.ctypes.data - base.ctypes.data)
-    return (str(tomogram.filename), tomogram.dtype.str, offset, tuple(int(n) for n in tomogram.shape))
-
-
 #: Exceptions of the child process raised again as themselves in the parent (others: RuntimeError).
 _CHILD_ERRORS = {e.__name__: e for e in (ValueError, TypeError, FileNotFoundError, PermissionError, OSError,
                                          MemoryError, ImportError, KeyError)}
@@ -835,7 +822,7 @@ def predict_in_child(tomogram, voxel_size: float, model=None, params: SegmentPar
     tmp = Path(tempfile.mkdtemp(prefix="cryoves-predict-", dir=None if workdir is None else str(workdir)))
     proc = receiver = None
     try:
-        source = _memmap_source(tomogram)
+        source = memmap_source(tomogram)
         if source is None:  # an array in memory: the child reads it from a file
             path = tmp / "tomogram.raw"
             arr = tomogram if isinstance(tomogram, np.ndarray) else np.asarray(tomogram)
