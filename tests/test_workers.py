@@ -123,6 +123,29 @@ def test_a_helper_that_cannot_map_the_file_leaves_its_chunks_here(volume, helper
     assert _workers.start() == helpers and helpers[0].source is None  # kept, and sent again next time
 
 
+def test_what_a_helper_cannot_take_is_computed_here(volume, helpers):
+    mm = volume[0]
+    items = _items(volume)
+    # a local function (no name to find it by): threads, the helper never asked
+    local = lambda t, it, norm: _row_measures(t, it, norm, False, True)  # noqa: E731
+    got = list(_workers.vesicle_map(local, mm, items, ((0.0, 1.0),)))
+    want = [_row_measures(mm, it, (0.0, 1.0), False, True) for it in items]
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert helpers[0].source is None
+    # an argument that cannot be pickled: each chunk a helper would take is computed here
+    import threading
+
+    class Norm(tuple):
+        lock = threading.Lock()  # not picklable
+
+        def __reduce__(self):
+            raise TypeError("cannot pickle this normalisation")
+
+    got = list(_workers.vesicle_map(_row_measures, mm, items, (Norm((0.0, 1.0)), False, True)))
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert _workers.start() == helpers  # the helper is kept
+
+
 def test_an_error_in_a_helper_is_raised_here(volume, helpers):
     mm = volume[0]
     items = _items(volume)

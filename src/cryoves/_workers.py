@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -74,6 +75,10 @@ class StaleVolume(RuntimeError):
     """A helper could not map the file this process maps (it changed on disk): the work is done here."""
 
 
+class NotForHelpers(RuntimeError):
+    """A task that cannot be sent to a helper (not picklable): the work is done here."""
+
+
 class _Helper:
     def __init__(self):
         from multiprocessing.connection import Connection
@@ -106,7 +111,10 @@ class _Helper:
             if source is not None and source != self.source:
                 self.send.send(("volume", source))
                 self.source = source
-            self.send.send(("map", func.__module__, func.__qualname__, items, common))
+            try:
+                self.send.send(("map", func.__module__, func.__qualname__, items, common))
+            except (pickle.PicklingError, TypeError, AttributeError) as err:  # raised before anything is sent
+                raise NotForHelpers(f"the task cannot be sent to a helper: {err}") from err
             msg = self.recv.recv()
         except (EOFError, OSError) as err:
             raise HelperDied(f"helper process {self.proc.pid} ended: {err!r}") from err
@@ -282,7 +290,8 @@ def vesicle_map(func: Callable, tomogram, items: Iterable, common: tuple = (), *
     to cancel), no new chunk is started and the running ones are awaited.
     """
     items = list(items)
-    helpers = start() if (len(items) >= min_items and enabled()) else []
+    by_name = "<" not in func.__qualname__  # a helper finds it by name (no lambda, no local function)
+    helpers = start() if (len(items) >= min_items and by_name and enabled()) else []
     source = volume_source(tomogram) if helpers else None
     if not helpers or source is None:
         yield from thread_map(lambda it: func(tomogram, it, *common), items,
@@ -318,7 +327,7 @@ def vesicle_map(func: Callable, tomogram, items: Iterable, common: tuple = (), *
                     _drop(helper)
                     helper = None  # this thread goes on computing here
                     results[j] = local(chunks[j])
-                except StaleVolume:
+                except (StaleVolume, NotForHelpers):
                     helper = None
                     results[j] = local(chunks[j])
             except BaseException as err:  # noqa: BLE001 - raised in the consumer's thread
