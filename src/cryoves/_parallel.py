@@ -1,9 +1,11 @@
-"""Per-vesicle work on the process's CPU cores.
+"""Work on the process's CPU cores, on threads.
 
-The per-vesicle fits and scores of the refinement and outlier stages are independent of each
-other and spend their time in FFTs and array code that release the GIL, so threads run them in
-parallel. :func:`thread_map` returns the results in the order of the items, so a stage computes
-exactly what a plain loop computes.
+Whole-volume steps run slab by slab (:func:`slab_map`), independent per-segment and
+per-vesicle work item by item (:func:`thread_map`); numpy's and scipy's array code releases the
+interpreter lock for most of it. Results come back in the order of the items, so a stage computes
+exactly what a plain loop computes. The per-vesicle fits and scores of the refinement and outlier
+stages hold the lock about half their time: :mod:`cryoves._workers` runs them in helper processes
+where it can, on these threads otherwise.
 """
 
 from __future__ import annotations
