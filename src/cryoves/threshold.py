@@ -494,16 +494,18 @@ def _split_tree(job):
         return None
     children = {}
     if depth + 1 < max_depth:
-        for j, pid in enumerate(np.unique(part[part > 0])):
-            pmask = part == pid
-            bb = ndi.find_objects(pmask.astype(np.int8))[0]
-            v = float(pmask.sum())
+        pids = np.unique(part[part > 0])
+        boxes = ndi.find_objects(part, max_label=int(pids[-1]))
+        sizes = np.bincount(part.ravel(), minlength=int(pids[-1]) + 1)
+        for j, pid in enumerate(pids):
+            bb = boxes[pid - 1]
+            v = float(sizes[pid])
             edges = [s.stop - s.start for s in bb]
             e = v / float(np.prod(edges))
             f = v / (np.pi / 6.0 * max(edges) ** 3)
             if _needs_split(v, e, f, rule):
-                sl = _pad_slices(bb, pmask.shape, 1)
-                children[j] = _split_tree((pc[sl], pmask[sl], threshold, step, fine_step, min_part,
+                sl = _pad_slices(bb, part.shape, 1)
+                children[j] = _split_tree((pc[sl], part[sl] == pid, threshold, step, fine_step, min_part,
                                            min_keep, structure, depth + 1, max_depth, rule))
     return part, children
 
@@ -734,20 +736,21 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
             part, children = node
             sl = _pad_slices(bbox, shape, 1)
             seg = out[sl] == lab
-            sub = np.where(seg, 0, out[sl])  # voxels of the segment reached by no part are dropped
-            for j, pid in enumerate(np.unique(part[part > 0])):
+            pids = np.unique(part[part > 0])
+            lut = np.zeros(int(pids[-1]) + 1, dtype=np.int32)  # part -> new label; 0: dropped
+            boxes = ndi.find_objects(part, max_label=int(pids[-1])) if children else None
+            for j, pid in enumerate(pids):
                 nl = lab if j == 0 else next_label
                 if j:
                     next_label += 1
-                pmask = part == pid
-                sub[pmask] = nl
+                lut[pid] = nl
                 split_parts.add(int(nl))
                 if j in children:  # too large or not round: split again (_split_tree decided it)
-                    bb = ndi.find_objects(pmask.astype(np.int8))[0]
+                    bb = boxes[pid - 1]
                     gbb = tuple(slice(o.start + b.start, o.start + b.stop) for o, b in zip(sl, bb))
                     stack.append((nl, depth + 1, gbb, children[j]))
             box = out[sl]
-            box[seg] = sub[seg]  # only this segment's voxels
+            box[seg] = lut[part[seg]]  # only this segment's voxels; those of no part are dropped
 
     # ---- 2. grow small segments by lowering their threshold ----------------------------
     slices = ndi.find_objects(out)
