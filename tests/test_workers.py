@@ -194,14 +194,21 @@ def test_an_idle_helper_ends_and_another_starts(volume, monkeypatch):
 
 def test_stopping_early_awaits_the_running_chunks(volume, helpers):
     mm = volume[0]
-    items = _items(volume)
-    gen = _workers.vesicle_map(_row_measures, mm, items, ((0.0, 1.0), True, True))
+    items = _items(volume) * 40  # 3,200 rows: seconds of work if every chunk still ran
+    norm = ((0.0, 1.0), True, True)
+    t0 = time.perf_counter()
+    for it in items[:40]:
+        _row_measures(mm, it, *norm)
+    per_item = (time.perf_counter() - t0) / 40
+    gen = _workers.vesicle_map(_row_measures, mm, items, norm)
     first = next(gen)
     t0 = time.perf_counter()
     gen.close()  # as a progress callback raising Cancelled does
-    assert time.perf_counter() - t0 < 5.0
+    took = time.perf_counter() - t0
     assert len(first) == 3
-    again = list(_workers.vesicle_map(_row_measures, mm, items[:70], ((0.0, 1.0), True, True)))
+    # only the chunks already running are finished (8 rows each), not the other ~3,000 rows
+    assert took < 0.25 * per_item * len(items), (took, per_item)
+    again = list(_workers.vesicle_map(_row_measures, mm, items[:70], norm))
     assert len(again) == 70
 
 

@@ -285,8 +285,9 @@ def vesicle_map(func: Callable, tomogram, items: Iterable, common: tuple = (), *
 
     On the helper processes and this one when there are helpers, at least ``min_items`` items
     and a file-backed (memory-mapped) ``tomogram``; on threads otherwise
-    (:func:`cryoves._parallel.thread_map`, from ``min(min_items, its MIN_ITEMS)`` items). ``func`` must be a module-level function and items,
-    ``common`` and results picklable. When the consumer stops early (a progress callback raised
+    (:func:`cryoves._parallel.thread_map`, from ``min(min_items, its MIN_ITEMS)`` items).
+    ``func`` must be a module-level function and items, ``common`` and results picklable (else
+    the work stays here). When the consumer stops early (a progress callback raised
     to cancel), no new chunk is started and the running ones are awaited.
     """
     items = list(items)
