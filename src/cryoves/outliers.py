@@ -684,12 +684,9 @@ def _check_shrunk(tomogram, out: VesicleTable, before: np.ndarray, voxel_size: f
             continue
         if min_score is None or min_coverage is None:
             continue
-        c, th = out.centers[i], float(out["thickness"][i])
-        try:
-            sc = detection_score(tomogram, c, r, th, normalization=normalization)
-        except FitError:
-            continue
-        cov = membrane_shape(tomogram, c, r, th, normalization=normalization).coverage
+        # NaN where not measurable (the box outside the volume): kept
+        cov, _, sc = _row_measures(tomogram, (out.centers[i], r, float(out["thickness"][i])), normalization,
+                                   True, True)
         if sc < min_score and cov < min_coverage:
             status[i] = "removed"
             note[i] = (f"no membrane left after resolving an overlap (score {sc:.1f}, coverage {cov:.2f}; "
