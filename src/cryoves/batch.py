@@ -168,6 +168,7 @@ def segment_one(tomo_path, mask_path, folder, options: RunOptions, get_params: C
     """
     from cryoves import __version__
     from cryoves import io as cio
+    from cryoves._memory import kept_freed_memory
     from cryoves._tf import compute_device
     from cryoves.export import export_results
     from cryoves.model import inference_precision
@@ -195,70 +196,74 @@ def segment_one(tomo_path, mask_path, folder, options: RunOptions, get_params: C
     # a large tomogram: the network runs in a child process (its memory returned before the
     # post-processing; cryoves.pipeline.predict_in_child), so it is not loaded here
     in_child = math.prod(tomogram.shape) >= CHILD_PROCESS_VOXELS
-    if in_child:
-        check_weights(options.weights)
-        model = options.weights
-    else:
-        model = get_model()
+    # a tomogram predicted here: its stages reuse the memory the stages before them freed
+    # (cryoves._memory; fresh pages are costly in a virtual machine); a large one keeps glibc's
+    # defaults, for its memory bound
+    with kept_freed_memory(not in_child):
+        if in_child:
+            check_weights(options.weights)
+            model = options.weights
+        else:
+            model = get_model()
 
-    if options.invert:
-        import numpy as np
+        if options.invert:
+            import numpy as np
 
-        tomogram = np.negative(tomogram, dtype=np.float32)  # a new array: the input stays as it is
+            tomogram = np.negative(tomogram, dtype=np.float32)  # a new array: the input stays as it is
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = segment(tomogram, vs, model, params=params, mask=mask,
-                         keep_intermediates=options.save_intermediates, progress=progress,
-                         prediction_process="child" if in_child else "main", workdir=_workdir(folder))
-    for w in caught:
-        msg = str(w.message)
-        if issubclass(w.category, UserWarning) and msg not in notes:
-            notes.append(msg)
-    if options.invert:
-        from cryoves.validate import INVERT_HINT
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = segment(tomogram, vs, model, params=params, mask=mask,
+                             keep_intermediates=options.save_intermediates, progress=progress,
+                             prediction_process="child" if in_child else "main", workdir=_workdir(folder))
+        for w in caught:
+            msg = str(w.message)
+            if issubclass(w.category, UserWarning) and msg not in notes:
+                notes.append(msg)
+        if options.invert:
+            from cryoves.validate import INVERT_HINT
 
-        notes = [n.replace(INVERT_HINT, "this run used --invert: try without it") for n in notes]
-    timings.update({k: v for k, v in result.timings.items() if k != "total"})
-    if warn is not None:
-        for n in notes:
-            warn(f"{tomo_path.name}: {n}")
+            notes = [n.replace(INVERT_HINT, "this run used --invert: try without it") for n in notes]
+        timings.update({k: v for k, v in result.timings.items() if k != "total"})
+        if warn is not None:
+            for n in notes:
+                warn(f"{tomo_path.name}: {n}")
 
-    t0 = time.perf_counter()
-    table, shape = result.table, tuple(tomogram.shape)
-    volumes = {}
-    if options.save_intermediates:
-        volumes["probability"] = result.probability
-        for s, vol in result.stage_labels.items():
-            volumes[f"labels_{s}"] = vol
-    record = {
-        "cryoves_version": __version__,
-        "tomogram": str(tomo_path.resolve()),
-        "mask": None if mask_path is None else str(Path(mask_path).resolve()),
-        "shape": list(shape),
-        "voxel_size_nm": vs,
-        "inverted": bool(options.invert),
-        "weights": (result.prediction["weights"] if in_child else
-                    None if model is None else str(getattr(model, "path", None) or getattr(model.card, "name", ""))),
-        "device": result.prediction["device"] if in_child else compute_device(),  # where the U-Net ran
-        "precision": (result.prediction["precision"] if in_child
-                      else None if model is None else inference_precision()),  # its arithmetic
-        "threshold": result.threshold if result.threshold == result.threshold else None,
-        "n_accepted": result.n_accepted,
-        "n_removed": result.n_removed,
-        "removed_by_stage": result.removed_by_stage(),
-        "warnings": notes,
-        "params": params.to_dict(),
-    }
+        t0 = time.perf_counter()
+        table, shape = result.table, tuple(tomogram.shape)
+        volumes = {}
+        if options.save_intermediates:
+            volumes["probability"] = result.probability
+            for s, vol in result.stage_labels.items():
+                volumes[f"labels_{s}"] = vol
+        record = {
+            "cryoves_version": __version__,
+            "tomogram": str(tomo_path.resolve()),
+            "mask": None if mask_path is None else str(Path(mask_path).resolve()),
+            "shape": list(shape),
+            "voxel_size_nm": vs,
+            "inverted": bool(options.invert),
+            "weights": (result.prediction["weights"] if in_child else
+                        None if model is None else str(getattr(model, "path", None) or getattr(model.card, "name", ""))),
+            "device": result.prediction["device"] if in_child else compute_device(),  # where the U-Net ran
+            "precision": (result.prediction["precision"] if in_child
+                          else None if model is None else inference_precision()),  # its arithmetic
+            "threshold": result.threshold if result.threshold == result.threshold else None,
+            "n_accepted": result.n_accepted,
+            "n_removed": result.n_removed,
+            "removed_by_stage": result.removed_by_stage(),
+            "warnings": notes,
+            "params": params.to_dict(),
+        }
 
-    def final_record():  # called by export_results once every other file is written
-        timings["write"] = time.perf_counter() - t0
-        record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        def final_record():  # called by export_results once every other file is written
+            timings["write"] = time.perf_counter() - t0
+            record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+            return record
+
+        export_results(folder, stem, table, shape=shape, voxel_size=vs, formats=options.formats, mask=mask,
+                       labels=result.labels, volumes=volumes, record=final_record, overwrite=True)
         return record
-
-    export_results(folder, stem, table, shape=shape, voxel_size=vs, formats=options.formats, mask=mask,
-                   labels=result.labels, volumes=volumes, record=final_record, overwrite=True)
-    return record
 
 
 def run_one(tomo_path, mask_path, folder, options: RunOptions, get_params: Callable, get_model: Callable,
