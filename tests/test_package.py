@@ -110,6 +110,39 @@ def test_tensorflow_import_leaves_garbage_collection_as_it_was(gc_on):
     assert int(full) == (1 if gc_on else 0)
 
 
+def test_command_entry_point_writes_everything_and_returns_the_status(tmp_path):
+    """``cryoves`` (console script and ``python -m cryoves``) is ``cryoves.cli.run``: main, flushed
+    streams, then ``os._exit`` with main's status (no interpreter teardown)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["cryoves"] == "cryoves.cli:run"
+    out_dir = tmp_path / "sim"
+    # stdout to a pipe (block-buffered): its last line must still arrive
+    ok = subprocess.run([sys.executable, "-m", "cryoves", "simulate", str(out_dir), "--shape", "16", "32", "32",
+                         "--n-vesicles", "1"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.strip().splitlines()[-1].startswith("simulated (16, 32, 32)")
+    assert {p.name for p in out_dir.iterdir()} >= {"tomogram.mrc", "labels.mrc", "vesicles.csv", "params.json"}
+    # an error: status 2 and the message, through the same exit
+    bad = subprocess.run([sys.executable, "-m", "cryoves", "segment", str(tmp_path / "missing.mrc"), "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "missing.mrc" in bad.stderr and "error" in bad.stderr
+    # the exit skips atexit handlers: run() itself must have flushed what a caller printed before
+    code = ("import atexit, sys\nfrom cryoves.cli import run\n"
+            "atexit.register(lambda: print('teardown ran'))\nsys.stdout.write('before')\nrun(['--version'])")
+    ver = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert ver.returncode == 0 and "cryoves" in ver.stdout  # --version: SystemExit, the normal way
+    code = ("import atexit, sys\nfrom cryoves.cli import run\n"
+            "atexit.register(lambda: print('teardown ran'))\nsys.stdout.write('before;')\n"
+            f"run(['simulate', {str(tmp_path / 'sim2')!r}, '--shape', '16', '32', '32', '--quiet'])")
+    quick = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert quick.returncode == 0, quick.stderr[-2000:]
+    assert quick.stdout.startswith("before;") and "teardown ran" not in quick.stdout
+
+
 def test_train_help_shows_defaults_and_run_time():
     out = subprocess.run([sys.executable, "-m", "cryoves", "train", "--help"], capture_output=True, text=True,
                          timeout=120)

@@ -1,3 +1,3 @@
-from cryoves.cli import main
-import sys
-sys.exit(main())
+from cryoves.cli import run
+
+run()
