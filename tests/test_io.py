@@ -522,6 +522,35 @@ def test_pyto_labels(tmp_path):
         cio.write_pyto_labels(tmp_path / "p2.mrc", t, shape, mask=mask[:-1])
 
 
+def test_pyto_labels_from_the_label_volume_equal_the_drawn_ones(tmp_path):
+    # 12 spheres in a small volume: many overlap (the split between them must be the same), one
+    # row removed, ids not contiguous
+    shape = (30, 31, 32)
+    t = _table(n=12, seed=4)
+    t["id"] = np.arange(3, 3 + 12) * 7
+    mask = np.zeros(shape, bool)
+    mask[2:28, 2:29, 2:30] = True
+    labels = render_labels(t, shape)
+    drawn = cio.write_pyto_labels(tmp_path / "drawn.mrc", t, shape, mask=mask)
+    renum = cio.write_pyto_labels(tmp_path / "renum.mrc", t, shape, mask=mask, labels=labels)
+    a, _ = cio.read_labels(drawn)
+    b, _ = cio.read_labels(renum)
+    np.testing.assert_array_equal(a, b)
+    assert len(np.unique(a)) > 8  # the spheres are there
+    # a volume that is not this table's rendering is refused, nothing written
+    removed_id = int(t.ids[1])
+    bad = labels.copy()
+    bad[0, 0, 0] = removed_id
+    with pytest.raises(ValueError, match=f"{removed_id}.*no accepted"):
+        cio.write_pyto_labels(tmp_path / "bad.mrc", t, shape, labels=bad)
+    bad[0, 0, 0] = 10_000
+    with pytest.raises(ValueError, match="10000"):
+        cio.write_pyto_labels(tmp_path / "bad.mrc", t, shape, labels=bad)
+    with pytest.raises(ValueError, match="shape"):
+        cio.write_pyto_labels(tmp_path / "bad.mrc", t, shape, labels=labels[:-1])
+    assert not (tmp_path / "bad.mrc").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # CSV
 # ---------------------------------------------------------------------------------------------

@@ -149,7 +149,8 @@ def write_format(fmt: str, path, table: VesicleTable | None, *, shape=None, voxe
     mask : ndarray, optional
         Region mask for ``pyto`` (see :func:`pyto_regions`).
     labels : ndarray, optional
-        A label volume already rendered for ``labels`` (default: rendered from the table).
+        A label volume already rendered (default: rendered from the table): written as it is for
+        ``labels``; for ``pyto`` it must be ``render_labels(table, shape)`` (renumbered, not drawn again).
     tomo_name : str, optional
         ``_rlnTomoName`` of the STAR file.
     overwrite : bool
@@ -176,7 +177,7 @@ def write_format(fmt: str, path, table: VesicleTable | None, *, shape=None, voxe
     if fmt == "pyto":
         region, az = pyto_regions(mask)
         return _io.write_pyto_labels(path, table, _need_shape(fmt, shape), vs, mask=region, active_zone=az,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, labels=labels)
     raise ValueError(f"unknown format {fmt!r}; choose among {', '.join(FORMATS)}")
 
 
@@ -378,7 +379,8 @@ def export_results(folder, stem: str, table: VesicleTable, *, shape=None, voxel_
     mask : ndarray, optional
         Region mask: Pyto region (and active zone, see :func:`pyto_regions`).
     labels : ndarray, optional
-        The accepted vesicles already rendered (e.g. ``SegmentationResult.labels``).
+        The accepted vesicles already rendered, ``render_labels(table, shape)`` (e.g.
+        ``SegmentationResult.labels``): written as the labels file and renumbered for Pyto.
     volumes : mapping of str to ndarray, optional
         Extra volumes, each written as ``<stem>_<key>.mrc`` (float32 or label MRC).
     record : mapping or callable, optional

@@ -803,7 +803,8 @@ def write_labels_mrc(path, labels, voxel_size: float, *, overwrite: bool = False
 
 
 def write_pyto_labels(path, table: VesicleTable, shape: Sequence[int], voxel_size: float | None = None, *,
-                      mask=None, active_zone=None, first_id: int = 10, overwrite: bool = False) -> Path:
+                      mask=None, active_zone=None, first_id: int = 10, overwrite: bool = False,
+                      labels=None) -> Path:
     """Write a Pyto-ready label file (uint16 MRC).
 
     Pyto's convention: the region analysed (cytoplasm) = 1, the active-zone membrane = 2,
@@ -825,6 +826,11 @@ def write_pyto_labels(path, table: VesicleTable, shape: Sequence[int], voxel_siz
     first_id : int
         Id of the first vesicle (Pyto: 10).
     overwrite : bool
+    labels : (Z, Y, X) int array, optional
+        ``render_labels(table, shape)`` (the accepted vesicles by their ids), e.g. the label
+        volume of the same result: its ids are renumbered slab by slab instead of drawing the
+        spheres again (the same voxels: which sphere a voxel belongs to does not depend on the
+        values drawn). A value that is no accepted row's id is an error.
 
     Returns
     -------
@@ -847,7 +853,10 @@ def write_pyto_labels(path, table: VesicleTable, shape: Sequence[int], voxel_siz
         if m.shape != shape:
             raise ValueError(f"{name} has shape {m.shape}, the tomogram {shape}")
         regions.append((m, value))
-    out = render_labels(acc, shape, ids=np.arange(first_id, first_id + len(acc)), dtype=np.uint16)
+    if labels is None:
+        out = render_labels(acc, shape, ids=np.arange(first_id, first_id + len(acc)), dtype=np.uint16)
+    else:
+        out = _renumbered(labels, acc.ids, first_id, shape)
     if regions:
         # region values under the vesicles, slab by slab (no volume-sized temporaries)
         for sl in _slabs(shape, 2):
@@ -856,6 +865,33 @@ def write_pyto_labels(path, table: VesicleTable, shape: Sequence[int], voxel_siz
                 out[sl][free & np.asarray(m[sl]).astype(bool)] = value
     return write_mrc(path, out, vs, overwrite=overwrite,
                      label=f"cryoves {__version__} Pyto labels: 1 region, 2 AZ, vesicles from {first_id}")
+
+
+def _renumbered(labels, ids, first_id: int, shape) -> np.ndarray:
+    """uint16 volume with ``labels``' value ``ids[k]`` as ``first_id + k`` (0 stays 0), slab by slab."""
+    labels = np.asarray(labels)
+    if labels.shape != shape:
+        raise ValueError(f"labels have shape {labels.shape}, the tomogram {shape}")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be an integer volume, got {labels.dtype}")
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) and ids.min() <= 0:
+        raise ValueError("vesicle ids must be positive to be found in a label volume")
+    lut = np.full(int(ids.max()) + 1 if len(ids) else 1, -1, dtype=np.int32)  # -1: no accepted row
+    lut[0] = 0
+    lut[ids] = np.arange(first_id, first_id + len(ids), dtype=np.int32)
+    out = np.empty(shape, dtype=np.uint16)
+    for sl in _slabs(shape, 4):
+        part = labels[sl]
+        lo, hi = (int(part.min()), int(part.max())) if part.size else (0, 0)
+        if lo < 0 or hi >= len(lut):
+            raise ValueError(f"labels hold the value {lo if lo < 0 else hi}, which is no accepted vesicle's id")
+        v = lut[part]
+        if v.min(initial=0) < 0:
+            bad = int(part[v < 0][0])
+            raise ValueError(f"labels hold the value {bad}, which is no accepted vesicle's id")
+        out[sl] = v
+    return out
 
 
 # ----------------------------------------------------------------------------------------
