@@ -49,6 +49,62 @@ def test_thread_map_order_threads_and_cancel(monkeypatch):
     assert len(started) == n < 200
 
 
+def test_thread_imap_order_window_overlap_and_cancel(monkeypatch):
+    monkeypatch.setattr(_parallel, "n_cores", lambda: 2)
+    drawn = []
+
+    def items(n):
+        for x in range(n):
+            drawn.append(x)
+            yield x
+
+    def slow_square(x):
+        time.sleep(0.002 * (x % 3))
+        return x * x
+
+    # order kept; the items are taken lazily, at most `window` ahead of what was yielded
+    out = []
+    for k, y in enumerate(_parallel.thread_imap(slow_square, items(60), window=8)):
+        out.append(y)
+        assert len(drawn) <= k + 1 + 8
+    assert out == [x * x for x in range(60)]
+    # the threads keep working while the consumer handles a result (no batch boundary): a slow
+    # consumer and slow calls overlap
+    def work(x):
+        time.sleep(0.02)
+        return x
+
+    t0 = time.perf_counter()
+    for _ in _parallel.thread_imap(work, range(20), window=4):
+        time.sleep(0.02)
+    assert time.perf_counter() - t0 < 0.02 * 20 + 0.02 * 20 * 0.75  # a serial loop: 0.8 s
+    # one core: a plain loop in the calling thread
+    monkeypatch.setattr(_parallel, "n_cores", lambda: 1)
+    seen = set()
+
+    def where(x):
+        seen.add(threading.get_ident())
+        return x
+
+    assert list(_parallel.thread_imap(where, range(10))) == list(range(10))
+    assert seen == {threading.get_ident()}
+    # a consumer that stops early cancels the calls not yet started
+    monkeypatch.setattr(_parallel, "n_cores", lambda: 2)
+    started = []
+
+    def slow(x):
+        started.append(x)
+        time.sleep(0.01)
+        return x
+
+    for x in _parallel.thread_imap(slow, range(200), window=16):
+        if x == 3:
+            break
+    n = len(started)
+    time.sleep(0.05)
+    assert len(started) == n <= 3 + 16 + 1
+
+
 def test_refine_and_outliers_on_threads_equal_a_loop(monkeypatch, small_simulation):
     sim = small_simulation
     start = sim.table.copy()

@@ -10,7 +10,9 @@ where it can, on these threads otherwise.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
@@ -46,6 +48,33 @@ def thread_map(func: Callable, items: Iterable, *, min_items: int | None = None,
         futures = [pool.submit(func, it) for it in items]
         for f in futures:
             yield f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def thread_imap(func: Callable, items: Iterable, *, window: int = 128, max_workers: int = 8) -> Iterator:
+    """``func(item)`` for every item, yielded in the items' order, on up to ``n_cores()`` threads,
+    taking the items lazily: at most ``window`` are in flight (submitted, or done and not yet
+    yielded), so the items (and what they hold) need not exist all at once.
+
+    Unlike batches of :func:`thread_map`, the threads keep working while the caller handles a
+    result: the next item is submitted as each result is yielded. One core: a plain loop. When the
+    consumer stops early, the calls not yet started are cancelled.
+    """
+    it = iter(items)
+    workers = min(n_cores(), max_workers)
+    if workers < 2:
+        for item in it:
+            yield func(item)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cryoves")
+    try:
+        pending = deque(pool.submit(func, item) for item in itertools.islice(it, max(1, int(window))))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(it, 1):
+                pending.append(pool.submit(func, item))
+            yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

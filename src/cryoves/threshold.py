@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from cryoves._parallel import slab_map, thread_map
+from cryoves._parallel import slab_map, thread_imap
 from cryoves._progress import ProgressCallback, report
 from cryoves.io import release_pages
 from cryoves.table import check_voxel_size
@@ -510,6 +510,11 @@ def _split_tree(job):
     return part, children
 
 
+def _split_tree_of(job):
+    """:func:`_split_tree` of ``job``; None for no job (an empty segment)."""
+    return None if job is None else _split_tree(job)
+
+
 def _split_segment(pc, seg, threshold, step, fine_step, min_part, min_keep, structure):
     """Split one segment: by raising its threshold (the paper), else at distance-map necks.
 
@@ -711,18 +716,13 @@ def adaptive_threshold(probability, labels, threshold, voxel_size, *, min_radius
 
     def trees():
         # the split tree (_split_tree) of every segment to try, in the order of a stack of them
-        # (the last first); batches bound the memory of the boxes in flight
+        # (the last first); at most 128 boxes in flight (memory). On the cores (threads; helper
+        # processes were slower here: the boxes travel both ways), in order, while this thread
+        # prepares the next boxes and numbers the parts of the ones done
         order = initial[::-1]
-        for b in range(0, len(order), 128):
-            batch = order[b:b + 128]
-            jobs = [job(lab, bbox) for lab, bbox in batch]
-            todo = [i for i, jb in enumerate(jobs) if jb is not None]
-            # on the cores (threads; helper processes were slower here: the boxes travel both
-            # ways), in order, while this thread numbers the parts of the ones done
-            done = dict(zip(todo, thread_map(_split_tree, [jobs[i] for i in todo], min_items=2)))
-            del jobs
-            for i, (lab, bbox) in enumerate(batch):
-                yield lab, bbox, done.pop(i, None)
+        results = thread_imap(_split_tree_of, (job(lab, bbox) for lab, bbox in order), window=128)
+        for (lab, bbox), tree in zip(order, results):
+            yield lab, bbox, tree
 
     for lab0, bbox0, tree in trees():
         # the parts of one segment, split again depth first (the last part first), as a stack of
