@@ -34,6 +34,12 @@ def test_thread_map_order_threads_and_cancel(monkeypatch):
     assert seen == {threading.get_ident()}
     # a consumer that stops early (a cancelled stage) cancels the calls not yet started
     monkeypatch.setattr(_parallel, "n_cores", lambda: 2)
+    assert _started_after_early_stop(_parallel.thread_map) < 200
+
+
+def _started_after_early_stop(mapper, **kw) -> int:
+    """Calls started by ``mapper`` over 200 slow items when its consumer stops at the 4th result;
+    checks that none starts afterwards (the rest were cancelled)."""
     started = []
 
     def work(x):
@@ -41,12 +47,13 @@ def test_thread_map_order_threads_and_cancel(monkeypatch):
         time.sleep(0.01)
         return x
 
-    for x in _parallel.thread_map(work, range(200)):
+    for x in mapper(work, range(200), **kw):
         if x == 3:
             break
     n = len(started)
     time.sleep(0.05)
-    assert len(started) == n < 200
+    assert len(started) == n
+    return n
 
 
 def test_thread_imap_order_window_overlap_and_cancel(monkeypatch):
@@ -69,15 +76,16 @@ def test_thread_imap_order_window_overlap_and_cancel(monkeypatch):
         assert len(drawn) <= k + 1 + 8
     assert out == [x * x for x in range(60)]
     # the threads keep working while the consumer handles a result (no batch boundary): a slow
-    # consumer and slow calls overlap
+    # consumer and slow calls overlap. 20 calls of 0.05 s on 2 threads, 0.05 s per result in the
+    # consumer: ~1.0 s overlapped; batches of 4 (compute, then consume) would take 5 x 0.3 = 1.5 s
     def work(x):
-        time.sleep(0.02)
+        time.sleep(0.05)
         return x
 
     t0 = time.perf_counter()
     for _ in _parallel.thread_imap(work, range(20), window=4):
-        time.sleep(0.02)
-    assert time.perf_counter() - t0 < 0.02 * 20 + 0.02 * 20 * 0.75  # a serial loop: 0.8 s
+        time.sleep(0.05)
+    assert time.perf_counter() - t0 < 1.25
     # one core: a plain loop in the calling thread
     monkeypatch.setattr(_parallel, "n_cores", lambda: 1)
     seen = set()
@@ -90,19 +98,7 @@ def test_thread_imap_order_window_overlap_and_cancel(monkeypatch):
     assert seen == {threading.get_ident()}
     # a consumer that stops early cancels the calls not yet started
     monkeypatch.setattr(_parallel, "n_cores", lambda: 2)
-    started = []
-
-    def slow(x):
-        started.append(x)
-        time.sleep(0.01)
-        return x
-
-    for x in _parallel.thread_imap(slow, range(200), window=16):
-        if x == 3:
-            break
-    n = len(started)
-    time.sleep(0.05)
-    assert len(started) == n <= 3 + 16 + 1
+    assert _started_after_early_stop(_parallel.thread_imap, window=16) <= 3 + 16 + 1
 
 
 def test_refine_and_outliers_on_threads_equal_a_loop(monkeypatch, small_simulation):

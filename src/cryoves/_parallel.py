@@ -38,18 +38,12 @@ def thread_map(func: Callable, items: Iterable, *, min_items: int | None = None,
     """
     items = list(items)
     min_items = MIN_ITEMS if min_items is None else min_items
-    workers = min(n_cores(), max_workers)
-    if workers < 2 or len(items) < min_items:
+    if len(items) < min_items:
         for it in items:
             yield func(it)
         return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cryoves")
-    try:
-        futures = [pool.submit(func, it) for it in items]
-        for f in futures:
-            yield f.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    # every item submitted at once
+    yield from thread_imap(func, items, window=max(1, len(items)), max_workers=max_workers)
 
 
 def thread_imap(func: Callable, items: Iterable, *, window: int = 128, max_workers: int = 8) -> Iterator:
