@@ -300,3 +300,39 @@ def test_membrane_visibility_threshold_follows_the_tomograms_contrast():
     lost_relative = np.sum(relative["status"][true] == "removed")
     assert lost_fixed >= 1 and lost_relative < lost_fixed
     assert relative["status"][-1] == "removed" and fixed["status"][-1] == "removed"
+
+
+def test_refits_computed_in_windows_equal_one_iteration_at_a_time(scene, monkeypatch):
+    """The re-fits of several iterations are computed together (outliers._refit_windows), but
+    the rows are judged iteration by iteration: the result is that of one iteration at a time,
+    also for a row that an early iteration of a window rescues and rows that stay outliers."""
+    import cryoves.outliers as outliers
+
+    assert [list(w) for w in outliers._refit_windows(10)] == [[1], [2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert [list(w) for w in outliers._refit_windows(2)] == [[1], [2]]
+    assert outliers._refit_windows(0) == []
+    tomo, centers, radii, refined = scene
+    t = refined.copy()
+    z, r, th = t["z"].copy(), t["radius"].copy(), t["thickness"].copy()
+    z[5] += 3.0  # a wrong fit that a re-fit rescues (test_refit_can_rescue_a_bad_fit)
+    r[5] *= 1.3
+    th[5] *= 2.5
+    t["z"], t["radius"], t["thickness"] = z, r, th
+    calls = []
+    real_map = outliers.vesicle_map
+
+    def counting_map(func, *a, **k):
+        if func is outliers._refit_item:
+            calls.append(len(a[1]))
+        return real_map(func, *a, **k)
+
+    monkeypatch.setattr(outliers, "vesicle_map", counting_map)
+    windowed = filter_outliers(tomo, t, VOXEL, min_radius_nm=10.0)
+    n_windowed = list(calls)
+    calls.clear()
+    monkeypatch.setattr(outliers, "_refit_windows", lambda n: [range(j, j + 1) for j in range(1, n + 1)])
+    single = filter_outliers(tomo, t, VOXEL, min_radius_nm=10.0)
+    assert windowed == single
+    assert windowed["note"][5].startswith("re-fitted") and windowed["status"][0] == "removed"
+    # rows 0 and 1 are re-fitted in all 10 iterations: 4 maps instead of 10
+    assert len(n_windowed) < len(calls) and sum(n_windowed) >= sum(calls)

@@ -550,14 +550,28 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
         captures = {i: {} for i in pending}
         fit_kw = dict(voxel_size=voxel_size, normalization=normalization, radius_method=radius_method,
                       bilayer_nm=bilayer_nm)
+
+        def margin(i, it):
+            return max(6.0, 0.4 * start[i][1]) + 2.0 + 0.5 * grow_vox * it
+
+        refits: dict = {}  # (row, iteration) -> _refit_item's result
+        window = {j: w for w in _refit_windows(max_iter) for j in w}
         for it in range(1, max_iter + 1):
             if not pending:
                 break
-            items = [(start[i][0], start[i][1], max(6.0, 0.4 * start[i][1]) + 2.0 + 0.5 * grow_vox * it, captures[i])
-                     for i in pending]
-            # the pending rows are re-fitted on the CPU cores (helper processes or threads)
-            for i, (fit, cache, cov, lum, sc) in zip(pending, vesicle_map(
-                    _refit_item, tomogram, items, (fit_kw, check_shape, min_score is not None), min_items=2)):
+            if (pending[0], it) not in refits:
+                # the re-fits of the next iterations too, in one map on the CPU cores (helper
+                # processes or threads): a re-fit depends only on its starting sphere and box (the
+                # capture search, shared through captures[i], was made in iteration 1), so each is
+                # what it would be in its own iteration; the rows are still judged one iteration
+                # after the other below (see _refit_windows)
+                its = window[it]
+                jobs = [(i, j) for j in its for i in pending]
+                items = [(start[i][0], start[i][1], margin(i, j), captures[i]) for i, j in jobs]
+                refits = dict(zip(jobs, vesicle_map(_refit_item, tomogram, items,
+                                                    (fit_kw, check_shape, min_score is not None), min_items=2)))
+            for i in pending:
+                fit, cache, cov, lum, sc = refits[(i, it)]
                 captures[i] = cache
                 if not fit.ok:
                     continue
@@ -632,6 +646,23 @@ def filter_outliers(tomogram, table: VesicleTable, voxel_size, *, p_threshold: f
         _check_shrunk(tomogram, out, pre, voxel_size, normalization, min_radius_nm,
                       min_score=min_score, min_coverage=shape_limits["coverage"] if min_coverage is not None else None)
     assert len(out) == n
+    return out
+
+
+def _refit_windows(max_iter: int) -> list[range]:
+    """The iterations of :func:`filter_outliers`' re-fits that are computed together: 1, 2-3, 4-7,
+    8-15, ... up to ``max_iter``.
+
+    The first alone: it makes the capture search that the later ones share. Then windows that
+    double, so the cores wait for each other a few times instead of ``max_iter`` times (on
+    160x384x384, 30 waits for 157 re-fits became 12), and a row settled by a window's first
+    iteration has had at most as many re-fits made for nothing as it needed.
+    """
+    out, it = [], 1
+    while it <= max_iter:
+        hi = min(2 * it - 1, max_iter)
+        out.append(range(it, hi + 1))
+        it = hi + 1
     return out
 
 
