@@ -86,3 +86,30 @@ def test_a_segmentation_predicted_here_keeps_memory(tmp_path, tomo, random_weigh
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert seen == {expected}
     assert not _memory.keeping()  # restored after it
+
+
+def test_prefaulted_array_is_handed_over_with_its_pages_written():
+    """Prefaulted: the array of the asked shape and dtype; a background thread writes every page
+    (zeros) until take() stops it; after take() or discard() nothing more is handed out."""
+    import threading
+    import time
+
+    import numpy as np
+
+    w = _memory.Prefaulted((40, 64, 64), np.int32)
+    deadline = time.monotonic() + 30
+    while w._thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    a = w.take()
+    assert a.shape == (40, 64, 64) and a.dtype == np.int32 and a.flags.c_contiguous and a.flags.writeable
+    if sys.platform.startswith("linux"):  # touched (one byte per 4 KiB page, zeros): Linux only
+        assert not np.any(a.reshape(-1).view(np.uint8)[::4096])
+    assert w.take() is None
+    # stopped at once: the thread ends, the array is still whole
+    w = _memory.Prefaulted((64, 256, 256), np.float32)
+    b = w.take()
+    assert b.shape == (64, 256, 256) and not w._thread.is_alive()
+    w = _memory.Prefaulted((8, 8, 8), np.uint8)
+    w.discard()
+    assert w.take() is None and not any(t.name == "cryoves-prefault" and t is w._thread and t.is_alive()
+                                        for t in threading.enumerate())

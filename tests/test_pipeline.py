@@ -344,20 +344,30 @@ def large_vesicle_simulation():
 
 
 @pytest.mark.slow
-def test_a_reused_prediction_with_its_large_map_gives_the_network_run():
+def test_a_reused_prediction_with_its_large_map_gives_the_network_run(monkeypatch):
+    """Also: the network run's global labels are written into the volume prefaulted while the
+    network ran (cryoves._memory.Prefaulted), and are those of the reused prediction (a fresh volume)."""
+    from cryoves import _memory
     from cryoves.model import default_weights_path
 
     try:
         weights = default_weights_path()
     except FileNotFoundError:
         pytest.skip("no default weights")
+    taken = []
+    real_take = _memory.Prefaulted.take
+    monkeypatch.setattr(_memory.Prefaulted, "take", lambda self: taken.append(real_take(self)) or taken[-1])
     sim = large_vesicle_simulation()
     run = segment(sim.tomogram, sim.voxel_size, weights)
+    assert len(taken) == 1 and run.stage_labels["global"] is taken[0]
     assert run.large_probability is not None and run.large_probability.shape == sim.tomogram.shape
     again = segment(sim.tomogram, sim.voxel_size, probability=run.probability,
                     large_probability=run.large_probability)
     alone = segment(sim.tomogram, sim.voxel_size, probability=run.probability)
+    assert len(taken) == 1  # no network, no prefaulted volume
     assert again.table == run.table
+    for stage in ("global", "adaptive", "outliers"):
+        np.testing.assert_array_equal(again.stage_labels[stage], run.stage_labels[stage])
     assert alone.large_probability is None and alone.n_accepted < run.n_accepted  # the pass matters here
     assert segment(sim.tomogram, sim.voxel_size, weights, keep_intermediates=False).large_probability is None
 

@@ -82,6 +82,25 @@ def test_global_threshold_scale_invariant_and_inputs_untouched(known_best):
     np.testing.assert_array_equal(prob, p0)
 
 
+def test_global_threshold_writes_its_labels_into_out(known_best):
+    """``out``: the same labels, written into the given int32 volume whatever it held (the
+    prefaulted volume of cryoves._memory.Prefaulted); a wrong one is refused before any work."""
+    tomo, prob, _ = known_best
+    a = global_threshold(tomo, prob)
+    out = np.full(prob.shape, 7, np.int32)
+    b = global_threshold(tomo, prob, out=out)
+    assert b.labels is out and b.threshold == a.threshold
+    np.testing.assert_array_equal(b.labels, a.labels)
+    for bad in (np.zeros(prob.shape, np.int64), np.zeros(prob.shape[::-1], np.int32),
+                np.zeros(prob.shape, np.int32, order="F"), prob.astype(np.int32)[::1, ::1, ::-1], [[0]]):
+        with pytest.raises(ValueError, match="out must be a writable C-contiguous int32"):
+            global_threshold(tomo, prob, out=bad)
+    ro = np.zeros(prob.shape, np.int32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be"):
+        global_threshold(tomo, prob, out=ro)
+
+
 def test_global_threshold_one_is_inclusive_and_mask():
     prob = np.zeros((20, 20, 20), np.float32)
     prob[5:12, 5:12, 5:12] = 1.0

@@ -44,7 +44,7 @@ from typing import Optional
 
 import numpy as np
 
-from cryoves import _workers
+from cryoves import _memory, _workers
 from cryoves import outliers as _outliers
 from cryoves import predict as _predict
 from cryoves import refine as _refine
@@ -965,7 +965,7 @@ def _child_predict(job_path: str, fd: int) -> None:
 
 
 def global_stage(tomogram, probability, voxel_size: float, params: SegmentParams | None = None, *,
-                 large=None, mask=None, normalization=None, progress: ProgressCallback = None):
+                 large=None, mask=None, normalization=None, labels_out=None, progress: ProgressCallback = None):
     """Stage ``"global"``: the darkest-shell threshold, the weak segments, the large vesicles.
 
     :func:`cryoves.threshold.global_threshold`; then, with ``threshold_mode="robust"``,
@@ -988,6 +988,8 @@ def global_stage(tomogram, probability, voxel_size: float, params: SegmentParams
         Region mask (see :func:`segment`).
     normalization : (offset, scale), optional
         :func:`cryoves.refine.intensity_normalization` of ``tomogram`` (computed if not given).
+    labels_out : ndarray of int32, optional
+        Where the labels are written (``out`` of :func:`cryoves.threshold.global_threshold`).
     progress : callable, optional
         ``progress("global", done, total)``.
 
@@ -1001,7 +1003,8 @@ def global_stage(tomogram, probability, voxel_size: float, params: SegmentParams
     from cryoves.threshold import add_weak_segments, global_threshold
 
     params, vs, sp = _stage_start("global", params, voxel_size, progress)
-    g = global_threshold(tomogram, probability, mask=mask, progress=sp, **params.stage_kwargs("global", vs))
+    g = global_threshold(tomogram, probability, mask=mask, out=labels_out, progress=sp,
+                         **params.stage_kwargs("global", vs))
     if params.threshold_mode == "robust" or large is not None:
         if normalization is None:
             normalization = intensity_normalization(tomogram)
@@ -1213,6 +1216,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     t0 = time.perf_counter()
     large = None  # the large-vesicle pass's regions (SegmentParams.large_scale)
     prediction = {"process": "main"}
+    warm_labels = None
     if probability is None:
         if large_probability is not None:
             raise ValueError("large_probability is used only with probability (a map of the same prediction); "
@@ -1222,12 +1226,22 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
             probability, large = predict_in_child(tomogram, vs, model, params, progress=progress, workdir=workdir,
                                                   info=prediction)
         else:
-            probability, large = predict_stage(tomogram, vs, model, params, progress=progress)
+            # the global threshold's label volume, its pages written on a spare core while the
+            # network runs (cryoves._memory.Prefaulted); not for volumes predicted in a child
+            # process (full size: this process's memory bound)
+            warm_labels = _memory.Prefaulted(shape, np.int32) if math.prod(shape) < CHILD_PROCESS_VOXELS else None
+            try:
+                probability, large = predict_stage(tomogram, vs, model, params, progress=progress)
+            except BaseException:
+                if warm_labels is not None:
+                    warm_labels.discard()
+                raise
     else:
         probability = _check_probability(probability, shape)
         if large_probability is not None:
             large = _check_probability(large_probability, shape, name="large_probability")
         report(progress, "predict", 1, 1)
+    labels_out = warm_labels.take() if warm_labels is not None else None
     timings["predict"] = time.perf_counter() - t0
 
     # 2. global threshold ---------------------------------------------------------------------
@@ -1236,7 +1250,7 @@ def segment(tomogram, voxel_size: float, model=None, *, params: SegmentParams | 
     normalization = intensity_normalization(tomogram)
     release_pages(tomogram)
     g = global_stage(tomogram, probability, vs, params, large=large, mask=mask, normalization=normalization,
-                     progress=progress)
+                     labels_out=labels_out, progress=progress)
     if not keep_intermediates:
         large = None
     threshold = float(g.threshold)

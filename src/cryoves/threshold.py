@@ -137,7 +137,7 @@ def _ball1_min(p: np.ndarray) -> np.ndarray:
 
 
 def global_threshold(tomogram, probability, thresholds=None, mask=None, *, connectivity: int = 1,
-                     min_shell_fraction: float = 0.1,
+                     min_shell_fraction: float = 0.1, out: np.ndarray | None = None,
                      progress: ProgressCallback = None) -> GlobalThresholdResult:
     """Pick the probability threshold whose segment shells are darkest, and label the segments.
 
@@ -167,6 +167,9 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         map supports hold similar numbers of voxels (about 37,000 to 39,000 there); the
         candidates chosen on both simulated suites and their development copies, with the
         default and the reference weights, held 50-100 % of the largest shell.
+    out : ndarray of int32, optional
+        The label volume is written here (a writable C-contiguous int32 array of the shape of
+        ``probability``; its values do not matter): the result's ``labels`` is ``out``.
     progress : callable, optional
         ``progress(stage, done, total)``.
 
@@ -193,6 +196,11 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         raise ValueError("thresholds must be a non-empty array of finite numbers")
     if not (np.isfinite(min_shell_fraction) and 0.0 <= min_shell_fraction <= 1.0):
         raise ValueError(f"min_shell_fraction must be in [0, 1], got {min_shell_fraction}")
+    if out is not None and not (isinstance(out, np.ndarray) and out.dtype == np.int32
+                                and out.shape == probability.shape and out.flags.c_contiguous
+                                and out.flags.writeable):
+        raise ValueError(f"out must be a writable C-contiguous int32 array of shape {probability.shape}, got "
+                         f"{type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}")
     order = np.argsort(thresholds, kind="stable")
     ts = thresholds[order]
     if mask is not None:
@@ -252,6 +260,7 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         # candidates whose shell is a sliver of the largest one are not compared (noise)
         eligible = counts >= max(min_shell_fraction * float(counts.max()), 1.0)
         best = float(ts[int(np.nanargmin(np.where(eligible, means_sorted, np.nan)))])
+    labels = np.empty(p.shape, dtype=np.int32) if out is None else out
     above = np.empty(p.shape, dtype=bool)
 
     def threshold_slab(z0, z1, above=above):  # slab by slab: a memory-mapped map's pages are released as read
@@ -259,7 +268,7 @@ def global_threshold(tomogram, probability, thresholds=None, mask=None, *, conne
         release_pages(p)
 
     slab_map(threshold_slab, n_z, step)
-    labels, _ = ndi.label(above, structure=_structure(connectivity), output=np.int32)
+    ndi.label(above, structure=_structure(connectivity), output=labels)
     del above
     report(progress, "global threshold", 2, 2)
     return GlobalThresholdResult(threshold=best, labels=labels, thresholds=thresholds,
