@@ -152,7 +152,7 @@ def test_bad_inputs(small_simulation, oracle_probability):
 
 # the arguments of each stage function that are data or the caller's, not parameters
 _CALLER_ARGS = {"tomogram", "probability", "labels", "threshold", "voxel_size", "model", "table", "initial",
-                "mask", "normalization", "progress", "overwrite_labels"}
+                "mask", "normalization", "progress", "overwrite_labels", "out"}
 _STAGE_FUNCS = {"predict": ("cryoves.predict", "predict_probability"),
                 "large": ("cryoves.predict", "predict_probability"),
                 "global": ("cryoves.threshold", "global_threshold"),
