@@ -46,8 +46,8 @@ __all__ = ["GlobalThresholdResult", "global_threshold", "adaptive_threshold", "s
 #: :func:`add_weak_segments` (vesicles the network is less sure of, verified by their membrane).
 THRESHOLD_MODES = ("paper", "robust")
 #: Voxels per slab where whole-volume work is done slab by slab (on threads, cryoves._parallel).
-#: A slab's temporaries (a float32 copy, a few masks: ~40 MB at 4 Mi voxels) fit in the 64 MB heap
-#: of the thread's malloc arena, which keeps them for the next slabs; with 16 Mi voxels they did
+#: A slab's temporaries (at 4 Mi voxels float32 copies of 16 MB and masks of 4 MB) fit in the 64 MB
+#: heap of the thread's malloc arena, which keeps them for the next slabs; with 16 Mi voxels they did
 #: not, and every slab started on fresh pages (costly in a virtual machine: cryoves._memory): the
 #: global threshold on 160x384x384 took 1.43-1.75 s against 0.98-1.39 s now (alternated runs).
 _SLAB_VOXELS = 4 * 2 ** 20
