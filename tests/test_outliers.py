@@ -318,21 +318,26 @@ def test_refits_computed_in_windows_equal_one_iteration_at_a_time(scene, monkeyp
     r[5] *= 1.3
     th[5] *= 2.5
     t["z"], t["radius"], t["thickness"] = z, r, th
-    calls = []
+    calls, boxes = [], []
     real_map = outliers.vesicle_map
 
     def counting_map(func, *a, **k):
         if func is outliers._refit_item:
             calls.append(len(a[1]))
+            boxes.append(sorted((tuple(np.round(c, 6)), round(float(m), 6)) for c, _, m, _ in a[1]))
         return real_map(func, *a, **k)
 
     monkeypatch.setattr(outliers, "vesicle_map", counting_map)
     windowed = filter_outliers(tomo, t, VOXEL, min_radius_nm=10.0)
-    n_windowed = list(calls)
+    n_windowed, boxes_windowed = list(calls), sorted(b for call in boxes for b in call)
     calls.clear()
+    boxes.clear()
     monkeypatch.setattr(outliers, "_refit_windows", lambda n: [range(j, j + 1) for j in range(1, n + 1)])
     single = filter_outliers(tomo, t, VOXEL, min_radius_nm=10.0)
     assert windowed == single
+    # each (starting sphere, box margin) re-fitted one iteration at a time was re-fitted in the
+    # windows too, with its own iteration's box
+    assert set(b for call in boxes for b in call) <= set(boxes_windowed)
     assert windowed["note"][5].startswith("re-fitted") and windowed["status"][0] == "removed"
     # rows 0 and 1 are re-fitted in all 10 iterations: 4 maps instead of 10
     assert len(n_windowed) < len(calls) and sum(n_windowed) >= sum(calls)

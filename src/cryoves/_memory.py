@@ -127,10 +127,7 @@ class Prefaulted:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
         except (AttributeError, OSError):  # elsewhere: the whole process's priority is not changed
             return
-        arr = self._array
-        if arr is None or arr.size == 0:
-            return
-        flat = arr.reshape(-1).view("u1")
+        flat = self._array.reshape(-1).view("u1")  # take() clears _array only after this thread ends
         for i in range(0, flat.size, self.CHUNK):
             if self._stop.is_set():
                 return
