@@ -39,6 +39,7 @@ See ``docs/outputs.md`` for the formats and how to open them in IMOD, Pyto, RELI
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import mmap
 import os
@@ -720,50 +721,65 @@ def write_mrc(path, data, voxel_size: float, *, overwrite: bool = False, label: 
     Path
         The written path.
     """
-    import mrcfile
-
     data = np.asarray(data)
     if data.ndim != 3:
         raise ValueError(f"write_mrc expects a 3-D (Z, Y, X) volume, got shape {data.shape}")
-    vs = check_voxel_size(voxel_size)
+    check_voxel_size(voxel_size)
     dtype = _mrc_dtype(data)
+    return _write_mrc_slabs(path, data.shape, dtype, lambda sl: data[sl].astype(dtype, copy=False), voxel_size,
+                            overwrite=overwrite, label=label)
+
+
+def _write_mrc_slabs(path, shape, dtype, slab, voxel_size: float, *, overwrite: bool = False,
+                     label: str | None = None) -> Path:
+    """:func:`write_mrc` of the volume whose slab ``sl`` (a slice of planes) is ``slab(sl)``, an
+    array of ``dtype`` (an MRC mode's): the volume is never whole in memory (except for a
+    compressed file). An error raised by ``slab`` leaves nothing written."""
+    import mrcfile
+
+    shape = tuple(int(n) for n in shape)
+    dtype = np.dtype(dtype)
+    vs = check_voxel_size(voxel_size)
     text = (label or f"cryoves {__version__}")[:80]
     path = Path(path)
     compression = ("gzip" if path.name.lower().endswith(".gz")
                    else "bzip2" if path.name.lower().endswith(".bz2") else None)
     with atomic_path(path, overwrite=overwrite) as tmp:
         if compression is not None:
+            data = np.empty(shape, dtype=dtype)
+            for sl in _slabs(shape, 8):
+                data[sl] = slab(sl)
             with mrcfile.new(tmp, overwrite=True, compression=compression) as mrc:
-                mrc.set_data(np.ascontiguousarray(data, dtype=dtype))
+                mrc.set_data(data)
                 mrc.set_volume()
                 mrc.voxel_size = vs * 10.0
                 mrc.add_label(text)
         else:
             mode = {np.dtype(np.float32): 2, np.dtype(np.float16): 12, np.dtype(np.int8): 0,
                     np.dtype(np.int16): 1, np.dtype(np.uint16): 6}[dtype]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mrc = mrcfile.new_mmap(tmp, shape=data.shape, mrc_mode=mode, overwrite=True)
+            # no warnings.catch_warnings() here: it is not thread-safe (export_results writes its
+            # files on threads), and this call warns about nothing
+            mrc = mrcfile.new_mmap(tmp, shape=shape, mrc_mode=mode, overwrite=True)
             try:
                 dmin, dmax, total, total_sq = np.inf, -np.inf, 0.0, 0.0
-                for sl in _slabs(data.shape, 8):
-                    slab = data[sl].astype(dtype, copy=False)
-                    mrc.data[sl] = slab
+                for sl in _slabs(shape, 8):
+                    part = slab(sl)
+                    mrc.data[sl] = part
                     if dtype.kind in "iu":
                         # integers (labels: mostly 0): the sums over the non-zero voxels, exact in int64
-                        nz = slab[slab != 0].astype(np.int64)
+                        nz = part[part != 0].astype(np.int64)
                         lo_, hi_ = (int(nz.min()), int(nz.max())) if nz.size else (0, 0)
-                        if nz.size < slab.size:
+                        if nz.size < part.size:
                             lo_, hi_ = min(lo_, 0), max(hi_, 0)
                         dmin, dmax = min(dmin, float(lo_)), max(dmax, float(hi_))
                         total += float(nz.sum())
                         total_sq += float(np.dot(nz, nz))
                         continue
-                    s64 = slab.astype(np.float64)
+                    s64 = part.astype(np.float64)
                     dmin, dmax = min(dmin, float(s64.min())), max(dmax, float(s64.max()))
                     total += float(s64.sum())
                     total_sq += float(np.square(s64).sum())
-                n = data.size
+                n = int(np.prod(shape))
                 mean = total / n
                 mrc.set_volume()
                 mrc.voxel_size = vs * 10.0
@@ -853,22 +869,29 @@ def write_pyto_labels(path, table: VesicleTable, shape: Sequence[int], voxel_siz
         if m.shape != shape:
             raise ValueError(f"{name} has shape {m.shape}, the tomogram {shape}")
         regions.append((m, value))
+    text = f"cryoves {__version__} Pyto labels: 1 region, 2 AZ, vesicles from {first_id}"
     if labels is None:
         out = render_labels(acc, shape, ids=np.arange(first_id, first_id + len(acc)), dtype=np.uint16)
+        slab = None
     else:
-        out = _renumbered(labels, acc.ids, first_id, shape)
-    if regions:
-        # region values under the vesicles, slab by slab (no volume-sized temporaries)
-        for sl in _slabs(shape, 2):
-            free = out[sl] == 0
+        # renumbered slab by slab as the file is written: no second volume in memory
+        lut = _renumber_lut(labels, acc.ids, first_id, shape)
+        slab = functools.partial(_renumbered_slab, labels, lut)
+
+    def with_regions(sl):
+        part = out[sl] if slab is None else slab(sl)
+        if regions:
+            free = part == 0
             for m, value in regions:
-                out[sl][free & np.asarray(m[sl]).astype(bool)] = value
-    return write_mrc(path, out, vs, overwrite=overwrite,
-                     label=f"cryoves {__version__} Pyto labels: 1 region, 2 AZ, vesicles from {first_id}")
+                part[free & np.asarray(m[sl]).astype(bool)] = value
+        return part
+
+    return _write_mrc_slabs(path, shape, np.uint16, with_regions, vs, overwrite=overwrite, label=text)
 
 
-def _renumbered(labels, ids, first_id: int, shape) -> np.ndarray:
-    """uint16 volume with ``labels``' value ``ids[k]`` as ``first_id + k`` (0 stays 0), slab by slab."""
+def _renumber_lut(labels, ids, first_id: int, shape) -> np.ndarray:
+    """Lookup table of :func:`_renumbered_slab`: ``labels``' value ``ids[k]`` to ``first_id + k``
+    (0 stays 0; -1: no accepted row), after checking ``labels``' shape and type."""
     labels = np.asarray(labels)
     if labels.shape != shape:
         raise ValueError(f"labels have shape {labels.shape}, the tomogram {shape}")
@@ -880,18 +903,21 @@ def _renumbered(labels, ids, first_id: int, shape) -> np.ndarray:
     lut = np.full(int(ids.max()) + 1 if len(ids) else 1, -1, dtype=np.int32)  # -1: no accepted row
     lut[0] = 0
     lut[ids] = np.arange(first_id, first_id + len(ids), dtype=np.int32)
-    out = np.empty(shape, dtype=np.uint16)
-    for sl in _slabs(shape, 4):
-        part = labels[sl]
-        lo, hi = (int(part.min()), int(part.max())) if part.size else (0, 0)
-        if lo < 0 or hi >= len(lut):
-            raise ValueError(f"labels hold the value {lo if lo < 0 else hi}, which is no accepted vesicle's id")
-        v = lut[part]
-        if v.min(initial=0) < 0:
-            bad = int(part[v < 0][0])
-            raise ValueError(f"labels hold the value {bad}, which is no accepted vesicle's id")
-        out[sl] = v
-    return out
+    return lut
+
+
+def _renumbered_slab(labels, lut: np.ndarray, sl) -> np.ndarray:
+    """The uint16 slab ``sl`` of ``labels`` through ``lut`` (:func:`_renumber_lut`); a value that is
+    no accepted vesicle's id is an error."""
+    part = np.asarray(labels[sl])
+    lo, hi = (int(part.min()), int(part.max())) if part.size else (0, 0)
+    if lo < 0 or hi >= len(lut):
+        raise ValueError(f"labels hold the value {lo if lo < 0 else hi}, which is no accepted vesicle's id")
+    v = lut[part]
+    if v.min(initial=0) < 0:
+        bad = int(part[v < 0][0])
+        raise ValueError(f"labels hold the value {bad}, which is no accepted vesicle's id")
+    return v.astype(np.uint16)
 
 
 # ----------------------------------------------------------------------------------------
