@@ -50,6 +50,7 @@ import numpy as np
 
 from cryoves import __version__
 from cryoves import io as _io
+from cryoves._parallel import thread_map
 from cryoves.table import VesicleTable, render_labels
 
 __all__ = ["FORMATS", "FORMAT_SUFFIXES", "RECORD_SUFFIX", "output_names", "pyto_regions", "write_format",
@@ -437,12 +438,8 @@ def export_results(folder, stem: str, table: VesicleTable, *, shape=None, voxel_
     total = len(names)
     try:
         staged: dict[str, Path] = {}
-        for i, (key, name) in enumerate(names.items()):
-            if key == "record":
-                continue
-            if progress is not None:
-                progress("export", i, total)
-            p = staging / name
+        def write_one(item):
+            key, p = item
             try:
                 if key in FORMAT_SUFFIXES:
                     write_format(key, p, table, shape=shape, voxel_size=vs, mask=mask, labels=labels,
@@ -455,6 +452,16 @@ def export_results(folder, stem: str, table: VesicleTable, *, shape=None, voxel_
                         _io.write_mrc(p, vol.astype(np.float32, copy=False), vs,
                                       label=f"cryoves {__version__} {key}")
             except OSError as err:
+                return err
+            return None
+
+        items = [(key, staging / name) for key, name in names.items() if key != "record"]
+        # the files on the process's cores: most of writing a label volume is the kernel's work
+        # of filling the page cache, and two of them (labels, Pyto) are written side by side
+        for i, ((key, p), err) in enumerate(zip(items, thread_map(write_one, items, min_items=2))):
+            if progress is not None:
+                progress("export", i, total)
+            if err is not None:
                 raise _write_error(err, targets[key], state) from None
             staged[key] = p
             _fault("kill", key)
