@@ -85,6 +85,37 @@ def test_export_writes_a_complete_set(tmp_path):
     assert not _hidden(folder)  # no staging folder, no temporary file
 
 
+def test_export_writes_the_label_files_side_by_side(tmp_path, monkeypatch):
+    # the labels and the Pyto file are written at the same time, on two threads: each waits
+    # for the other at a barrier (written one after the other, the barrier times out)
+    import threading
+
+    from cryoves import _parallel
+
+    monkeypatch.setattr(_parallel, "n_cores", lambda: 2)
+    barrier = threading.Barrier(2, timeout=20)
+    threads = {}
+    real = export.write_format
+
+    def meeting(fmt, *a, **k):
+        if fmt in ("labels", "pyto"):
+            threads[fmt] = threading.get_ident()
+            barrier.wait()
+        return real(fmt, *a, **k)
+
+    monkeypatch.setattr(export, "write_format", meeting)
+    seen = []
+    out = export.export_results(tmp_path / "o", "tomo", _table(), shape=SHAPE,
+                                progress=lambda *a: seen.append(a[1:]))
+    assert threads["labels"] != threads["pyto"] != threading.get_ident()
+    assert export.result_state(tmp_path / "o", "tomo").complete
+    lab, _ = cio.read_labels(out["labels"])
+    pyto, _ = cio.read_labels(out["pyto"])
+    assert set(np.unique(lab)) == {0, 1, 2, 3} and set(np.unique(pyto)) == {0, 10, 11, 12}
+    n = len(out)
+    assert seen == [(i, n) for i in range(n - 1)] + [(n, n)]  # in order, from the calling thread
+
+
 def test_complete_set_needs_overwrite_and_formats_never_mix(tmp_path):
     folder = tmp_path / "o"
     export.export_results(folder, "tomo", _table(), shape=SHAPE)
