@@ -116,6 +116,37 @@ def test_export_writes_the_label_files_side_by_side(tmp_path, monkeypatch):
     assert seen == [(i, n) for i in range(n - 1)] + [(n, n)]  # in order, from the calling thread
 
 
+def test_a_failed_file_stops_the_set_after_the_other_writers_end(tmp_path, monkeypatch):
+    # the labels file fails while the Pyto file is being written on another thread: the error
+    # is raised only once that writer has ended, and the staging folder is gone
+    import errno
+    import threading
+    import time
+
+    from cryoves import _parallel
+
+    monkeypatch.setattr(_parallel, "n_cores", lambda: 2)
+    real = export.write_format
+    pyto_done = threading.Event()
+
+    def failing(fmt, *a, **k):
+        if fmt == "labels":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if fmt == "pyto":
+            time.sleep(1.0)
+            out = real(fmt, *a, **k)
+            pyto_done.set()
+            return out
+        return real(fmt, *a, **k)
+
+    monkeypatch.setattr(export, "write_format", failing)
+    folder = tmp_path / "o"
+    with pytest.raises(OSError, match="No space left"):
+        export.export_results(folder, "tomo", _table(), shape=SHAPE)
+    assert pyto_done.is_set()
+    assert list(folder.iterdir()) == []  # no file of the set, no staging folder
+
+
 def test_complete_set_needs_overwrite_and_formats_never_mix(tmp_path):
     folder = tmp_path / "o"
     export.export_results(folder, "tomo", _table(), shape=SHAPE)

@@ -458,13 +458,17 @@ def export_results(folder, stem: str, table: VesicleTable, *, shape=None, voxel_
         items = [(key, staging / name) for key, name in names.items() if key != "record"]
         # the files on the process's cores: most of writing a label volume is the kernel's work
         # of filling the page cache, and two of them (labels, Pyto) are written side by side
-        for i, ((key, p), err) in enumerate(zip(items, thread_map(write_one, items, min_items=2))):
-            if progress is not None:
-                progress("export", i, total)
-            if err is not None:
-                raise _write_error(err, targets[key], state) from None
-            staged[key] = p
-            _fault("kill", key)
+        results = thread_map(write_one, items, min_items=2)
+        try:
+            for i, ((key, p), err) in enumerate(zip(items, results)):
+                if progress is not None:
+                    progress("export", i, total)
+                if err is not None:
+                    raise _write_error(err, targets[key], state) from None
+                staged[key] = p
+                _fault("kill", key)
+        finally:
+            results.close()  # on an error: every writer has stopped before the staging is removed
         rec = dict((record() if callable(record) else record) or {})
         rec.setdefault("cryoves_version", __version__)
         rec.setdefault("voxel_size_nm", vs)
