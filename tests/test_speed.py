@@ -117,3 +117,25 @@ def test_speed_report_table_is_well_formed():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_post_floor_variants_switch_off_what_they_name():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import post_floor
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from cryoves.pipeline import SegmentParams
+
+    assert post_floor.variant_params("default") == SegmentParams()
+    lean = post_floor.variant_params("lean")
+    assert (lean.capture, lean.outlier_max_iter) == (False, 0)
+    assert lean.split_fine_step == lean.split_step  # no bisection below the coarse step
+    assert lean.adaptive and lean.outliers
+    assert not post_floor.variant_params("lean, no adaptive").adaptive
+    assert not post_floor.variant_params("lean, no outlier stage").outliers
+    # every variant differs from the default only where it says
+    for name, changes in post_floor.VARIANTS.items():
+        p = post_floor.variant_params(name)
+        differ = {f for f in SegmentParams.__dataclass_fields__ if getattr(p, f) != getattr(SegmentParams(), f)}
+        assert differ == set(changes), name
