@@ -40,7 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from speed import _env as speed_env  # this folder: the environment speed.py runs cryoves in
+
 DEFAULT_TOMO = Path("/tmp/cryoves_speed/sim_160x384x384_s1/tomogram.mrc")
 POST = ("global", "adaptive", "refine", "outliers", "write")
 LEAN = {"capture": False, "outlier_max_iter": 0, "split_fine_step": None}  # None: = split_step
@@ -94,11 +95,9 @@ def run(variant: str, tomo: Path, truth) -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "out"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--child", variant, str(tomo), str(out)],
-                              capture_output=True, text=True, env=env)
+                              capture_output=True, text=True, env=speed_env())
         wall = time.perf_counter() - t0
         lines = proc.stdout.strip().splitlines()
         res = json.loads(lines[-1]) if lines else {"error": proc.stderr[-2000:]}

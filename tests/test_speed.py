@@ -115,10 +115,6 @@ def test_speed_report_table_is_well_formed():
     assert f"shrunk to {SegmentParams().large_scale:g})" in block  # the pipeline's scale, not a copy
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
 def test_post_floor_variants_switch_off_what_they_name():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -139,3 +135,7 @@ def test_post_floor_variants_switch_off_what_they_name():
         p = post_floor.variant_params(name)
         differ = {f for f in SegmentParams.__dataclass_fields__ if getattr(p, f) != getattr(SegmentParams(), f)}
         assert differ == set(changes), name
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
