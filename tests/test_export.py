@@ -118,7 +118,9 @@ def test_export_writes_the_label_files_side_by_side(tmp_path, monkeypatch):
 
 def test_a_failed_file_stops_the_set_after_the_other_writers_end(tmp_path, monkeypatch):
     # the labels file fails while the Pyto file is being written on another thread: the error
-    # is raised only once that writer has ended, and the staging folder is gone
+    # is raised only once that writer has ended, and the staging folder is gone. (The labels
+    # writer fails only once the Pyto writer has started: otherwise the Pyto file may never
+    # start, its call cancelled, which is right too but not what this test is about.)
     import errno
     import threading
     import time
@@ -127,12 +129,14 @@ def test_a_failed_file_stops_the_set_after_the_other_writers_end(tmp_path, monke
 
     monkeypatch.setattr(_parallel, "n_cores", lambda: 2)
     real = export.write_format
-    pyto_done = threading.Event()
+    pyto_started, pyto_done = threading.Event(), threading.Event()
 
     def failing(fmt, *a, **k):
         if fmt == "labels":
+            assert pyto_started.wait(20)
             raise OSError(errno.ENOSPC, "No space left on device")
         if fmt == "pyto":
+            pyto_started.set()
             time.sleep(1.0)
             out = real(fmt, *a, **k)
             pyto_done.set()
